@@ -1,0 +1,12 @@
+"""The base-weight matmul of every projection: a dense [in, out] array or an NF4-quantized weight."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def base_matmul(x, kernel):
+    if hasattr(kernel, "packed"):  # NF4Tensor (HF [out, in] layout, bitsandbytes storage)
+        from pallas_kernels.nf4_matmul import nf4_linear
+
+        return nf4_linear(x, kernel)
+    return jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
