@@ -57,3 +57,34 @@ class FastLanguageModel:
         model.name_or_path = str(model_name)
         model.full_finetuning = bool(full_finetuning)
         return model, load_tokenizer(model_dir)
+
+    @staticmethod
+    def get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
+                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                       use_rslora=False, use_gradient_checkpointing="unsloth", random_state=3407,
+                       modules_to_save=None, bias="none", **kwargs):
+        """Attach LoRA adapters (PEFT init and naming) in place and return the model."""
+        from unsloth_jax.lora import add_lora
+
+        if bias != "none":
+            raise ConfigError(f"bias={bias!r}: only bias='none' is supported (as Unsloth recommends).")
+        if getattr(model, "full_finetuning", False):
+            from unsloth_jax.lora import resolve_remat
+
+            model.remat_policy = resolve_remat(use_gradient_checkpointing)
+            return model
+        return add_lora(model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                        target_modules=target_modules, use_rslora=use_rslora, random_state=random_state,
+                        modules_to_save=modules_to_save, use_gradient_checkpointing=use_gradient_checkpointing)
+
+    @staticmethod
+    def for_inference(model):
+        """Switch off dropout and remat for generation."""
+        model.training = False
+        model.remat_policy = "none"
+        return model
+
+    @staticmethod
+    def for_training(model):
+        model.training = True
+        return model

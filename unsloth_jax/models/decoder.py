@@ -12,9 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import attention as attention_lib
 from unsloth_jax.models.config import ModelConfig
-from unsloth_jax.models.layers import decoder_layer, rms_norm
+from unsloth_jax.models.layers import decoder_layer, full_sequence_attend, rms_norm
 from unsloth_jax.models.loss import chunked_token_loss
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -113,14 +112,23 @@ class Decoder(nnx.Module):
         input_ids = jnp.asarray(input_ids)
         if positions is None:
             positions = default_positions(input_ids.shape, segment_ids)
-        x = jnp.take(self.embed.value, input_ids, axis=0)
-        if cfg.scale_embeddings:
-            x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype=x.dtype)
-        statics = {name: lin.static() for name, lin in self.layers.linears().items()}
-        x = run_layers(cfg, self.layers.arrays(cfg), statics, x, positions, segment_ids,
-                       remat_policy=self.remat_policy,
-                       dropout_rng=dropout_rng if self.training else None)
-        return rms_norm(x, self.final_norm.value, cfg.rms_norm_eps, cfg.norm_offset)
+        x = self.embed_tokens(input_ids)
+        statics = self.layer_statics()
+        x, _ = run_layers(cfg, self.layers.arrays(cfg), statics, x, full_sequence_attend(positions, segment_ids),
+                          remat_policy=self.remat_policy, dropout_rng=dropout_rng if self.training else None)
+        return self.final_hidden(x)
+
+    def embed_tokens(self, input_ids):
+        x = jnp.take(self.embed.value, jnp.asarray(input_ids), axis=0)
+        if self.config.scale_embeddings:
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        return x
+
+    def layer_statics(self) -> dict:
+        return {name: lin.static() for name, lin in self.layers.linears().items()}
+
+    def final_hidden(self, x):
+        return rms_norm(x, self.final_norm.value, self.config.rms_norm_eps, self.config.norm_offset)
 
     def head_weight(self):
         """[H, V] output projection (the transposed embedding when tied)."""
@@ -139,6 +147,24 @@ class Decoder(nnx.Module):
     def loss(self, input_ids, labels, positions=None, segment_ids=None):
         total, count = self.loss_sum_and_count(input_ids, labels, positions, segment_ids)
         return total / jnp.maximum(count, 1)
+
+    # ---- export and inference (thin doors into converters/ and generate.py) ---------------------
+    def save_pretrained(self, save_directory, **kwargs):
+        """PEFT adapter (adapter_config.json + adapter_model.safetensors), or the full model when
+        there is no adapter."""
+        from converters.peft import save_adapter
+
+        return save_adapter(self, save_directory, **kwargs)
+
+    def save_pretrained_merged(self, save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
+        from converters.peft import save_merged
+
+        return save_merged(self, save_directory, tokenizer, save_method=save_method, **kwargs)
+
+    def generate(self, input_ids, max_new_tokens=64, temperature=0.0, **kwargs):
+        from unsloth_jax.generate import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, **kwargs)
 
 
 def softcap(x, cap):
@@ -164,34 +190,48 @@ REMAT_POLICIES = {
 }
 
 
-def run_layers(cfg: ModelConfig, params: dict, statics: dict, x, positions, segment_ids, *,
+def run_layers(cfg: ModelConfig, params: dict, statics: dict, x, attend, cache=None, *,
                remat_policy="none", dropout_rng=None):
     """Scan over groups of `len(cfg.layer_pattern)` layers (1 for Llama, 2 for Gemma 2, 6 for
-    Gemma 3); each layer kind is static so its attention variant compiles once."""
+    Gemma 3); each layer kind is static so its attention variant compiles once.
+
+    `cache` (optional) is a pytree with a leading layer axis, threaded through `attend` (KV cache
+    for generation). Returns (x, updated cache)."""
     pattern = cfg.layer_pattern
     period = len(pattern)
     L = cfg.num_layers
     n_groups, tail = divmod(L, period)
     inv_freqs = {k: jnp.asarray(v) for k, v in cfg.rope_tables().items()}
 
-    def layer_step(x, layer_params, kind, layer_index):
+    def layer_step(x, layer_params, layer_cache, kind, layer_index):
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, layer_index)
-        return decoder_layer(cfg, layer_params, statics, x, positions, segment_ids,
+        return decoder_layer(cfg, layer_params, statics, x, attend, layer_cache,
                              inv_freq=inv_freqs[kind.rope], kind=kind, dropout_rng=rng)
 
     def group_step(x, scanned):
-        group_params, group_index = scanned
+        group_params, group_cache, group_index = scanned
+        new_cache = []
         for j, kind in enumerate(pattern):
-            x = layer_step(x, jax.tree.map(lambda a: a[j], group_params), kind, group_index * period + j)
-        return x, None
+            take = lambda a: a[j]
+            x, c = layer_step(x, jax.tree.map(take, group_params), jax.tree.map(take, group_cache), kind,
+                              group_index * period + j)
+            new_cache.append(c)
+        return x, jax.tree.map(lambda *cs: jnp.stack(cs), *new_cache) if cache is not None else None
 
-    group_step = _remat(group_step, remat_policy)
-    grouped = jax.tree.map(lambda a: a[: n_groups * period].reshape(n_groups, period, *a.shape[1:]), params)
-    x, _ = jax.lax.scan(group_step, x, (grouped, jnp.arange(n_groups)))
+    def split_groups(tree):
+        return jax.tree.map(lambda a: a[: n_groups * period].reshape(n_groups, period, *a.shape[1:]), tree)
+
+    x, group_cache = jax.lax.scan(_remat(group_step, remat_policy), x,
+                                  (split_groups(params), split_groups(cache), jnp.arange(n_groups)))
+    caches = [] if cache is None else [jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), group_cache)]
     for j in range(tail):
         i = n_groups * period + j
-        x = layer_step(x, jax.tree.map(lambda a: a[i], params), pattern[j], i)
-    return x
+        take = lambda a: a[i]
+        x, c = layer_step(x, jax.tree.map(take, params), jax.tree.map(take, cache), pattern[j], i)
+        if cache is not None:
+            caches.append(jax.tree.map(lambda a: a[None], c))
+    new_cache = None if cache is None else jax.tree.map(lambda *cs: jnp.concatenate(cs), *caches)
+    return x, new_cache
 
 
 def _remat(fn, policy_name):

@@ -40,7 +40,19 @@ def linear(x, p: dict, static=(0.0, 0.0), dropout_rng=None):
     return y
 
 
-def decoder_layer(cfg, p, statics, x, positions, segment_ids, *, inv_freq, kind, dropout_rng=None):
+def full_sequence_attend(positions, segment_ids):
+    """The training/prefill attention: causal over the whole sequence, no cache."""
+    def attend(cfg, q, k, v, cache, *, inv_freq, kind):
+        out = getattr(attention_lib, "attention", attention_lib.flash_attention_reference)(
+            q, k, v, positions=positions, segment_ids=segment_ids, inv_freq=inv_freq, causal=True,
+            sliding_window=kind.sliding_window, logit_softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale)
+        return out, cache
+    return attend
+
+
+def decoder_layer(cfg, p, statics, x, attend, cache=None, *, inv_freq, kind, dropout_rng=None):
+    """One pre-norm decoder layer. `attend(cfg, q, k, v, cache, inv_freq=, kind=) -> (out, cache)`
+    takes un-rotated q/k (RoPE is the attention's job) and may read/update a KV cache."""
     B, T, _ = x.shape
     eps, off = cfg.rms_norm_eps, cfg.norm_offset
     rngs = list(jax.random.split(dropout_rng, 7)) if dropout_rng is not None else [None] * 7
@@ -55,9 +67,7 @@ def decoder_layer(cfg, p, statics, x, positions, segment_ids, *, inv_freq, kind,
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"], eps, off)
         k = rms_norm(k, p["k_norm"], eps, off)
-    attn = getattr(attention_lib, "attention", attention_lib.flash_attention_reference)(
-        q, k, v, positions=positions, segment_ids=segment_ids, inv_freq=inv_freq, causal=True,
-        sliding_window=kind.sliding_window, logit_softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale)
+    attn, cache = attend(cfg, q, k, v, cache, inv_freq=inv_freq, kind=kind)
     out = proj("o_proj", attn.reshape(B, T, cfg.num_heads * cfg.head_dim), 3)
     if cfg.sandwich_norms:
         out = rms_norm(out, p["attn_post_norm"], eps, off)
@@ -70,4 +80,4 @@ def decoder_layer(cfg, p, statics, x, positions, segment_ids, *, inv_freq, kind,
     out = proj("down_proj", (act(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype), 6)
     if cfg.sandwich_norms:
         out = rms_norm(out, p["mlp_post_norm"], eps, off)
-    return x + out
+    return x + out, cache
