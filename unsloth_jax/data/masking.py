@@ -45,7 +45,9 @@ def conversation_spans(tokenizer, template: ChatTemplate, messages: list[dict[st
 def _assistant_span(tokenizer, template: ChatTemplate, messages, i: int, text: str) -> tuple[int, int]:
     try:
         before = render(tokenizer, template, messages[:i], add_generation_prompt=True)
-        through = render(tokenizer, template, messages[:i + 1], add_generation_prompt=False)
+        # The last message's "through" render is the full text: skip re-rendering it.
+        through = text if i + 1 == len(messages) else render(
+            tokenizer, template, messages[:i + 1], add_generation_prompt=False)
     except Exception as e:
         raise ExampleError("template error", f"chat template {template.name!r} failed on the "
                                              f"first {i + 1} messages: {e}") from None

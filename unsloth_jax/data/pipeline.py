@@ -33,9 +33,13 @@ class _Builder:
         self.roles = Counter()  # roles seen: explains an all-masked dataset
         self.unlearned_after_truncation = 0
 
-    def bad_example(self, location: str, error: ExampleError) -> None:
+    def bad_example(self, location: str, error: ExampleError, fmt: str | None = None) -> None:
         if not self.skip_malformed:
-            raise DataError(f"{location}: {error.detail}. Fix the example, or pass "
+            hint = ""
+            if error.reason == "missing field" and fmt:
+                hint = (f" (format={fmt!r}; if the whole dataset names its columns differently, "
+                        "pass column_mapping={'<your column>': '<expected field>'} or format=)")
+            raise DataError(f"{location}: {error.detail}{hint}. Fix the example, or pass "
                             "skip_malformed=True to skip (and count) such examples.")
         self.summary.skip(error.reason, location, error.detail)
 
@@ -127,7 +131,7 @@ def prepare_dataset(source, tokenizer, *, max_seq_length: int, format: str | Non
                 summary.format = fmt
             pending.append((record.location, normalize(data, fmt, dataset_text_field)))
         except ExampleError as e:
-            builder.bad_example(record.location, e)
+            builder.bad_example(record.location, e, fmt)
         if len(pending) >= CHUNK:
             builder.add_chunk(pending)
             pending = []

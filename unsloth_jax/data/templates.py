@@ -139,7 +139,7 @@ def resolve_chat_template(tokenizer, chat_template: str | None = None) -> ChatTe
                 "the tokenizer has no chat_template, so chat data cannot be rendered. Fix: pass "
                 f"chat_template=<name> (one of {sorted(BUILTIN_TEMPLATES)}) matching the model, "
                 "e.g. chat_template='llama-3' for a Llama 3 base model, or use text data.")
-        return ChatTemplate("tokenizer", own)
+        return ChatTemplate("tokenizer's own", own)
     if "{{" in chat_template or "{%" in chat_template:
         return ChatTemplate("custom", chat_template)
     builtin = _lookup_builtin(chat_template)
