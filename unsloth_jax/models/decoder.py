@@ -34,9 +34,9 @@ class StackedLinear(nnx.Module):
 
     def __init__(self, num_layers, d_in, d_out, *, bias, dtype, rngs):
         self.kernel = nnx.Param(_init(rngs, (num_layers, d_in, d_out), dtype))
-        self.bias = nnx.Param(jnp.zeros((num_layers, d_out), dtype)) if bias else None
-        self.lora_a = None
-        self.lora_b = None
+        self.bias = nnx.data(nnx.Param(jnp.zeros((num_layers, d_out), dtype)) if bias else None)
+        self.lora_a = nnx.data(None)  # LoRAParam [L, in, r] once adapters are attached
+        self.lora_b = nnx.data(None)  # LoRAParam [L, r, out]
         self.lora_scale = 0.0
         self.lora_dropout = 0.0
 
@@ -98,7 +98,7 @@ class Decoder(nnx.Module):
         self.embed = nnx.Param(_init(rngs, (V, H), dtype))
         self.layers = LayerStack(config, dtype, rngs)
         self.final_norm = nnx.Param((jnp.zeros if config.norm_offset else jnp.ones)((H,), dtype))
-        self.lm_head = None if config.tie_word_embeddings else nnx.Param(_init(rngs, (H, V), dtype))
+        self.lm_head = nnx.data(None if config.tie_word_embeddings else nnx.Param(_init(rngs, (H, V), dtype)))
         self.remat_policy = "none"       # set by get_peft_model / the trainer
         self.training = False            # enables LoRA dropout
 

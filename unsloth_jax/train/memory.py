@@ -1,0 +1,64 @@
+"""A device-memory estimate printed before training, so a run that cannot fit says so up front."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def tree_nbytes(tree) -> int:
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "shape")))
+
+
+def estimate_memory(model, trainable_params: dict, *, batch_size: int, seq_len: int, remat_policy: str) -> dict:
+    """Bytes for weights, trainable state (params + grads + 2 AdamW moments, fp32), and activations
+    of one micro-batch under the remat policy (a model: a few [B, T, H] tensors per layer saved,
+    one layer's intermediates alive during its backward, and one loss chunk)."""
+    cfg = model.config
+    act_bytes = np.dtype(model.dtype).itemsize
+    from flax import nnx
+
+    weights = tree_nbytes(nnx.state(model))
+    trainable = tree_nbytes(trainable_params)
+    tokens = batch_size * seq_len
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    per_layer_full = tokens * (4 * H + 2 * qkv + 3 * I) * act_bytes  # everything a layer produces
+    saved_per_layer = {"none": per_layer_full, "selective": tokens * (H + qkv + 2 * I + H) * act_bytes,
+                       "full": tokens * H * act_bytes, "offload": 0}.get(remat_policy, per_layer_full)
+    activations = cfg.num_layers * saved_per_layer + 2 * per_layer_full
+    loss_chunk = min(tokens, max(64, (1 << 28) // (4 * cfg.vocab_size))) * cfg.vocab_size * 4 * 2
+    total = weights + 3 * trainable + activations + loss_chunk  # trainable: grads + two moments on top
+    return {"weights": weights, "trainable+grads+adam": 4 * trainable, "activations": activations + loss_chunk,
+            "total": total}
+
+
+def device_capacity() -> int | None:
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+        return int(stats.get("bytes_limit")) if stats and stats.get("bytes_limit") else None
+    except Exception:
+        return None
+
+
+def device_bytes_in_use() -> int | None:
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+        return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+    except Exception:
+        return None
+
+
+def gib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def format_estimate(est: dict) -> str:
+    parts = ", ".join(f"{k} {gib(v)}" for k, v in est.items() if k != "total")
+    cap = device_capacity()
+    line = f"Estimated device memory: {gib(est['total'])} ({parts})"
+    if cap:
+        line += f"; device has {gib(cap)}"
+        if est["total"] > cap:
+            line += (" -- LIKELY OUT OF MEMORY: lower per_device_train_batch_size or max_seq_length, "
+                     "use gradient_checkpointing: unsloth, or load_in_4bit: true")
+    return line
