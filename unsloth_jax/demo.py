@@ -5,7 +5,6 @@ loaded back through the same loader a real checkpoint goes through.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax.numpy as jnp
@@ -16,27 +15,17 @@ DEMO_SHAPE = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, n
                   rope_theta=10000.0)
 
 
-def demo_texts(jsonl_path: str) -> list[str]:
-    texts = []
-    with open(jsonl_path) as f:
-        for line in f:
-            if line.strip():
-                ex = json.loads(line)
-                texts += [m["content"] for m in ex.get("messages", [])] or [json.dumps(ex)]
-    return texts
-
-
-def build_demo_model(out_dir: str, train_file: str, vocab_size: int = 512, seed: int = 0) -> str:
+def build_demo_model(out_dir: str, vocab_size: int = 512, seed: int = 0) -> str:
     """Write a tiny Llama (random weights) + BPE tokenizer to out_dir, unless already there."""
     from transformers import LlamaConfig
 
     from converters.hf import save_hf_model
-    from unsloth_jax.data import train_bpe_tokenizer
+    from unsloth_jax.data import demo_tokenizer
     from unsloth_jax.models import Decoder, ModelConfig
 
     if os.path.isfile(os.path.join(out_dir, "config.json")):
         return out_dir
-    tokenizer = train_bpe_tokenizer(demo_texts(train_file), vocab_size=vocab_size, chat_template="chatml")
+    tokenizer = demo_tokenizer(vocab_size=vocab_size, chat_template="chatml")
     hf = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **DEMO_SHAPE)
     hf.architectures = ["LlamaForCausalLM"]

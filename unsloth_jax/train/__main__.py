@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
     if model_path.startswith("demo:"):
         from unsloth_jax.demo import build_demo_model
 
-        model_path = build_demo_model(os.path.join(cfg.output_dir, "demo_model"), cfg.dataset)
+        model_path = build_demo_model(os.path.join(cfg.output_dir, "demo_model"))
     model, tokenizer = FastLanguageModel.from_pretrained(model_path, max_seq_length=cfg.max_seq_length,
                                                          dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
                                                          full_finetuning=cfg.full_finetuning)

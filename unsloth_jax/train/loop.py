@@ -63,15 +63,12 @@ class SFTTrainer:
         return data.BatchIterator(self.train_rows, a.per_device_train_batch_size * a.gradient_accumulation_steps,
                                   seed=a.seed, shuffle=True)
 
-    def _num_rows(self, rows) -> int:
-        return len(rows["input_ids"]) if isinstance(rows, dict) else len(rows)
-
     def total_steps(self) -> int:
         a = self.args
         if a.max_steps and a.max_steps > 0:
             return a.max_steps
         per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps
-        return max(1, math.ceil(a.num_train_epochs * self._num_rows(self.train_rows) / per_step))
+        return max(1, math.ceil(a.num_train_epochs * len(self.train_rows) / per_step))
 
     def _micro_batches(self, batch: dict) -> dict:
         a = self.args
@@ -82,7 +79,7 @@ class SFTTrainer:
     def train(self, resume_from_checkpoint=None):
         a = self.args
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else a.resume_from_checkpoint
-        if self._num_rows(self.train_rows) == 0:
+        if len(self.train_rows) == 0:
             raise DataError("train_dataset yielded no training rows; see the data summary above.")
         self.model.training = True
         split, params = split_model(self.model)
@@ -115,7 +112,7 @@ class SFTTrainer:
                 self.state = state
                 if pending is not None:  # read the previous step's metrics while this one runs
                     last_time, last_step = self._log(bar, pending, schedule, last_time, last_step)
-                pending = (step + 1, metrics, n_tokens, batches.epoch if hasattr(batches, "epoch") else None)
+                pending = (step + 1, metrics, n_tokens, batches.state()["epoch"])
                 done = step + 1
                 if (a.save_steps and done % a.save_steps == 0) or (a.eval_steps and done % a.eval_steps == 0):
                     last_time, last_step = self._log(bar, pending, schedule, last_time, last_step)
@@ -172,6 +169,8 @@ class SFTTrainer:
             f.write(json.dumps(record) + "\n")
 
     def _save(self, done: int, state: TrainState, batches):
+        if self.checkpoints.latest_step() == done:
+            return
         self.checkpoints.save(done, state, batches.state(), {"step": done})
 
     def _resume(self, resume, state, batches):
@@ -190,7 +189,7 @@ class SFTTrainer:
         eval_step = make_eval_step(self.split)
         it = data.BatchIterator(self.eval_rows, self.args.per_device_train_batch_size, seed=0, shuffle=False)
         total, count = 0.0, 0
-        n_batches = min(self.args.max_eval_batches, max(1, self._num_rows(self.eval_rows) //
+        n_batches = min(self.args.max_eval_batches, max(1, len(self.eval_rows) //
                                                             self.args.per_device_train_batch_size))
         for _ in range(n_batches):
             s, c = eval_step(self.state.params, self.split.frozen, it.next_batch())
