@@ -80,6 +80,10 @@ class BatchIterator:
         self.index += 1
         return self._make_batch(length, indices)
 
+    def next_batch(self) -> Batch:
+        """The next batch (same as next(iterator))."""
+        return next(self)
+
     def state(self) -> dict[str, int]:
         """Position to checkpoint: the next batch is batch `index` of epoch `epoch`."""
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
