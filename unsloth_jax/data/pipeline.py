@@ -22,12 +22,11 @@ class _Builder:
     """State of one prepare_dataset call (kept in one place so the steps stay small functions)."""
 
     def __init__(self, tokenizer, summary: DataSummary, *, chat_template, train_on_responses_only,
-                 dataset_text_field, skip_malformed, truncate):
+                 skip_malformed, truncate):
         self.tokenizer, self.summary = tokenizer, summary
         self.chat_template_arg = chat_template
         self.template: ChatTemplate | None = None
         self.train_on_responses_only = train_on_responses_only
-        self.dataset_text_field = dataset_text_field
         self.skip_malformed, self.truncate = skip_malformed, truncate
         self.examples: list[tuple[np.ndarray, np.ndarray]] = []  # (input_ids, labels), kept
         self.roles = Counter()  # roles seen: explains an all-masked dataset
@@ -113,8 +112,7 @@ def prepare_dataset(source, tokenizer, *, max_seq_length: int, format: str | Non
     summary = DataSummary(source=describe_source(source), max_seq_length=max_seq_length, packed=packing)
     builder = _Builder(tokenizer, summary, chat_template=chat_template,
                        train_on_responses_only=train_on_responses_only,
-                       dataset_text_field=dataset_text_field, skip_malformed=skip_malformed,
-                       truncate=truncate)
+                       skip_malformed=skip_malformed, truncate=truncate)
     fmt = canonical_format(format) if format else None
 
     def skipped_while_reading(reason: str, location: str, detail: str) -> None:
