@@ -113,7 +113,7 @@ BUILTIN_TEMPLATES: dict[str, BuiltinTemplate] = {t.name: t for t in [
 ]}
 
 
-def _lookup_builtin(name: str) -> BuiltinTemplate | None:
+def builtin_template(name: str) -> BuiltinTemplate | None:
     key = name.strip().lower().replace("_", "-")
     for template in BUILTIN_TEMPLATES.values():
         if key == template.name or key in template.aliases:
@@ -142,7 +142,7 @@ def resolve_chat_template(tokenizer, chat_template: str | None = None) -> ChatTe
         return ChatTemplate("tokenizer's own", own)
     if "{{" in chat_template or "{%" in chat_template:
         return ChatTemplate("custom", chat_template)
-    builtin = _lookup_builtin(chat_template)
+    builtin = builtin_template(chat_template)
     if builtin is None:
         raise DataError(f"unknown chat_template {chat_template!r}. Fix: use one of "
                         f"{sorted(BUILTIN_TEMPLATES)}, a Jinja template string, or None for the "

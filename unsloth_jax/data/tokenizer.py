@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from unsloth_jax.data.templates import BUILTIN_TEMPLATES, _lookup_builtin
+from unsloth_jax.data.templates import BUILTIN_TEMPLATES, builtin_template
 from unsloth_jax.errors import DataError
 
 BASE_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
@@ -22,7 +22,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat_templa
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    template = _lookup_builtin(chat_template)
+    template = builtin_template(chat_template)
     if template is None:
         raise DataError(f"unknown chat_template {chat_template!r}; use one of {sorted(BUILTIN_TEMPLATES)}")
     special = list(BASE_SPECIAL_TOKENS) + [t for t in template.special_tokens if t not in BASE_SPECIAL_TOKENS]
