@@ -45,6 +45,13 @@ class FastLanguageModel:
         from converters.hf import load_decoder, resolve_model_dir
 
         model_dir = resolve_model_dir(model_name)
+        if os.path.isfile(os.path.join(model_dir, "adapter_config.json")):  # PEFT adapter: base + adapter
+            from converters.peft import adapter_base_path, load_adapter
+
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                adapter_base_path(model_dir), max_seq_length, dtype, load_in_4bit, full_finetuning, **kwargs)
+            has_tokenizer = os.path.isfile(os.path.join(model_dir, "tokenizer_config.json"))
+            return load_adapter(model, model_dir), load_tokenizer(model_dir) if has_tokenizer else tokenizer
         dtype = resolve_dtype(dtype)
         quantize, quantize_filter = None, (lambda spec: False)
         if load_in_4bit:
