@@ -1,0 +1,393 @@
+"""y = x @ dequantize(Wq).T with the NF4 dequantization fused into the matmul tiles.
+
+`Wq` is an `unsloth_jax.quant.NF4Tensor` (HF `[out, in]` layout, bitsandbytes storage: packed
+uint8 codes, 8-bit absmax codes, per-256 scales, offset). Each program loads the packed bytes of
+its weight tile, splits the nibbles, looks the 16 NF4 values up, decodes the absmax of each
+64-block (nested_code[q] * nested_scale + offset) and scales, all in registers: the weight is never
+written out in 16 bits. The backward pass (`dx = dy @ dequantize(Wq)`) decodes the same tiles the
+same way; the frozen weight gets a zero cotangent.
+
+- `nf4_matmul(x, q, *, interpret=False)`: the `jax.custom_vjp`, Pallas (Triton lowering) both ways.
+- `nf4_matmul_reference(x, q)`: plain jnp (dequantize, then einsum); the definition to match.
+- `nf4_linear(x, q)`: dispatch on `UNSLOTH_JAX_KERNELS` (pallas | interpret | reference).
+
+x is `[..., in]`, the result `[..., out]` in x's dtype; products accumulate in fp32 and the
+decoded weight is rounded to x's dtype first (as `dequantize_nf4(q, x.dtype)` is).
+
+Tiling. Forward: programs tile (M, N) and loop over K; backward: they tile (M, K) and loop over N.
+For few rows (decode, M <= 16) a program also takes a slice of the reduction (split-K) so that
+every SM streams weight bytes; the fp32 partials are summed outside. Row/column indices past
+the edges are clamped (duplicated work whose writes are identical), the reduction edge is
+zero-masked, so nothing is padded in HBM. The fast path needs `in % 64 == 0` (a block never
+straddles two rows); other shapes decode each element from its flat index (slower, exact).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from unsloth_jax import compat
+from unsloth_jax.quant import NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, dequantize_nf4
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes (powers of two, for Triton) and launch parameters of one kernel launch.
+
+    block_m/block_n/block_k: tile of the output rows / output columns / reduction.
+    split_k: programs sharing one output tile's reduction (fp32 partials, summed after).
+    group_m: output-row tiles visited together, so neighbouring programs share weight tiles in L2.
+    decode: how a 4-bit code becomes its NF4 value: "select" (a 4-level select tree in registers)
+      or "gather" (a load from the 16-entry table, which stays in L1).
+    """
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+    group_m: int = 8
+    decode: str = "select"
+
+
+# ---- reference ---------------------------------------------------------------------------------
+
+def nf4_matmul_reference(x, q: NF4Tensor):
+    """x @ dequantize_nf4(q, x.dtype).T with fp32 accumulation; no gradient reaches q."""
+    w = jax.lax.stop_gradient(dequantize_nf4(q, x.dtype))
+    y = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+# ---- decoding inside a tile --------------------------------------------------------------------
+
+def _lookup_nf4(codes, table_ref, decode):
+    """int32 codes (0..15) -> their fp32 NF4 values."""
+    if decode == "gather":
+        return table_ref[codes]
+    bits = [(codes & (1 << b)) != 0 for b in range(4)]
+    level = [jnp.float32(v) for v in NF4_CODE]
+    for bit in bits:  # pair up neighbours on the lowest remaining bit: 16 -> 8 -> 4 -> 2 -> 1
+        level = [jnp.where(bit, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return level[0]
+
+
+def _block_absmax(scale_refs, blk, double_quant):
+    """fp32 absmax of the 64-blocks with flat indices `blk` (an int32 array)."""
+    if not double_quant:
+        (absmax_ref,) = scale_refs
+        return absmax_ref[blk]
+    qabs_ref, nested_ref, code_ref, offset_ref = scale_refs
+    codes = qabs_ref[blk].astype(jnp.int32)
+    return code_ref[codes] * nested_ref[blk // NESTED_BLOCKSIZE] + offset_ref[0]
+
+
+def _weight_tile_rows(w_ref, scale_refs, table_ref, rows, k0, bk, *, bs, k_total, double_quant,
+                      decode, dtype):
+    """Decoded weight rows `rows` (int32 [R]), columns k0..k0+bk: [R, bk] in `dtype`.
+
+    Fast path (k_total % bs == 0): w_ref is the packed weight viewed [N, K/2], the absmax refs
+    [N, K/bs]; bk is a multiple of bs so a tile holds whole blocks of each row."""
+    packed = w_ref[rows, pl.ds(pl.multiple_of(k0 // 2, bk // 2), bk // 2)].astype(jnp.int32)  # [R, bk/2]
+    # High nibble first: element 2j is byte j's high nibble, element 2j+1 its low nibble.
+    codes = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(rows.shape[0], bk)
+    vals = _lookup_nf4(codes, table_ref, decode)
+    per_row = bk // bs
+    if double_quant:
+        qabs_ref, nested_ref, code_ref, offset_ref = scale_refs
+        qabs = qabs_ref[rows, pl.ds(k0 // bs, per_row)].astype(jnp.int32)  # [R, bk/bs]
+        blk = rows[:, None] * (k_total // bs) + (k0 // bs + jnp.arange(per_row, dtype=jnp.int32))[None, :]
+        absmax = code_ref[qabs] * nested_ref[blk // NESTED_BLOCKSIZE] + offset_ref[0]
+    else:
+        absmax = scale_refs[0][rows, pl.ds(k0 // bs, per_row)]
+    if per_row == 1:
+        w = vals * absmax
+    else:
+        r = rows.shape[0]
+        w = (vals.reshape(r, per_row, bs) * absmax[:, :, None]).reshape(r, bk)
+    return w.astype(dtype)
+
+
+def _weight_tile_flat(w_ref, scale_refs, table_ref, rows, k0, bk, *, bs, k_total, double_quant,
+                      decode, dtype):
+    """General path (any K): each element decoded from its flat index n*K + k. Columns past K are
+    clamped to K-1 (finite values; the caller zeroes their partner operand or drops them)."""
+    cols = jnp.minimum(k0 + jnp.arange(bk, dtype=jnp.int32), k_total - 1)
+    flat = rows[:, None] * k_total + cols[None, :]
+    byte = w_ref[flat >> 1].astype(jnp.int32)
+    codes = (byte >> ((1 - (flat & 1)) * 4)) & 15
+    vals = _lookup_nf4(codes, table_ref, decode)
+    return (vals * _block_absmax(scale_refs, flat // bs, double_quant)).astype(dtype)
+
+
+# ---- kernels -------------------------------------------------------------------------------------
+
+def _grouped_pid(pid, num_a, num_b, group):
+    """Program id -> (tile along a, tile along b), walking `group` a-tiles at a time so that
+    consecutive programs reuse the same b-tiles (weight tiles) from L2."""
+    width = group * num_b
+    first = (pid // width) * group
+    size = jnp.minimum(num_a - first, group)
+    return first + (pid % width) % size, (pid % width) // size
+
+
+def _dot(a, b_t, dtype):
+    """a [m, k] @ b_t[n, k].T in fp32; fp32 inputs use full-precision products."""
+    prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b_t, (((1,), (1,)), ((), ())), precision=prec,
+                               preferred_element_type=jnp.float32)
+
+
+def _dot_nn(a, b, dtype):
+    prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=prec,
+                               preferred_element_type=jnp.float32)
+
+
+def _reduce(body, steps, split, shape):
+    """Run this program's share of the reduction: `steps // split` iterations with a static trip
+    count (Triton pipelines only counted loops), starting at its slice of the steps."""
+    per = steps // split  # the launcher makes split divide steps
+    acc = jnp.zeros(shape, jnp.float32)
+    if split == 1:
+        return jax.lax.fori_loop(0, per, body, acc)
+    start = pl.program_id(1) * per
+    return jax.lax.fori_loop(0, per, lambda i, a: body(start + i, a), acc)
+
+
+def _store(o_ref, acc, rows, c0, bc, c_total, split):
+    """Write the [rows, c0:c0+bc] tile; columns past the edge are clamped (identical duplicates)."""
+    if c_total % bc == 0:
+        cols = pl.ds(pl.multiple_of(c0, bc), bc)
+        idx = (rows, cols)
+    else:
+        cols = jnp.minimum(c0 + jnp.arange(bc, dtype=jnp.int32), c_total - 1)
+        idx = (rows[:, None], cols[None, :])
+    if split > 1:
+        o_ref[(pl.program_id(1), *idx)] = acc
+    else:
+        o_ref[idx] = acc.astype(o_ref.dtype)
+
+
+def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
+    """o[rows, cols] = sum_k x[rows, k] * W[cols, k] over this program's reduction slice."""
+    *scale_refs, table_ref, o_ref = refs
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    tm, tn = _grouped_pid(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(n, bn), cfg.group_m)
+    rows = jnp.minimum(tm * bm + jnp.arange(bm, dtype=jnp.int32), m - 1)
+    cols = jnp.minimum(tn * bn + jnp.arange(bn, dtype=jnp.int32), n - 1)
+    tile = _weight_tile_rows if aligned else _weight_tile_flat
+    even_k = k % bk == 0
+
+    def body(kt, acc):
+        k0 = pl.multiple_of(kt * bk, bk)
+        if even_k:
+            xt = x_ref[rows, pl.ds(k0, bk)]
+        else:  # ragged reduction edge: clamp the load, zero the columns past K
+            kk = k0 + jnp.arange(bk, dtype=jnp.int32)
+            xt = x_ref[rows[:, None], jnp.minimum(kk, k - 1)[None, :]]
+            xt = jnp.where((kk < k)[None, :], xt, 0).astype(dtype)
+        wt = tile(w_ref, scale_refs, table_ref, cols, k0, bk, bs=bs, k_total=k,
+                  double_quant=double_quant, decode=cfg.decode, dtype=dtype)
+        return acc + _dot(xt, wt, dtype)
+
+    acc = _reduce(body, pl.cdiv(k, bk), cfg.split_k, (bm, bn))
+    _store(o_ref, acc, rows, tn * bn, bn, n, cfg.split_k)
+
+
+def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
+    """dx[rows, ks] = sum_n dy[rows, n] * W[n, ks] over this program's slice of N."""
+    *scale_refs, table_ref, o_ref = refs
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    tm, tk = _grouped_pid(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(k, bk), cfg.group_m)
+    rows = jnp.minimum(tm * bm + jnp.arange(bm, dtype=jnp.int32), m - 1)
+    k0 = pl.multiple_of(tk * bk, bk)
+    tile = _weight_tile_rows if aligned else _weight_tile_flat
+    even_n = n % bn == 0
+
+    def body(nt, acc):
+        n0 = pl.multiple_of(nt * bn, bn)
+        if even_n:
+            wrows = n0 + jnp.arange(bn, dtype=jnp.int32)
+            dyt = dy_ref[rows, pl.ds(n0, bn)]
+        else:  # ragged reduction edge: clamp rows of W, zero the matching dy columns
+            nn = n0 + jnp.arange(bn, dtype=jnp.int32)
+            wrows = jnp.minimum(nn, n - 1)
+            dyt = jnp.where((nn < n)[None, :], dy_ref[rows[:, None], wrows[None, :]], 0).astype(dtype)
+        wt = tile(w_ref, scale_refs, table_ref, wrows, k0, bk, bs=bs, k_total=k,
+                  double_quant=double_quant, decode=cfg.decode, dtype=dtype)
+        return acc + _dot_nn(dyt, wt, dtype)
+
+    acc = _reduce(body, pl.cdiv(n, bn), cfg.split_k, (bm, bk))
+    _store(o_ref, acc, rows, k0, bk, k, cfg.split_k)
+
+
+# ---- launch ----------------------------------------------------------------------------------------
+
+def _num_sms() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except Exception:  # noqa: BLE001 - no device info: assume an H100-class part
+        return 132
+
+
+def _pow2_at_most(v: int, cap: int) -> int:
+    return max(16, min(cap, 1 << max(0, (int(v) - 1)).bit_length()))
+
+
+def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: int = 64) -> TileConfig:
+    """Tiles for an [m, n_red] x [n_red, n_out] product (forward: n_out=N, n_red=K;
+    backward: n_out=K, n_red=N). Few rows: a tall thin tile and split-K to fill the SMs."""
+    wide = 8 if dtype == jnp.float32 else 4  # fp32 operands take twice the registers/SRAM
+    if m <= 16:
+        bm, bn, bk, warps, stages = 16, 64, 128 if n_red % 128 == 0 else 64, 4, 4
+    elif m <= 128:
+        bm, bn, bk, warps, stages = _pow2_at_most(m, 64), 64, 64, 4, 3
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8 if wide == 4 else 4, 3
+    bn = min(bn, _pow2_at_most(n_out, bn))
+    tiles = pl.cdiv(m, bm) * pl.cdiv(n_out, bn)
+    steps = pl.cdiv(n_red, bk)
+    split = 1
+    while tiles * split < 2 * _num_sms() and split * 2 <= steps // 2 and m <= 128:
+        split *= 2
+    return TileConfig(bm, bn, bk, warps, stages, split, 8, "select")
+
+
+def _fit_block_k(cfg: TileConfig, k: int, bs: int, aligned: bool) -> TileConfig:
+    """The fast path wants whole 64-blocks per tile and no ragged K edge: shrink block_k to fit."""
+    bk = cfg.block_k
+    if aligned:
+        while bk > bs and (k % bk or bk % bs):
+            bk //= 2
+        if bk < bs or bk % bs or k % bk:
+            bk = bs
+    return dataclasses.replace(cfg, block_k=bk) if bk != cfg.block_k else cfg
+
+
+def _scale_operands(q: NF4Tensor, aligned: bool, k: int):
+    bs = q.blocksize
+    if q.double_quant:
+        qabs = q.absmax.reshape(-1, k // bs) if aligned else q.absmax
+        return [qabs, q.nested_scale, q.nested_code, q.offset.reshape(1).astype(jnp.float32)]
+    absmax = q.absmax.astype(jnp.float32)
+    return [absmax.reshape(-1, k // bs) if aligned else absmax]
+
+
+def _check(q, x, who):
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"{who}: expected an NF4Tensor, got {type(q).__name__}.")
+    if len(q.shape) != 2 or np.ndim(q.packed) != 1:
+        raise ValueError(f"{who}: q must be one layer's 2-D [out, in] weight; got shape {q.shape} "
+                         f"with leaves {np.shape(q.packed)} (index the layer axis first).")
+    if x.shape[-1] != q.shape[1]:
+        raise ValueError(f"{who}: x has {x.shape[-1]} features but the weight is {q.shape} ([out, in]).")
+
+
+def _launch(kernel, a, q, out_cols, red, cfg, interpret, out_dtype):
+    """Shared launcher: a [m, .] times the decoded weight; out [m, out_cols]."""
+    m = a.shape[0]
+    n, k, bs = q.shape[0], q.shape[1], q.blocksize
+    aligned = k % bs == 0
+    cfg = _fit_block_k(cfg, k, bs, aligned)
+    steps = pl.cdiv(red, cfg.block_n if kernel is _dx_kernel else cfg.block_k)
+    split = max(1, min(cfg.split_k, steps))
+    while steps % split:
+        split -= 1
+    if split != cfg.split_k:
+        cfg = dataclasses.replace(cfg, split_k=split)
+    w = q.packed.reshape(n, k // 2) if aligned else q.packed
+    table = jnp.asarray(NF4_CODE)
+    operands = [a, w, *_scale_operands(q, aligned, k), table]
+    out_tile = cfg.block_k if kernel is _dx_kernel else cfg.block_n
+    grid = (pl.cdiv(m, cfg.block_m) * pl.cdiv(out_cols, out_tile), cfg.split_k)
+    if cfg.split_k > 1:
+        out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, out_cols), jnp.float32)
+    else:
+        out_shape = jax.ShapeDtypeStruct((m, out_cols), out_dtype)
+    body = functools.partial(kernel, m=m, n=n, k=k, bs=bs, cfg=cfg, aligned=aligned,
+                             double_quant=q.double_quant, dtype=a.dtype)
+    out = pl.pallas_call(
+        body, out_shape=out_shape, grid=grid, interpret=interpret,
+        compiler_params=None if interpret else compat.triton_compiler_params(
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        name=f"nf4_{'dx' if kernel is _dx_kernel else 'fwd'}",
+    )(*operands)
+    if cfg.split_k > 1:
+        out = out.sum(axis=0).astype(out_dtype)
+    return out
+
+
+def _forward(x, q, interpret, cfg):
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    n = q.shape[0]
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, n), x.dtype)
+    cfg = cfg or default_config(x2.shape[0], n, k, dtype=x.dtype, bs=q.blocksize)
+    y = _launch(_fwd_kernel, x2, q, n, k, cfg, interpret, x.dtype)
+    return y.reshape(*lead, n)
+
+
+def _backward_dx(dy, q, interpret, cfg, x_dtype):
+    n, k = q.shape
+    lead = dy.shape[:-1]
+    dy2 = dy.reshape(-1, n).astype(x_dtype)
+    if dy2.shape[0] == 0:
+        return jnp.zeros((*lead, k), x_dtype)
+    cfg = cfg or default_config(dy2.shape[0], k, n, dtype=x_dtype, bs=q.blocksize)
+    dx = _launch(_dx_kernel, dy2, q, k, n, cfg, interpret, x_dtype)
+    return dx.reshape(*lead, k)
+
+
+def _zero_cotangent(q):
+    """Zeros for q's float leaves, float0 for its integer leaves: the weight is frozen."""
+    def zero(a):
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            return jnp.zeros_like(a)
+        return np.zeros(a.shape, dtype=jax.dtypes.float0)
+    return jax.tree.map(zero, q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _nf4_matmul(x, q, interpret, fwd_config, dx_config):
+    return _forward(x, q, interpret, fwd_config)
+
+
+def _nf4_matmul_fwd(x, q, interpret, fwd_config, dx_config):
+    return _forward(x, q, interpret, fwd_config), (q, jnp.zeros((0,), x.dtype))
+
+
+def _nf4_matmul_bwd(interpret, fwd_config, dx_config, res, dy):
+    q, x_proto = res
+    return _backward_dx(dy, q, interpret, dx_config, x_proto.dtype), _zero_cotangent(q)
+
+
+_nf4_matmul.defvjp(_nf4_matmul_fwd, _nf4_matmul_bwd)
+
+
+def nf4_matmul(x, q: NF4Tensor, *, interpret: bool = False, fwd_config: Optional[TileConfig] = None,
+               dx_config: Optional[TileConfig] = None):
+    """x [..., in] @ dequantize(q).T -> [..., out] in x's dtype, dequantization fused (Pallas).
+
+    Differentiable in x (dx = dy @ dequantize(q), fused the same way); q gets a zero cotangent.
+    `fwd_config` / `dx_config` override the tiles `default_config` picks per shape."""
+    _check(q, x, "nf4_matmul")
+    return _nf4_matmul(x, q, interpret, fwd_config, dx_config)
+
+
+def nf4_linear(x, q: NF4Tensor):
+    """The base projection of a QLoRA layer: the fused kernel on GPU, the jnp reference on CPU,
+    or the kernel under the Pallas interpreter (UNSLOTH_JAX_KERNELS=interpret)."""
+    mode = compat.kernel_mode()
+    if mode == "reference":
+        _check(q, x, "nf4_linear")
+        return nf4_matmul_reference(x, q)
+    return nf4_matmul(x, q, interpret=(mode == "interpret"))
