@@ -229,3 +229,35 @@ def test_model_without_adapters_saves_full_model(tmp_path):
     assert not (tmp_path / "full" / ADAPTER_CONFIG).exists()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full", attn_implementation="eager")
     assert rel_err(torch_logits(reloaded, IDS), np.asarray(model(IDS))) <= 1e-5
+
+
+def test_qlora_merges_into_the_dequantized_nf4_weights(tmp_path):
+    """A QLoRA adapter is trained against dequantize(NF4(W)): PyTorch gets that base, the merged
+    export folds the adapter into it, and base_model_path merges into the original W instead."""
+    import transformers
+
+    from converters.hf import save_hf_model
+    from converters.peft import merged_weight_fn
+    from unsloth_jax.lora import lora_delta
+
+    make_hf_model("llama").save_pretrained(tmp_path / "base")
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "base"), dtype="float32", load_in_4bit=True)
+    save_hf_model(model, str(tmp_path / "dequantized"), weight_fn=merged_weight_fn(model))
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path / "adapter")
+    reference = torch_logits(load_in_peft(tmp_path / "dequantized", tmp_path / "adapter"), IDS)
+
+    # The JAX side: the same adapter on the dequantized weights (what the NF4 matmul multiplies by).
+    dense, _ = FastLanguageModel.from_pretrained(str(tmp_path / "dequantized"), dtype="float32")
+    assert rel_err(load_adapter(dense, tmp_path / "adapter")(IDS), reference) <= 1e-4
+
+    model.save_pretrained_merged(tmp_path / "merged", dtype="float32")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
+    assert rel_err(torch_logits(merged, IDS), reference) <= 1e-4
+
+    model.save_pretrained_merged(tmp_path / "from_16bit", dtype="float32", base_model_path=str(tmp_path / "base"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    original = SafetensorsFile(str(tmp_path / "base" / "model.safetensors")).get(name)
+    written = SafetensorsFile(str(tmp_path / "from_16bit" / "model.safetensors")).get(name)
+    np.testing.assert_allclose(written, original + np.asarray(lora_delta(model.layers.down_proj, 1)).T, atol=1e-6)
