@@ -74,10 +74,13 @@ def test_nan_loss_stops_and_names_the_step(demo_model_dir, tmp_path):
 def test_cli_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     result = main(["--config", "configs/demo.yaml", "--output-dir", str(out), "--max-steps", "8",
-                   "--max-seq-length", "128", "--eval-steps", "4", "--max-new-tokens", "8"])
+                   "--max-seq-length", "128", "--eval-steps", "4", "--max-new-tokens", "8",
+                   "--logging-steps", "1"])
     assert os.path.isfile(out / "adapter" / "adapter_config.json")
     assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")
-    assert len([l for l in open(out / "metrics.jsonl")]) >= 8
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
     assert "sample" in result and "Estimated device memory" in capsys.readouterr().out
 
 

@@ -135,7 +135,8 @@ class SFTTrainer:
         self.model.training = False
         result = {"steps": total, "train_loss": self.history[-1]["loss"] if self.history else None}
         if self.eval_rows is not None:
-            result.update(self.evaluate(step=total))
+            evaluated_last = a.eval_steps and total % a.eval_steps == 0
+            result.update(self.last_eval if evaluated_last else self.evaluate(step=total))
         return result
 
     def _log(self, bar, pending, schedule, last_time, last_step):
@@ -197,5 +198,6 @@ class SFTTrainer:
         loss = total / max(count, 1)
         record = {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
         self._write_metrics(record)
+        self.last_eval = record
         print(f"[eval] step {step}: loss {loss:.4f}, perplexity {record['eval_perplexity']:.2f}")
         return record
