@@ -1,0 +1,97 @@
+"""The fused NF4 matmul kernel (Pallas interpreter, CPU) against the jnp reference: forward and dx."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import nf4_matmul as K
+from unsloth_jax.quant import quantize_nf4, stack_nf4
+
+T = K.TileConfig
+CASES = [
+    # (M, N, K, dtype, double_quant, tiles): ragged M/N, K % 64 != 0, split-K, both decoders
+    (20, 40, 128, jnp.float32, True, T(16, 16, 64, 4, 2, 1, 2, "select")),
+    (20, 40, 128, jnp.bfloat16, True, T(16, 16, 64, 4, 2, 1, 2, "gather")),
+    (5, 33, 96, jnp.float32, True, T(16, 16, 64, 4, 2, 1, 2, "select")),       # blocks straddle rows
+    (17, 48, 256, jnp.bfloat16, True, T(16, 16, 128, 4, 2, 2, 2, "select")),   # split-K, 2 blocks a tile
+    (3, 48, 192, jnp.float32, False, T(16, 16, 64, 4, 2, 1, 2, "gather")),     # fp32 absmax
+]
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_kernel_matches_reference_fwd_and_dx(case):
+    m, n, k, dtype, dq, cfg = CASES[case]
+    rng = np.random.default_rng(case)
+    q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.05, double_quant=dq)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    dy = jnp.asarray(rng.standard_normal((m, n)), dtype)
+
+    def kern(a):
+        return K.nf4_matmul(a, q, interpret=True, fwd_config=cfg, dx_config=cfg)
+
+    y, vjp = jax.vjp(kern, x)
+    y_ref, vjp_ref = jax.vjp(lambda a: K.nf4_matmul_reference(a, q), x)
+    assert y.dtype == dtype and y.shape == (m, n)
+    # Same bf16-rounded weights, fp32 accumulation in both: only summation order differs.
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert rel_err(y, y_ref) < tol
+    (dx,), (dx_ref,) = vjp(dy), vjp_ref(dy)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    assert rel_err(dx, dx_ref) < tol
+
+
+def _scan_layers(x, stacked, matmul):
+    """Residual layers over a stacked NF4Tensor, scanned as the model scans its layers."""
+    def body(h, q):
+        return matmul(h, q) * 0.1 + h, None
+    return jax.lax.scan(body, x, stacked)[0]
+
+
+def test_batched_input_scan_and_zero_weight_cotangent():
+    rng = np.random.default_rng(9)
+    stacked = stack_nf4([quantize_nf4(rng.standard_normal((64, 64)).astype(np.float32)) for _ in range(2)])
+    x = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)  # leading batch dims
+    cfg = T(16, 16, 64, 4, 2, 1, 1, "select")
+
+    def kern(h, q):
+        return K.nf4_matmul(h, q, interpret=True, fwd_config=cfg, dx_config=cfg)
+
+    out = _scan_layers(x, stacked, kern)
+    assert out.shape == x.shape
+    assert rel_err(out, _scan_layers(x, stacked, K.nf4_matmul_reference)) < 1e-5
+
+    gx, gq = jax.grad(lambda a, s: _scan_layers(a, s, kern).sum(), argnums=(0, 1), allow_int=True)(x, stacked)
+    gx_ref = jax.grad(lambda a: _scan_layers(a, stacked, K.nf4_matmul_reference).sum())(x)
+    assert rel_err(gx, gx_ref) < 1e-5
+    for leaf in jax.tree.leaves(gq):  # the frozen base weight: float0 for codes, zeros for floats
+        assert leaf.dtype == jax.dtypes.float0 or not np.any(np.asarray(leaf))
+
+
+def test_dispatch_modes(monkeypatch):
+    rng = np.random.default_rng(3)
+    q = quantize_nf4(rng.standard_normal((24, 64)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((4, 64)), jnp.float32)
+    monkeypatch.setenv("UNSLOTH_JAX_KERNELS", "reference")
+    y_ref = K.nf4_linear(x, q)
+    assert np.array_equal(np.asarray(y_ref), np.asarray(K.nf4_matmul_reference(x, q)))
+    monkeypatch.setenv("UNSLOTH_JAX_KERNELS", "interpret")
+    assert rel_err(K.nf4_linear(x, q), y_ref) < 1e-5
+    with pytest.raises(ValueError, match="features"):
+        K.nf4_linear(jnp.zeros((4, 32)), q)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 1024, 4096), (2048, 14336, 4096),
+                                   (8192, 4096, 14336), (7, 40, 96)])
+def test_default_config_is_valid(m, n, k):
+    for out, red in ((n, k), (k, n)):
+        cfg = K.default_config(m, out, red)
+        for b in (cfg.block_m, cfg.block_n, cfg.block_k):
+            assert b >= 16 and b & (b - 1) == 0
+        assert cfg.split_k >= 1 and cfg.decode in ("select", "gather")
+        if m <= 16:
+            assert cfg.block_m == 16
