@@ -85,17 +85,22 @@ def flash_attention_reference(q, k, v, *, positions=None, segment_ids=None, inv_
 # =====================================================================================
 # Pallas flash attention (Triton lowering; also runs under the Pallas interpreter).
 #
-# Layout inside the kernels: T is padded to a multiple of every block size, and each
-# RoPE half of the head dim is zero-padded to P/2 (P = next power of two >= D), so the
-# rotate-half pairing (x[c], x[c + P/2]) survives the padding and every tile is a
-# power of two wide, as Triton needs. Tiles are handled as "parts": one [rows, P] part
-# without RoPE, or the two rotated halves [rows, P/2] with RoPE, so that rotation never
-# slices a register tile and q.k is a sum of one or two dots.
-#
-# Which (query block, key block) pairs are visited is decided outside the kernels, in
-# plain jnp, from causal / window / padding / per-block segment id min-max: every
-# kernel program reads four numbers (lo, a, b, hi) and runs blocks [lo, a) and [b, hi)
-# with the mask and [a, b) without it. Blocks outside [lo, hi) are never touched.
+# Layout inside the kernels:
+# - T is padded to a multiple of every block size; each RoPE half of the head dim is
+#   zero-padded to P/2 (P = next power of two >= D), so the rotate-half pairing
+#   (x[c], x[c + P/2]) survives the padding and every tile is a power of two wide.
+# - Q/K tiles are handled as "parts": one [rows, P] part without RoPE, or the two rotated
+#   halves [rows, P/2] with RoPE, so rotation never slices a register tile and q.k is a
+#   sum of one or two dots. Rotation uses cos/sin tables [T, P/2] made from positions and
+#   inv_freq outside (O(T*D), the same numbers as the reference's).
+# - GQA packing: the `pack` query heads of a group that share a kv head are stacked into
+#   the rows of one query tile (rows = position-major (t, head) pairs), so each K/V tile is
+#   loaded and rotated once for all of them. K/V are never repeated in memory.
+# - Which (query block, key block) pairs are visited is decided outside the kernels, in
+#   plain jnp, from causal / window / padding / per-block segment id min-max: each kernel
+#   program reads four numbers (lo, a, b, hi) and runs blocks [lo, a) and [b, hi) with the
+#   mask and [a, b) without it. Blocks outside [lo, hi) are never touched.
+# - lse and delta (softmax row statistics) are float32 [B, Tp, Hq].
 # =====================================================================================
 
 LOG2E = math.log2(math.e)
@@ -104,25 +109,32 @@ _PAD_SEGMENT = -(2**31)  # segment id of padding rows: real rows never see them
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Block sizes and Triton launch parameters of the three kernels."""
+    """Block sizes (in tile rows, i.e. positions x packed heads for queries) and Triton
+    launch parameters of the three kernels; pack=None picks the GQA packing."""
     fwd_q: int = 128
     fwd_k: int = 64
     fwd_warps: int = 8
     fwd_stages: int = 3
-    dq_q: int = 64
-    dq_k: int = 64
+    dq_q: int = 128
+    dq_k: int = 32
+    dq_warps: int = 8
     dkv_k: int = 64
     dkv_q: int = 64
-    bwd_warps: int = 4
+    dkv_warps: int = 4
     bwd_stages: int = 2
+    pack: int | None = None
 
 
 def default_tuning(head_dim_padded: int) -> Tuning:
     if head_dim_padded <= 64:
-        return Tuning(fwd_warps=4)
+        return Tuning(fwd_warps=4, dq_warps=4)
     if head_dim_padded <= 128:
         return Tuning()
-    return Tuning(fwd_q=64, fwd_k=32, fwd_warps=4, fwd_stages=2, dq_q=32, dq_k=32, dkv_k=32, dkv_q=32)
+    return Tuning(fwd_q=64, fwd_k=32, fwd_warps=4, fwd_stages=2, dq_q=64, dq_k=32,
+                  dq_warps=4, dkv_k=32, dkv_q=32)
+
+
+_BLOCK_FIELDS = ("fwd_q", "fwd_k", "dq_q", "dq_k", "dkv_k", "dkv_q")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +145,7 @@ class _Cfg:
     head_dim: int         # real D
     head_pad: int         # P
     num_groups: int       # Hq // Hkv
+    pack: int             # query heads stacked into one tile (divides num_groups)
     causal: bool
     has_window: bool
     has_segments: bool
@@ -161,25 +174,48 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def _flat(x):
+    """[positions, pack, w] -> [positions * pack, w] (position-major tile rows)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]) if x.ndim == 3 else x
+
+
+def _per_row(x, pack):
+    """A per-position vector [n] -> per-tile-row [n * pack] (each position `pack` times)."""
+    if pack == 1:
+        return x
+    return jnp.broadcast_to(x[:, None], (x.shape[0], pack)).reshape(x.shape[0] * pack)
+
+
 def _load_parts(read, cos, sin, cfg, dtype):
     """Read a Q or K tile as parts; with RoPE, the two rotated halves (HF rotate-half).
 
-    `read(cols)` reads the tile's rows for a column slice; rotation is done in float32
-    and rounded back to the input dtype, like the reference.
+    `read(cols)` gives [rows, w] or, for packed queries, [positions, pack, w]; cos/sin are
+    [positions, P/2]. Rotation is done in float32 and rounded back to the input dtype,
+    like the reference.
     """
     if not cfg.rope:
-        return (read(slice(None)),)
+        return (_flat(read(slice(None))),)
     x1 = read(pl.ds(0, cfg.half)).astype(jnp.float32)
     x2 = read(pl.ds(cfg.half, cfg.half)).astype(jnp.float32)
-    return ((x1 * cos - x2 * sin).astype(dtype), (x2 * cos + x1 * sin).astype(dtype))
+    if x1.ndim == 3:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    return (_flat((x1 * cos - x2 * sin).astype(dtype)), _flat((x2 * cos + x1 * sin).astype(dtype)))
 
 
-def _store_parts(write, parts, cos, sin, cfg):
-    """Write a gradient w.r.t. rotated Q/K back un-rotated (the transpose of RoPE)."""
+def _store_parts(write, parts, cos, sin, cfg, pack=None):
+    """Write a gradient w.r.t. rotated Q/K back un-rotated (the transpose of RoPE).
+
+    With `pack`, the [positions * pack, w] parts are written as [positions, pack, w].
+    """
+    def shaped(x):
+        return x if pack is None else x.reshape(x.shape[0] // pack, pack, x.shape[1])
+
     if not cfg.rope:
-        write(slice(None), parts[0])
+        write(slice(None), shaped(parts[0]))
         return
-    d1, d2 = parts
+    d1, d2 = (shaped(p) for p in parts)
+    if pack is not None:
+        cos, sin = cos[:, None, :], sin[:, None, :]
     write(pl.ds(0, cfg.half), d1 * cos + d2 * sin)
     write(pl.ds(cfg.half, cfg.half), d2 * cos - d1 * sin)
 
@@ -195,6 +231,14 @@ def _scores(a_parts, b_parts, cfg):
         t = jnp.tanh(s / cfg.softcap)
         s = cfg.softcap * t
     return s, t
+
+
+def _dlogits(p, dp, delta, t, cfg):
+    """d loss / d (q.k) from probabilities p and dp = dO . V^T (softmax, softcap, scale)."""
+    ds = p * (dp - delta)
+    if cfg.softcap is not None:
+        ds = ds * (1.0 - t * t)
+    return ds * cfg.scale
 
 
 def _mask(q_idx, k_idx, seg_q, seg_k, window, cfg):
@@ -240,10 +284,29 @@ def _unpack(refs, cfg, names):
     return out
 
 
-def _rope_rows(r, rows, cfg):
-    if not cfg.rope:
-        return None, None
-    return r["cos"][rows, :], r["sin"][rows, :]
+class _Tile:
+    """Row-indexed quantities of one block of positions: RoPE tables, positions, segments."""
+
+    def __init__(self, r, start, n, cfg, pack=1):
+        rows = pl.ds(pl.multiple_of(start, n), n)
+        self.rows = rows
+        self.cos = r["cos"][rows, :] if cfg.rope else None
+        self.sin = r["sin"][rows, :] if cfg.rope else None
+        self.idx = _per_row(start + jnp.arange(n), pack)
+        self.seg = _per_row(r["seg"][rows], pack) if cfg.has_segments else None
+
+
+def _masked_scores(s, q, k, window, cfg, keys_first=False):
+    """Apply the mask to scores [q rows, k rows] (or [k rows, q rows] if keys_first)."""
+    if keys_first:
+        m = _mask(q.idx[None, :], k.idx[:, None],
+                  None if q.seg is None else q.seg[None, :],
+                  None if k.seg is None else k.seg[:, None], window, cfg)
+    else:
+        m = _mask(q.idx[:, None], k.idx[None, :],
+                  None if q.seg is None else q.seg[:, None],
+                  None if k.seg is None else k.seg[None, :], window, cfg)
+    return jnp.where(m, s, NEG_INF)
 
 
 # ----------------------------------------------------------------- forward kernel
@@ -252,26 +315,22 @@ _FWD_NAMES = ("ranges", "q", "k", "v", "window", "cos", "sin", "seg", "o", "lse"
 
 
 def _fwd_kernel(*refs, cfg, nq):
+    """One block of positions x `pack` query heads; loops over the visible key blocks."""
     r = _unpack(refs, cfg, _FWD_NAMES)
-    bq, bk = cfg.tuning.fwd_q, cfg.tuning.fwd_k
+    pack = cfg.pack
+    bqt, bk = cfg.tuning.fwd_q // pack, cfg.tuning.fwd_k
     i = nq - 1 - pl.program_id(0)  # heaviest (last) causal query blocks start first
-    q_rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
-    cos, sin = _rope_rows(r, q_rows, cfg)
-    q_parts = _load_parts(lambda c: r["q"][:, c], cos, sin, cfg, r["q"].dtype)
-    q_idx = (i * bq + jnp.arange(bq))[:, None]
-    seg_q = r["seg"][q_rows][:, None] if cfg.has_segments else None
+    qt = _Tile(r, i * bqt, bqt, cfg, pack)
+    q_parts = _load_parts(lambda c: r["q"][:, :, c], qt.cos, qt.sin, cfg, r["q"].dtype)
     window = r["window"][0] if cfg.has_window else None
 
     def body(j, carry, masked):
         acc, m, l = carry
-        k_rows = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        kcos, ksin = _rope_rows(r, k_rows, cfg)
-        k_parts = _load_parts(lambda c: r["k"][k_rows, c], kcos, ksin, cfg, r["k"].dtype)
+        kt = _Tile(r, j * bk, bk, cfg)
+        k_parts = _load_parts(lambda c: r["k"][kt.rows, c], kt.cos, kt.sin, cfg, r["k"].dtype)
         s, _ = _scores(q_parts, k_parts, cfg)
         if masked:
-            k_idx = (j * bk + jnp.arange(bk))[None, :]
-            seg_k = r["seg"][k_rows][None, :] if cfg.has_segments else None
-            s = jnp.where(_mask(q_idx, k_idx, seg_q, seg_k, window, cfg), s, NEG_INF)
+            s = _masked_scores(s, qt, kt, window, cfg)
         s = s * LOG2E
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row whose every key so far was masked has m == NEG_INF * LOG2E and picks up junk
@@ -279,16 +338,18 @@ def _fwd_kernel(*refs, cfg, nq):
         # row sees at least its own key, and that block is always visited).
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
-        v = r["v"][k_rows, :]
+        v = r["v"][kt.rows, :]
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
-    carry = (jnp.zeros((bq, cfg.head_pad), jnp.float32),
-             jnp.full((bq,), NEG_INF * LOG2E, jnp.float32),
-             jnp.zeros((bq,), jnp.float32))
+    rows = bqt * pack
+    carry = (jnp.zeros((rows, cfg.head_pad), jnp.float32),
+             jnp.full((rows,), NEG_INF * LOG2E, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
     acc, m, l = _three_loops(r["ranges"], body, carry)
-    r["o"][...] = (acc / l[:, None]).astype(r["o"].dtype)
-    r["lse"][...] = m + jnp.log2(l)  # base-2 logsumexp of the scaled logits
+    out = acc / l[:, None]
+    r["o"][...] = out.reshape(bqt, pack, cfg.head_pad).astype(r["o"].dtype)
+    r["lse"][...] = (m + jnp.log2(l)).reshape(bqt, pack)  # base 2, of the scaled logits
 
 
 # ----------------------------------------------------------------- dq kernel
@@ -298,48 +359,36 @@ _DQ_NAMES = ("ranges", "q", "k", "v", "do", "lse", "delta", "window", "cos", "si
 
 def _dq_kernel(*refs, cfg, nq):
     r = _unpack(refs, cfg, _DQ_NAMES)
-    bq, bk = cfg.tuning.dq_q, cfg.tuning.dq_k
+    pack = cfg.pack
+    bqt, bk = cfg.tuning.dq_q // pack, cfg.tuning.dq_k
+    rows = bqt * pack
     i = nq - 1 - pl.program_id(0)
-    q_rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
-    cos, sin = _rope_rows(r, q_rows, cfg)
-    q_parts = _load_parts(lambda c: r["q"][:, c], cos, sin, cfg, r["q"].dtype)
-    do = r["do"][...]
-    lse = r["lse"][...][:, None]
-    delta = r["delta"][...][:, None]
-    q_idx = (i * bq + jnp.arange(bq))[:, None]
-    seg_q = r["seg"][q_rows][:, None] if cfg.has_segments else None
+    qt = _Tile(r, i * bqt, bqt, cfg, pack)
+    q_parts = _load_parts(lambda c: r["q"][:, :, c], qt.cos, qt.sin, cfg, r["q"].dtype)
+    do = _flat(r["do"][...])
+    lse = r["lse"][...].reshape(rows)[:, None]
+    delta = r["delta"][...].reshape(rows)[:, None]
     window = r["window"][0] if cfg.has_window else None
 
     def body(j, dq_parts, masked):
-        k_rows = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        kcos, ksin = _rope_rows(r, k_rows, cfg)
-        k_parts = _load_parts(lambda c: r["k"][k_rows, c], kcos, ksin, cfg, r["k"].dtype)
+        kt = _Tile(r, j * bk, bk, cfg)
+        k_parts = _load_parts(lambda c: r["k"][kt.rows, c], kt.cos, kt.sin, cfg, r["k"].dtype)
         s, t = _scores(q_parts, k_parts, cfg)
         if masked:
-            k_idx = (j * bk + jnp.arange(bk))[None, :]
-            seg_k = r["seg"][k_rows][None, :] if cfg.has_segments else None
-            s = jnp.where(_mask(q_idx, k_idx, seg_q, seg_k, window, cfg), s, NEG_INF)
+            s = _masked_scores(s, qt, kt, window, cfg)
         p = jnp.exp2(s * LOG2E - lse)
-        ds = _dlogits(p, _dot(do, r["v"][k_rows, :], trans_b=True), delta, t, cfg)
+        ds = _dlogits(p, _dot(do, r["v"][kt.rows, :], trans_b=True), delta, t, cfg)
         ds = ds.astype(r["k"].dtype)
         return tuple(acc + _dot(ds, kp) for acc, kp in zip(dq_parts, k_parts))
 
     width = cfg.half if cfg.rope else cfg.head_pad
-    init = tuple(jnp.zeros((bq, width), jnp.float32) for _ in range(2 if cfg.rope else 1))
+    init = tuple(jnp.zeros((rows, width), jnp.float32) for _ in range(2 if cfg.rope else 1))
     dq_parts = _three_loops(r["ranges"], body, init)
 
     def write(cols, x):
-        r["dq"][:, cols] = x.astype(r["dq"].dtype)
+        r["dq"][:, :, cols] = x.astype(r["dq"].dtype)
 
-    _store_parts(write, dq_parts, cos, sin, cfg)
-
-
-def _dlogits(p, dp, delta, t, cfg):
-    """d loss / d (q.k) from probabilities p and dp = dO . V^T (softmax, softcap, scale)."""
-    ds = p * (dp - delta)
-    if cfg.softcap is not None:
-        ds = ds * (1.0 - t * t)
-    return ds * cfg.scale
+    _store_parts(write, dq_parts, qt.cos, qt.sin, cfg, pack=pack)
 
 
 # ----------------------------------------------------------------- dk/dv kernel
@@ -349,34 +398,33 @@ _DKV_NAMES = ("ranges", "q", "k", "v", "do", "lse", "delta", "window", "cos", "s
 
 
 def _dkv_kernel(*refs, cfg):
-    """One key block of one kv head; loops over the query heads of its group (GQA)."""
+    """One key block of one kv head; loops over the query heads of its group (GQA), `pack`
+    heads at a time, and over the visible query blocks."""
     r = _unpack(refs, cfg, _DKV_NAMES)
-    bk, bq = cfg.tuning.dkv_k, cfg.tuning.dkv_q
-    j = pl.program_id(0)
-    k_rows = pl.ds(pl.multiple_of(j * bk, bk), bk)
-    kcos, ksin = _rope_rows(r, k_rows, cfg)
-    k_parts = _load_parts(lambda c: r["k"][:, c], kcos, ksin, cfg, r["k"].dtype)
+    pack = cfg.pack
+    bk, bqt = cfg.tuning.dkv_k, cfg.tuning.dkv_q // pack
+    rows = bqt * pack
+    kt = _Tile(r, pl.program_id(0) * bk, bk, cfg)
+    k_parts = _load_parts(lambda c: r["k"][:, c], kt.cos, kt.sin, cfg, r["k"].dtype)
     v = r["v"][...]
-    # Scores are computed transposed, [keys, queries], so that the dV and dK updates are
-    # plain (untransposed) products.
-    k_idx = (j * bk + jnp.arange(bk))[:, None]
-    seg_k = r["seg"][k_rows][:, None] if cfg.has_segments else None
     window = r["window"][0] if cfg.has_window else None
+    # Scores are computed transposed, [keys, query rows], so that the dV and dK updates
+    # are plain (untransposed) products.
 
-    def head_body(g, carry):
+    def heads_body(hc, carry):
+        heads = pl.ds(hc * pack, pack)
+
         def body(i, carry, masked):
             dk_parts, dv = carry
-            q_rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
-            qcos, qsin = _rope_rows(r, q_rows, cfg)
-            q_parts = _load_parts(lambda c: r["q"][q_rows, g, c], qcos, qsin, cfg, r["q"].dtype)
-            do = r["do"][q_rows, g, :]
-            lse = r["lse"][g, q_rows][None, :]
-            delta = r["delta"][g, q_rows][None, :]
+            qt = _Tile(r, i * bqt, bqt, cfg, pack)
+            q_parts = _load_parts(lambda c: r["q"][qt.rows, heads, c], qt.cos, qt.sin, cfg,
+                                  r["q"].dtype)
+            do = _flat(r["do"][qt.rows, heads, :])
+            lse = r["lse"][qt.rows, heads].reshape(1, rows)
+            delta = r["delta"][qt.rows, heads].reshape(1, rows)
             s_t, t_t = _scores(k_parts, q_parts, cfg)
             if masked:
-                q_idx = (i * bq + jnp.arange(bq))[None, :]
-                seg_q = r["seg"][q_rows][None, :] if cfg.has_segments else None
-                s_t = jnp.where(_mask(q_idx, k_idx, seg_q, seg_k, window, cfg), s_t, NEG_INF)
+                s_t = _masked_scores(s_t, qt, kt, window, cfg, keys_first=True)
             p_t = jnp.exp2(s_t * LOG2E - lse)
             dv = dv + _dot(p_t.astype(do.dtype), do)
             ds_t = _dlogits(p_t, _dot(v, do, trans_b=True), delta, t_t, cfg)
@@ -388,12 +436,12 @@ def _dkv_kernel(*refs, cfg):
     width = cfg.half if cfg.rope else cfg.head_pad
     dk_init = tuple(jnp.zeros((bk, width), jnp.float32) for _ in range(2 if cfg.rope else 1))
     dv_init = jnp.zeros((bk, cfg.head_pad), jnp.float32)
-    dk_parts, dv = lax.fori_loop(0, cfg.num_groups, head_body, (dk_init, dv_init))
+    dk_parts, dv = lax.fori_loop(0, cfg.num_groups // pack, heads_body, (dk_init, dv_init))
 
     def write(cols, x):
         r["dk"][:, cols] = x.astype(r["dk"].dtype)
 
-    _store_parts(write, dk_parts, kcos, ksin, cfg)
+    _store_parts(write, dk_parts, kt.cos, kt.sin, cfg)
     r["dv"][...] = dv.astype(r["dv"].dtype)
 
 
@@ -402,10 +450,10 @@ def _dkv_kernel(*refs, cfg):
 def _block_ranges(cfg, bq, bk, aux, by_key):
     """int32 [Bs, n, 4] (lo, a, b, hi) per query block (or per key block if by_key).
 
-    A block pair is visited if any pair in it may be visible (causal, window, key padding,
-    overlapping per-block segment id ranges) and is "full" (no mask needed) if all pairs
-    in it are visible. [a, b) is the first run of full blocks, so everything in it really
-    is full even if segment ids repeat non-contiguously.
+    bq/bk are block sizes in positions. A block pair is visited if any pair in it may be
+    visible (causal, window, key padding, overlapping per-block segment id ranges) and is
+    "full" (no mask needed) if all pairs in it are visible. [a, b) is the first run of
+    full blocks, so everything in it really is full even if segment ids repeat.
     """
     T, Tp = cfg.seq_len, cfg.seq_pad
     nq, nk = Tp // bq, Tp // bk
@@ -459,21 +507,20 @@ def _compiler_params(warps, stages, interpret):
     return triton_compiler_params(num_warps=warps, num_stages=stages)
 
 
-def _aux_specs(cfg, aux, grid_b):
-    """BlockSpecs + operands for the optional inputs; `grid_b(idx)` picks the batch index."""
+def _aux_specs(cfg, aux):
+    """BlockSpecs + operands for the optional inputs (grid is always (block, b, head))."""
     specs, ops = [], []
     Tp, half = cfg.seq_pad, cfg.half
     if cfg.has_window:
-        specs.append(pl.BlockSpec((1,), lambda *_: (0,)))
+        specs.append(pl.BlockSpec((1,), lambda i, b, h: (0,)))
         ops.append(aux["window"])
     if cfg.rope:
         per_batch = aux["cos"].shape[0] > 1
-        spec = pl.BlockSpec((None, Tp, half),
-                            lambda *ix: (grid_b(ix) if per_batch else 0, 0, 0))
+        spec = pl.BlockSpec((None, Tp, half), lambda i, b, h: (b if per_batch else 0, 0, 0))
         specs += [spec, spec]
         ops += [aux["cos"], aux["sin"]]
     if cfg.has_segments:
-        specs.append(pl.BlockSpec((None, Tp), lambda *ix: (grid_b(ix), 0)))
+        specs.append(pl.BlockSpec((None, Tp), lambda i, b, h: (b, 0)))
         ops.append(aux["seg"])
     return specs, ops
 
@@ -484,24 +531,35 @@ def _ranges_spec(ranges, block_of):
                         lambda i, b, h: (b if per_batch else 0, block_of(i), 0))
 
 
+def _query_major_specs(cfg, bq_rows):
+    """Specs shared by the forward and dq kernels: grid (query block, b, head pack)."""
+    Tp, P, pack = cfg.seq_pad, cfg.head_pad, cfg.pack
+    bqt = bq_rows // pack
+    nq = Tp // bqt
+    packs_per_kv = cfg.num_groups // pack
+    rev = lambda i: nq - 1 - i  # noqa: E731  (the kernels visit blocks in this order)
+    return dict(
+        nq=nq, bqt=bqt, rev=rev,
+        q=pl.BlockSpec((None, bqt, pack, P), lambda i, b, h: (b, rev(i), h, 0)),
+        kv=pl.BlockSpec((None, Tp, None, P), lambda i, b, h: (b, 0, h // packs_per_kv, 0)),
+        row=pl.BlockSpec((None, bqt, pack), lambda i, b, h: (b, rev(i), h)),
+    )
+
+
 def _forward(cfg, q, k, v, aux):
-    """Padded q/k/v -> padded out [B, Tp, Hq, P] and base-2 lse [B, Hq, Tp]."""
+    """Padded q/k/v -> padded out [B, Tp, Hq, P] and base-2 lse [B, Tp, Hq]."""
     B, Tp, Hq, P = q.shape
     tn = cfg.tuning
-    bq, bk, G = tn.fwd_q, tn.fwd_k, cfg.num_groups
-    nq = Tp // bq
-    rev = lambda i: nq - 1 - i  # noqa: E731  (matches the kernel's block order)
-    ranges = _block_ranges(cfg, bq, bk, aux, by_key=False)
-    q_spec = pl.BlockSpec((None, bq, None, P), lambda i, b, h: (b, rev(i), h, 0))
-    kv_spec = pl.BlockSpec((None, Tp, None, P), lambda i, b, h: (b, 0, h // G, 0))
-    aux_specs, aux_ops = _aux_specs(cfg, aux, lambda ix: ix[1])
+    sp = _query_major_specs(cfg, tn.fwd_q)
+    ranges = _block_ranges(cfg, sp["bqt"], tn.fwd_k, aux, by_key=False)
+    aux_specs, aux_ops = _aux_specs(cfg, aux)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, nq=nq),
-        grid=(nq, B, Hq),
-        in_specs=[_ranges_spec(ranges, rev), q_spec, kv_spec, kv_spec, *aux_specs],
-        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, rev(i)))],
+        functools.partial(_fwd_kernel, cfg=cfg, nq=sp["nq"]),
+        grid=(sp["nq"], B, Hq // cfg.pack),
+        in_specs=[_ranges_spec(ranges, sp["rev"]), sp["q"], sp["kv"], sp["kv"], *aux_specs],
+        out_specs=[sp["q"], sp["row"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32)],
+                   jax.ShapeDtypeStruct((B, Tp, Hq), jnp.float32)],
         compiler_params=_compiler_params(tn.fwd_warps, tn.fwd_stages, cfg.interpret),
         interpret=cfg.interpret,
         name="flash_attention_fwd",
@@ -513,37 +571,31 @@ def _backward(cfg, q, k, v, aux, do, lse, delta):
     B, Tp, Hq, P = q.shape
     Hkv = k.shape[2]
     tn, G = cfg.tuning, cfg.num_groups
-    params = _compiler_params(tn.bwd_warps, tn.bwd_stages, cfg.interpret)
+    aux_specs, aux_ops = _aux_specs(cfg, aux)
 
-    # dq: one program per (query block, batch, query head), like the forward.
-    bq, bk = tn.dq_q, tn.dq_k
-    nq = Tp // bq
-    rev = lambda i: nq - 1 - i  # noqa: E731
-    ranges = _block_ranges(cfg, bq, bk, aux, by_key=False)
-    q_spec = pl.BlockSpec((None, bq, None, P), lambda i, b, h: (b, rev(i), h, 0))
-    kv_spec = pl.BlockSpec((None, Tp, None, P), lambda i, b, h: (b, 0, h // G, 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, rev(i)))
-    aux_specs, aux_ops = _aux_specs(cfg, aux, lambda ix: ix[1])
+    # dq: one program per (query block, batch, head pack), like the forward.
+    sp = _query_major_specs(cfg, tn.dq_q)
+    ranges = _block_ranges(cfg, sp["bqt"], tn.dq_k, aux, by_key=False)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, nq=nq),
-        grid=(nq, B, Hq),
-        in_specs=[_ranges_spec(ranges, rev), q_spec, kv_spec, kv_spec, q_spec, row_spec,
-                  row_spec, *aux_specs],
-        out_specs=q_spec,
+        functools.partial(_dq_kernel, cfg=cfg, nq=sp["nq"]),
+        grid=(sp["nq"], B, Hq // cfg.pack),
+        in_specs=[_ranges_spec(ranges, sp["rev"]), sp["q"], sp["kv"], sp["kv"], sp["q"],
+                  sp["row"], sp["row"], *aux_specs],
+        out_specs=sp["q"],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=params,
+        compiler_params=_compiler_params(tn.dq_warps, tn.bwd_stages, cfg.interpret),
         interpret=cfg.interpret,
         name="flash_attention_dq",
     )(ranges, q, k, v, do, lse, delta, *aux_ops)
 
     # dk/dv: one program per (key block, batch, kv head); it loops over the group's query
     # heads, so K/V are never repeated and dk/dv need no atomics.
-    bk, bq = tn.dkv_k, tn.dkv_q
+    bk = tn.dkv_k
     nk = Tp // bk
-    ranges = _block_ranges(cfg, bq, bk, aux, by_key=True)
+    ranges = _block_ranges(cfg, tn.dkv_q // cfg.pack, bk, aux, by_key=True)
     kv_spec = pl.BlockSpec((None, bk, None, P), lambda j, b, h: (b, j, h, 0))
     qg_spec = pl.BlockSpec((None, Tp, G, P), lambda j, b, h: (b, 0, h, 0))
-    rowg_spec = pl.BlockSpec((None, G, Tp), lambda j, b, h: (b, h, 0))
+    rowg_spec = pl.BlockSpec((None, Tp, G), lambda j, b, h: (b, 0, h))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
         grid=(nk, B, Hkv),
@@ -551,7 +603,7 @@ def _backward(cfg, q, k, v, aux, do, lse, delta):
                   rowg_spec, rowg_spec, *aux_specs],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=params,
+        compiler_params=_compiler_params(tn.dkv_warps, tn.bwd_stages, cfg.interpret),
         interpret=cfg.interpret,
         name="flash_attention_dkv",
     )(ranges, q, k, v, do, lse, delta, *aux_ops)
@@ -600,9 +652,8 @@ def _flash_fwd(cfg, q, k, v, aux):
 
 def _flash_bwd(cfg, res, dout):
     q, k, v, aux, out, lse = res
-    # delta_i = sum_d dO * O: the softmax-gradient row term, a cheap fused XLA reduction.
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    delta = _pad_rows(delta, cfg).transpose(0, 2, 1)
+    # delta = rowsum(dO * O): the softmax-gradient row term, a cheap fused XLA reduction.
+    delta = _pad_rows(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), cfg)
     dq, dk, dv = _backward(cfg, _pad(q, cfg), _pad(k, cfg), _pad(v, cfg), aux,
                            _pad(dout.astype(q.dtype), cfg), lse, delta)
     aux_ct = jax.tree_util.tree_map(_zero_cotangent, aux)
@@ -622,33 +673,52 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _resolve_tuning(T, P, G, tuning, block_q, block_k):
+    tn = tuning or default_tuning(P)
+    if block_q is not None or block_k is not None:
+        bq, bk = block_q or block_k, block_k or block_q
+        tn = dataclasses.replace(tn, fwd_q=bq, fwd_k=bk, dq_q=bq, dq_k=bk, dkv_q=bq, dkv_k=bk)
+    pack = tn.pack
+    if pack is None:  # largest power of two dividing the group, at most 8
+        pack = 1
+        while pack < 8 and G % (2 * pack) == 0 and 2 * pack <= min(tn.fwd_q, tn.dq_q, tn.dkv_q):
+            pack *= 2
+    if G % pack:
+        raise ValueError(f"flash_attention: pack={pack} must divide Hq/Hkv={G}")
+    # Short sequences: shrink blocks so padding stays below 2x (never under 16 rows,
+    # Triton's smallest dot). Query blocks count rows = positions * pack.
+    cap = max(16, _next_pow2(T))
+    sizes = {f: min(getattr(tn, f), cap * (pack if f in ("fwd_q", "dq_q", "dkv_q") else 1))
+             for f in _BLOCK_FIELDS}
+    tn = dataclasses.replace(tn, pack=pack, **sizes)
+    for f in _BLOCK_FIELDS:
+        rows = getattr(tn, f)
+        if rows & (rows - 1) or rows < pack:
+            raise ValueError(f"flash_attention: block {f}={rows} must be a power of two >= {pack}")
+    positions_per_block = [tn.fwd_q // pack, tn.fwd_k, tn.dq_q // pack, tn.dq_k,
+                           tn.dkv_q // pack, tn.dkv_k]
+    step = max(positions_per_block)
+    return tn, -(-T // step) * step
+
+
 def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None, causal=True,
                     sliding_window=None, logit_softcap=None, scale=None, interpret=False,
                     block_q=None, block_k=None, tuning=None):
     """Flash attention with RoPE inside the kernels; same semantics as the reference.
 
     Differentiable w.r.t. q, k, v (not inv_freq). `block_q`/`block_k` override the block
-    sizes of all three kernels (powers of two >= 16); `tuning` sets them individually.
-    sliding_window may be a traced int scalar (>= 1), e.g. per layer inside a scan.
+    sizes of all three kernels (powers of two >= 16; query blocks count positions x packed
+    heads); `tuning` (a Tuning) sets them individually. sliding_window may be a traced
+    int scalar (>= 1), e.g. per layer inside a scan.
     """
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     if k.shape != (B, T, Hkv, D) or v.shape != k.shape or Hq % Hkv or D % 2:
         raise ValueError(f"flash_attention: bad shapes q={q.shape} k={k.shape} v={v.shape}")
     P = max(32, _next_pow2(D))
-    tn = tuning or default_tuning(P)
-    if block_q is not None or block_k is not None:
-        bq = block_q or block_k
-        bk = block_k or block_q
-        tn = dataclasses.replace(tn, fwd_q=bq, fwd_k=bk, dq_q=bq, dq_k=bk, dkv_q=bq, dkv_k=bk)
-    # Short sequences: shrink blocks so padding stays below 2x (never under 16, Triton's
-    # smallest dot).
-    cap = max(16, _next_pow2(T))
-    tn = dataclasses.replace(tn, **{f.name: min(getattr(tn, f.name), cap)
-                                    for f in dataclasses.fields(tn) if f.name[-2:] in ("_q", "_k")})
-    step = max(tn.fwd_q, tn.fwd_k, tn.dq_q, tn.dq_k, tn.dkv_q, tn.dkv_k)
-    Tp = -(-T // step) * step
-    cfg = _Cfg(seq_len=T, seq_pad=Tp, head_dim=D, head_pad=P, num_groups=Hq // Hkv,
+    G = Hq // Hkv
+    tn, Tp = _resolve_tuning(T, P, G, tuning, block_q, block_k)
+    cfg = _Cfg(seq_len=T, seq_pad=Tp, head_dim=D, head_pad=P, num_groups=G, pack=tn.pack,
                causal=bool(causal), has_window=sliding_window is not None,
                has_segments=segment_ids is not None, rope=inv_freq is not None,
                softcap=None if logit_softcap is None else float(logit_softcap),

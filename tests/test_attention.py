@@ -121,6 +121,14 @@ CASES = {
     "noncausal_window_segments_f32": (1, 40, 2, 2, 64, jnp.float32,
                                       dict(causal=False, sliding_window=6, segments=True)),
     "blocks_q32_k16_f32": (1, 40, 2, 1, 64, jnp.float32, dict(rope=True, blocks=(32, 16))),
+    # GQA without head packing (the dk/dv kernel loops over the 4 heads one at a time) and
+    # with partial packing (pairs of heads), mixed block sizes per kernel.
+    "gqa4_pack1_f32": (1, 40, 4, 1, 64, jnp.float32,
+                       dict(rope=True, segments=True, tuning=attn.Tuning(
+                           fwd_q=16, fwd_k=32, dq_q=32, dq_k=16, dkv_k=16, dkv_q=32, pack=1))),
+    "gqa8_pack2_bf16": (1, 40, 8, 1, 64, jnp.bfloat16,
+                        dict(rope=True, sliding_window=11, tuning=attn.Tuning(
+                            fwd_q=32, fwd_k=16, dq_q=16, dq_k=32, dkv_k=32, dkv_q=16, pack=2))),
 }
 
 
@@ -149,6 +157,10 @@ def test_flash_attention_matches_reference(name):
     q, k, v, do = _inputs(B, T, Hq, Hkv, D, dtype)
     kw = _kernel_kwargs(B, T, D, opts, rng)
     bq, bk = opts.get("blocks", (16, 16))
+    if "tuning" in opts:
+        kw_blocks = dict(tuning=opts["tuning"])
+    else:
+        kw_blocks = dict(block_q=bq, block_k=bk)
 
     def fwd_bwd(fn):
         @jax.jit  # one compile instead of op-by-op dispatch: keeps interpret mode fast
@@ -157,7 +169,7 @@ def test_flash_attention_matches_reference(name):
             return out, vjp(do)
         return run(q, k, v, do)
 
-    out, grads = fwd_bwd(lambda *a: flash_attention(*a, interpret=True, block_q=bq, block_k=bk, **kw))
+    out, grads = fwd_bwd(lambda *a: flash_attention(*a, interpret=True, **kw_blocks, **kw))
     ref_out, ref_grads = fwd_bwd(lambda *a: flash_attention_reference(*a, **kw))
 
     assert out.dtype == dtype and out.shape == q.shape
@@ -189,7 +201,7 @@ def test_traced_sliding_window_under_jit():
 # ------------------------------------------------------------------ block skipping
 
 def _cfg(T, causal=True, window=False, segments=False, Tp=None):
-    return attn._Cfg(seq_len=T, seq_pad=Tp or T, head_dim=64, head_pad=64, num_groups=1,
+    return attn._Cfg(seq_len=T, seq_pad=Tp or T, head_dim=64, head_pad=64, num_groups=1, pack=1,
                      causal=causal, has_window=window, has_segments=segments, rope=False,
                      softcap=None, scale=1.0, tuning=attn.Tuning(), interpret=True)
 
