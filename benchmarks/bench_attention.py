@@ -1,0 +1,286 @@
+"""GPU benchmark of pallas_kernels.attention.flash_attention (compiled Pallas/Triton).
+
+1. Correctness on small shapes: forward and dq/dk/dv against the XLA reference.
+2. Timing (median of repeats, block_until_ready, after warm-up) of forward and
+   forward+backward for B*T = 16k tokens (T=32k: one sequence), Hq/Hkv = 32/8, D = 128,
+   causal, bf16, against cuDNN (jax.nn.dot_product_attention, RoPE applied outside),
+   the XLA reference and JAX's Pallas-Triton `mha` (K/V repeated, RoPE outside).
+3. A small sweep of block sizes / warps at T = 8192.
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_attention.py [--budget 250] [--no-sweep]
+
+Causal FLOPs: forward 2 * 2 * B * Hq * T^2 * D / 2, backward 2.5x forward.
+Writes a JSON of every number to $OUT (or /tmp) as bench_attention.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pallas_kernels.attention import (  # noqa: E402
+    Tuning, apply_rope, flash_attention, flash_attention_reference, rope_cos_sin)
+
+OUT = os.environ.get("OUT", "/tmp")
+RESULTS: dict = {"errors": {}}
+T0 = time.time()
+
+
+def log(*a):
+    msg = " ".join(str(x) for x in a)
+    print(msg, flush=True)
+    with open(os.path.join(OUT, "bench_attention_log.txt"), "a") as f:
+        f.write(msg + "\n")
+
+
+def record_error(key, exc):
+    tb = traceback.format_exc()
+    RESULTS["errors"][key] = tb[-6000:]
+    log(f"ERROR {key}: {type(exc).__name__}: {str(exc)[:1500]}")
+
+
+def inv_freq(D, base=500000.0):
+    return jnp.asarray(1.0 / (base ** (np.arange(0, D, 2, dtype=np.float32) / D)))
+
+
+def inputs(B, T, Hq, Hkv, D, dtype, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    mk = lambda key, h: jax.random.normal(key, (B, T, h, D), jnp.float32).astype(dtype)  # noqa: E731
+    return mk(ks[0], Hq), mk(ks[1], Hkv), mk(ks[2], Hkv), mk(ks[3], Hq)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if not np.isfinite(a).all():
+        return float("nan")
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def fwd_bwd(fn):
+    @jax.jit
+    def run(q, k, v, do):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(do)
+    return run
+
+
+# ------------------------------------------------------------------ correctness
+
+def check_correctness():
+    rng = np.random.default_rng(0)
+
+    def segs(B, T):
+        rows = []
+        for _ in range(B):
+            cuts = np.sort(rng.choice(np.arange(1, T - 20), size=4, replace=False))
+            ids = np.zeros(T, np.int32)
+            for n, (s, e) in enumerate(zip([0, *cuts], [*cuts, T - 20])):
+                ids[s:e] = n + 1
+            rows.append(ids)
+        return jnp.asarray(np.stack(rows))
+
+    cases = [
+        ("causal_rope_gqa4_d128_bf16", (2, 300, 8, 2, 128, jnp.bfloat16), dict(rope=True)),
+        ("segments_window_softcap_d64_bf16", (2, 257, 8, 1, 64, jnp.bfloat16),
+         dict(rope=True, segments=True, sliding_window=64, logit_softcap=30.0)),
+        ("noncausal_d80_bf16", (1, 200, 4, 4, 80, jnp.bfloat16), dict(rope=True, causal=False)),
+        ("softcap_d256_bf16", (1, 160, 8, 4, 256, jnp.bfloat16), dict(rope=True, logit_softcap=50.0)),
+        ("segments_d96_f32", (1, 130, 4, 2, 96, jnp.float32), dict(rope=True, segments=True)),
+    ]
+    ok = True
+    for name, (B, T, Hq, Hkv, D, dtype), opts in cases:
+        q, k, v, do = inputs(B, T, Hq, Hkv, D, dtype, seed=1)
+        kw = {key: opts[key] for key in ("sliding_window", "logit_softcap", "causal") if key in opts}
+        if opts.get("rope"):
+            kw["inv_freq"] = inv_freq(D, 10000.0)
+        if opts.get("segments"):
+            kw["segment_ids"] = segs(B, T)
+        try:
+            t = time.time()
+            got = fwd_bwd(lambda *a: flash_attention(*a, **kw))(q, k, v, do)
+            jax.block_until_ready(got)
+            compile_s = time.time() - t
+            with jax.default_matmul_precision("highest"):
+                want = fwd_bwd(lambda *a: flash_attention_reference(*a, **kw))(q, k, v, do)
+            errs = [rel_err(g, w) for g, w in zip((got[0], *got[1]), (want[0], *want[1]))]
+            tol = 1e-4 if dtype == jnp.float32 else 2e-2
+            passed = all(e < tol for e in errs)  # NaN fails
+            ok &= passed
+            RESULTS.setdefault("correctness", {})[name] = dict(errs=errs, passed=passed)
+            log(f"check {name:36s} {'PASS' if passed else 'FAIL'} out/dq/dk/dv rel err "
+                + " ".join(f"{e:.1e}" for e in errs) + f"  (compile+run {compile_s:.1f}s)")
+        except Exception as e:  # keep going: later cases / timings still tell us something
+            ok = False
+            record_error(f"check_{name}", e)
+    return ok
+
+
+# ------------------------------------------------------------------ timing
+
+def timeit(fn, *args, reps=10):
+    jax.block_until_ready(fn(*args))  # compile
+    jax.block_until_ready(fn(*args))  # warm
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def causal_fwd_flops(B, T, Hq, D):
+    return 2 * 2 * B * Hq * T * T * D / 2
+
+
+def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
+    dtype = jnp.bfloat16
+    q, k, v, do = inputs(B, T, Hq, Hkv, D, dtype)
+    freq = inv_freq(D)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    fl = causal_fwd_flops(B, T, Hq, D)
+    rows = []
+
+    def rope_outside(q, k):
+        cos, sin = rope_cos_sin(pos, freq)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    qr, kr = jax.jit(rope_outside)(q, k)
+
+    def cudnn(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    def cudnn_rope(q, k, v):
+        return cudnn(*rope_outside(q, k), v)
+
+    def ours(q, k, v):
+        return flash_attention(q, k, v, inv_freq=freq)
+
+    def ours_norope(q, k, v):
+        return flash_attention(q, k, v)
+
+    def reference(q, k, v):
+        return flash_attention_reference(q, k, v, inv_freq=freq)
+
+    def jax_mha():
+        from jax.experimental.pallas.ops.gpu import attention as jattn
+
+        rep = lambda x: jnp.repeat(x, Hq // Hkv, axis=2)  # noqa: E731
+        kk, vv = jax.jit(rep)(kr), jax.jit(rep)(v)
+
+        def f(q, k, v):
+            return jattn.mha(q, k, v, None, sm_scale=D ** -0.5, causal=True)
+        return f, (qr, kk, vv)
+
+    table = {
+        "ours (RoPE inside)": (ours, (q, k, v)),
+        "ours (no RoPE)": (ours_norope, (q, k, v)),
+        "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
+        "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
+        "XLA reference": (reference, (q, k, v)),
+        "jax pallas mha (pre-rot, K/V repeated)": "jax_mha",
+    }
+    for name, spec in table.items():
+        if impls is not None and name not in impls:
+            continue
+        if time.time() - T0 > ARGS.budget:
+            log(f"  (budget reached, skipping {name} T={T})")
+            continue
+        try:
+            fn, args = jax_mha() if spec == "jax_mha" else spec
+            f_ms = timeit(jax.jit(fn), *args)
+            fb_ms = timeit(fwd_bwd(fn), *args, do)
+        except Exception as e:
+            record_error(f"time_{name}_T{T}", e)
+            continue
+        row = dict(impl=name, T=T, B=B, fwd_ms=f_ms, fwdbwd_ms=fb_ms,
+                   fwd_tflops=fl / f_ms / 1e9, fwdbwd_tflops=3.5 * fl / fb_ms / 1e9)
+        rows.append(row)
+        log(f"  T={T:6d} B={B} {name:40s} fwd {f_ms:8.3f} ms {row['fwd_tflops']:6.0f} TF/s | "
+            f"fwd+bwd {fb_ms:8.3f} ms {row['fwdbwd_tflops']:6.0f} TF/s")
+    RESULTS.setdefault("timing", []).extend(rows)
+    return rows
+
+
+def sweep(T=8192, B=2, Hq=32, Hkv=8, D=128):
+    q, k, v, do = inputs(B, T, Hq, Hkv, D, jnp.bfloat16)
+    freq = inv_freq(D)
+    fl = causal_fwd_flops(B, T, Hq, D)
+    base = Tuning()
+    fwd_variants = {
+        "fwd 128x64 w8 s3 (default)": base,
+        "fwd 128x128 w8 s3": Tuning(fwd_k=128),
+        "fwd 128x64 w4 s3": Tuning(fwd_warps=4),
+        "fwd 64x64 w4 s4": Tuning(fwd_q=64, fwd_warps=4, fwd_stages=4),
+        "fwd 128x64 w8 s3 pack1": Tuning(pack=1),
+    }
+    bwd_variants = {
+        "bwd dq128x32w8 dkv64x64w4 s2 (default)": base,
+        "bwd dq64x64w4 dkv64x64w4 s2": Tuning(dq_q=64, dq_k=64, dq_warps=4),
+        "bwd dq128x64w8 dkv128x32w8 s2": Tuning(dq_k=64, dkv_k=128, dkv_q=32, dkv_warps=8),
+        "bwd dq128x32w8 dkv64x32w4 s3": Tuning(dkv_q=32, bwd_stages=3),
+        "bwd dq128x32w8 dkv128x64w8 s2": Tuning(dkv_k=128, dkv_warps=8),
+    }
+    for name, tn in fwd_variants.items():
+        if time.time() - T0 > ARGS.budget:
+            log(f"  (budget reached, skipping {name})")
+            continue
+        try:
+            ms = timeit(jax.jit(lambda q, k, v, tn=tn: flash_attention(q, k, v, inv_freq=freq,
+                                                                        tuning=tn)), q, k, v)
+            log(f"  sweep T={T} {name:40s} fwd {ms:8.3f} ms {fl / ms / 1e9:6.0f} TF/s")
+            RESULTS.setdefault("sweep", []).append(dict(variant=name, fwd_ms=ms))
+        except Exception as e:
+            record_error(f"sweep_{name}", e)
+    for name, tn in bwd_variants.items():
+        if time.time() - T0 > ARGS.budget:
+            log(f"  (budget reached, skipping {name})")
+            continue
+        try:
+            ms = timeit(fwd_bwd(lambda q, k, v, tn=tn: flash_attention(q, k, v, inv_freq=freq,
+                                                                        tuning=tn)), q, k, v, do)
+            log(f"  sweep T={T} {name:40s} fwd+bwd {ms:8.3f} ms {3.5 * fl / ms / 1e9:6.0f} TF/s")
+            RESULTS.setdefault("sweep", []).append(dict(variant=name, fwdbwd_ms=ms))
+        except Exception as e:
+            record_error(f"sweep_{name}", e)
+
+
+def main():
+    log(f"jax {jax.__version__} devices {jax.devices()} kind {jax.devices()[0].device_kind}")
+    RESULTS["env"] = dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
+                          date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    try:
+        ok = check_correctness()
+        log(f"correctness: {'ALL PASS' if ok else 'FAILURES'} ({time.time() - T0:.0f}s)")
+        for T, B in [(2048, 8), (8192, 2)]:
+            bench_shape(T, B)
+        if ARGS.sweep:
+            sweep()
+        if not ARGS.skip_32k:
+            bench_shape(32768, 1, impls=["ours (RoPE inside)", "cudnn (pre-rotated)",
+                                         "cudnn + XLA RoPE"])
+    finally:
+        with open(os.path.join(OUT, "bench_attention.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1)
+        log("\nsummary (median ms; TF/s causal, fwd+bwd = 3.5x fwd FLOPs)")
+        for r in RESULTS.get("timing", []):
+            log(f"T={r['T']:6d} B={r['B']} {r['impl']:40s} fwd {r['fwd_ms']:8.3f} "
+                f"({r['fwd_tflops']:4.0f}) fwd+bwd {r['fwdbwd_ms']:8.3f} ({r['fwdbwd_tflops']:4.0f})")
+        log(f"errors: {list(RESULTS['errors'])}  total {time.time() - T0:.0f}s")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--budget", type=float, default=250.0, help="seconds before skipping the rest")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false")
+    p.add_argument("--skip-32k", action="store_true")
+    ARGS = p.parse_args()
+    main()
