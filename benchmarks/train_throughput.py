@@ -1,0 +1,176 @@
+"""LoRA training throughput on Llama shapes (random weights and tokens), one config per process.
+
+    python benchmarks/train_throughput.py --matrix            # every shape x policy, prints a table
+    python benchmarks/train_throughput.py --shape llama-8b --policy full --batch 2   # one RESULT line
+
+Same setup as ../shared/bench (seq 2048, LoRA r=16 alpha=16 on all 7 projections, AdamW, bf16).
+MFU counts model FLOPs only: 4N per token for frozen-weight LoRA (forward 2N + input-gradient 2N,
+N = parameters in matmuls incl. lm_head) + attention (causal), over the bf16 matmul rate measured
+in the same process (8192^3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64,
+                     rope_parameters=LLAMA3_ROPE),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, head_dim=128,
+                     rope_parameters=dict(LLAMA3_ROPE, factor=8.0)),
+}
+DEFAULT_BATCH = {"llama-1b": 4, "llama-8b": 2}
+
+
+def matmul_tflops():
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(1), (8192, 8192), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * 8192 ** 3 / sorted(times)[len(times) // 2] / 1e12
+
+
+def model_flops_per_token(cfg, seq):
+    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    n_matmul = L * (H * q + 2 * H * kv + q * H + 3 * H * I) + H * cfg.vocab_size
+    attn_fwd = L * 2 * 2 * (seq / 2) * cfg.num_heads * cfg.head_dim
+    return 4 * n_matmul + 3 * attn_fwd
+
+
+def run_one(shape, policy, batch, seq, steps, warmup, quant):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from unsloth_jax.lora import add_lora
+    from unsloth_jax.models import Decoder, ModelConfig
+    from unsloth_jax.train.optim import make_optimizer
+    from unsloth_jax.train.step import init_state, make_train_step, split_model
+
+    hf = dict(SHAPES[shape], model_type="llama", rms_norm_eps=1e-5, max_position_embeddings=131072)
+    cfg = ModelConfig.from_hf(hf)
+    model = Decoder(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    if quant == "nf4":
+        from unsloth_jax.quant import quantize_nf4
+
+        for name, lin in model.layers.linears().items():
+            w = lin.kernel.value
+            parts = [quantize_nf4(jnp.asarray(w[i]).T) for i in range(w.shape[0])]
+            lin.kernel.value = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+            del w
+    add_lora(model, r=16, lora_alpha=16, use_gradient_checkpointing=policy)
+    model.training = True
+    split, params = split_model(model)
+    tx = make_optimizer(split.names, learning_rate=1e-4, total_steps=1000, warmup_steps=0)
+    state = init_state(params, tx, 0)
+    step = make_train_step(split, tx)
+    rng = np.random.default_rng(0)
+
+    def batch_of():
+        ids = rng.integers(0, cfg.vocab_size, (1, batch, seq)).astype(np.int32)
+        labels = np.concatenate([ids[..., 1:], np.full((1, batch, 1), -100, np.int32)], -1)
+        pos = np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()
+        return {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids), "positions": pos}
+
+    batches = [jax.device_put(batch_of()) for _ in range(2)]
+    t0 = time.perf_counter()
+    state, m = step(state, split.frozen, batches[0])
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for i in range(warmup):
+        state, m = step(state, split.frozen, batches[i % 2])
+    jax.block_until_ready(m)
+    times, losses = [], []
+    for i in range(steps):
+        t = time.perf_counter()
+        state, m = step(state, split.frozen, batches[i % 2])
+        losses.append(float(m["loss"]))  # syncs: one step = one timed unit
+        times.append(time.perf_counter() - t)
+    med = sorted(times)[len(times) // 2]
+    tokens = batch * seq
+    peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
+    peak_rate = matmul_tflops()
+    flops = model_flops_per_token(cfg, seq) * tokens / med
+    return {"impl": "unsloth_jax", "shape": shape, "quant": quant, "policy": model.remat_policy, "batch": batch,
+            "seq": seq, "tokens_per_s": tokens / med, "step_ms": med * 1e3, "peak_gib": peak / 2**30,
+            "mfu": flops / (peak_rate * 1e12), "model_tflops": flops / 1e12, "matmul_tflops": peak_rate,
+            "compile_s": compile_s, "loss_first": losses[0], "loss_last": losses[-1],
+            "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+            "kernels": os.environ.get("UNSLOTH_JAX_KERNELS", "default")}
+
+
+def matrix(args):
+    rows = []
+    for shape in args.shapes.split(","):
+        for policy in args.policies.split(","):
+            for quant in args.quants.split(","):
+                cmd = [sys.executable, __file__, "--shape", shape, "--policy", policy, "--quant", quant,
+                       "--batch", str(DEFAULT_BATCH[shape]), "--seq", str(args.seq), "--steps", str(args.steps)]
+                t = time.perf_counter()
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+                if lines:
+                    row = json.loads(lines[-1][7:])
+                else:
+                    err = (p.stderr.strip().splitlines() or ["?"])[-1][:200]
+                    row = {"shape": shape, "policy": policy, "quant": quant, "error": err}
+                row["wall_s"] = time.perf_counter() - t
+                rows.append(row)
+                print("RESULT " + json.dumps(row), flush=True)
+    print(f"\n{'shape':9} {'quant':5} {'policy':9} {'batch':>5} {'tok/s':>9} {'step ms':>8} {'peak GiB':>8} {'MFU':>6}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:9} {r['quant']:5} {r['policy']:9} ERROR {r['error']}")
+        else:
+            print(f"{r['shape']:9} {r['quant']:5} {r['policy']:9} {r['batch']:5d} {r['tokens_per_s']:9.0f} "
+                  f"{r['step_ms']:8.1f} {r['peak_gib']:8.2f} {r['mfu']:6.1%}")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--matrix", action="store_true", help="run shapes x policies x quants, one process each")
+    p.add_argument("--shapes", default="llama-1b,llama-8b")
+    p.add_argument("--policies", default="full,unsloth,selective,none")
+    p.add_argument("--quants", default="bf16")
+    p.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    p.add_argument("--policy", default="full", help="false|true|full|unsloth|selective|none")
+    p.add_argument("--quant", default="bf16", choices=["bf16", "nf4"])
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--timeout", type=int, default=240)
+    p.add_argument("--out", default=None, help="write the rows as JSONL here")
+    args = p.parse_args()
+    if args.matrix:
+        return matrix(args)
+    batch = args.batch or DEFAULT_BATCH[args.shape]
+    print("RESULT " + json.dumps(run_one(args.shape, args.policy, batch, args.seq, args.steps, args.warmup,
+                                         args.quant)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
