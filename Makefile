@@ -2,21 +2,28 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.installed-core
+TEST := $(VENV)/.installed-test
 
-.PHONY: test demo install clean
+.PHONY: test demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(CORE): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $(CORE)
+
+$(TEST): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
-	touch $(STAMP)
+	touch $(TEST) $(CORE)
 
-install: $(STAMP)
+# Fine-tune the embedded demo (configs/demo.yaml) end to end: data, LoRA, eval, PEFT export, sample.
+demo: $(CORE)
+	$(BIN)/python -m unsloth_jax.train
 
-test: $(STAMP)
+test: $(TEST)
 	$(BIN)/python -m pytest -n 2 tests
 
 clean:
