@@ -35,9 +35,9 @@ log = logging.getLogger("unsloth_jax")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-# PEFT's key for one LoRA matrix; older files may carry the adapter name ("default") before .weight.
+# PEFT's key for one LoRA matrix (files written without the base_model.model. prefix load too).
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+))"
-                       r"\.lora_([AB])(?:\.default)?\.weight$")
+                       r"\.lora_([AB])\.weight$")
 SAVE_METHODS = ("merged_16bit", "lora")
 # With tied embeddings and a trained embed_tokens, PEFT (ensure_weight_tying) wraps the tied lm_head
 # too and stores its own copy of the weight under this name.
@@ -295,8 +295,8 @@ def _check_targets(config: dict, lora: dict, num_layers: int, config_path: str):
                            f"cannot adapt; supported: {', '.join(PROJECTIONS)}.")
     if config.get("layers_to_transform") is not None:
         return
-    for name in targets:
-        missing = [i for i in range(num_layers) if name in PROJECTIONS and i not in lora.get(name, {})]
+    for name in (t for t in targets if t in PROJECTIONS):
+        missing = [i for i in range(num_layers) if i not in lora.get(name, {})]
         if missing:
             raise AdapterError(f"{config_path}: targets {name!r} but {ADAPTER_WEIGHTS} has no "
                                f"{PREFIX}{hf_module_path(name, missing[0])}.lora_A.weight; the adapter file "
@@ -306,10 +306,19 @@ def _check_targets(config: dict, lora: dict, num_layers: int, config_path: str):
 def load_adapter(model, adapter_dir):
     """Attach the PEFT LoRA adapter in `adapter_dir` (saved here or by peft in PyTorch) to a base
     model without adapters, in place; returns the model. Shapes, ranks and targets are checked
-    against the model (AdapterError names the tensor and both shapes)."""
-    from unsloth_jax.lora import add_lora
-
+    against the model before anything changes (AdapterError names the tensor and both shapes)."""
     adapter_dir = str(adapter_dir)
+    if adapted_linears(model) or getattr(model, "peft_config", None):
+        raise AdapterError(f"{adapter_dir}: the model already has LoRA adapters; load the adapter onto a fresh "
+                           f"base (FastLanguageModel.from_pretrained('{adapter_dir}') does both).")
+    config, projections, saved = read_adapter(model, adapter_dir)
+    _attach(model, config, projections, saved, os.path.join(adapter_dir, ADAPTER_CONFIG))
+    return model
+
+
+def read_adapter(model, adapter_dir: str):
+    """(config, {projection: (lora_a, lora_b, scale)}, {module_to_save: HF-layout weight}) read
+    from `adapter_dir` and checked against `model`, which is not modified."""
     config = read_adapter_config(adapter_dir)
     config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
@@ -317,9 +326,6 @@ def load_adapter(model, adapter_dir):
         legacy = " (found adapter_model.bin: re-save it with safe_serialization=True)" if os.path.isfile(
             os.path.join(adapter_dir, "adapter_model.bin")) else ""
         raise AdapterError(f"{weights_path}: missing{legacy}.")
-    if adapted_linears(model) or getattr(model, "peft_config", None):
-        raise AdapterError(f"{adapter_dir}: the model already has LoRA adapters; load the adapter onto a fresh "
-                           f"base (FastLanguageModel.from_pretrained('{adapter_dir}') does both).")
     file = SafetensorsFile(weights_path)
     lora, saved_keys = _group_adapter_keys(file.keys(), weights_path, model)
     if not lora:
@@ -327,33 +333,38 @@ def load_adapter(model, adapter_dir):
     _check_targets(config, lora, model.config.num_layers, config_path)
     # PEFT may list a module twice ('embed_tokens', 'model.embed_tokens'); the last name part is the module.
     modules_to_save = list(dict.fromkeys(m.rsplit(".", 1)[-1] for m in config.get("modules_to_save") or []))
-    savable = _savable_specs(model)
     _check_tied_head(file, saved_keys, modules_to_save)
+    savable = _savable_specs(model)
     for m in modules_to_save:
         if m not in savable or m not in saved_keys:
             raise AdapterError(f"{config_path}: modules_to_save lists {m!r} but {ADAPTER_WEIGHTS} has no "
                                f"{PREFIX}{savable[m].hf_name if m in savable else m} for this model.")
-
-    loaded = {name: _load_projection(file, config, name, getattr(model.layers, name), layers,
-                                     model.config.num_layers) for name, layers in lora.items()}
+    projections = {name: _load_projection(file, config, name, getattr(model.layers, name), layers,
+                                          model.config.num_layers) for name, layers in lora.items()}
     saved = {m: _read_checked(file, saved_keys[m], _hf_shape(model, savable[m]), f"{m} of the base model")
              for m in modules_to_save}
-    try:  # builds the LoRA structure (and marks what trains); the values are replaced below
+    return config, projections, saved
+
+
+def _attach(model, config: dict, projections: dict, saved: dict, config_path: str):
+    """Give the model LoRA structure with add_lora (targets, dropout, what trains), then the values."""
+    from unsloth_jax.lora import add_lora
+
+    try:
         add_lora(model, r=int(config["r"]), lora_alpha=config["lora_alpha"],
-                 lora_dropout=float(config.get("lora_dropout") or 0.0), target_modules=list(loaded),
-                 use_rslora=bool(config.get("use_rslora")), modules_to_save=modules_to_save,
+                 lora_dropout=float(config.get("lora_dropout") or 0.0), target_modules=list(projections),
+                 use_rslora=bool(config.get("use_rslora")), modules_to_save=list(saved),
                  use_gradient_checkpointing=getattr(model, "remat_policy", "none"))
     except ConfigError as e:
         raise AdapterError(f"{config_path}: {e}") from None
-    for name, (a, b, scale) in loaded.items():
+    for name, (a, b, scale) in projections.items():
         lin = getattr(model.layers, name)
         lin.lora_a.value = jnp.asarray(a)
         lin.lora_b.value = jnp.asarray(b)
         lin.lora_scale = float(scale)
     for m, value in saved.items():
-        var = getattr(model, savable[m].path[0])
-        var.value = jnp.asarray(value.T if savable[m].transpose else value, model.dtype)
-    return model
+        spec = _savable_specs(model)[m]
+        getattr(model, spec.path[0]).value = jnp.asarray(value.T if spec.transpose else value, model.dtype)
 
 
 def _check_tied_head(file: SafetensorsFile, saved_keys: dict, modules_to_save: list):
