@@ -68,13 +68,15 @@ def _attention_over_cache(cfg, q, k, v, mask):
 
 
 def forward_with_cache(model, token_ids, cache, write_index, positions, key_valid):
-    """Logits [B, T, V] of `token_ids` [B, T] placed at slots write_index.., plus the updated cache."""
+    """Next-token logits [B, V] after `token_ids` [B, T] placed at slots write_index.., plus the
+    updated cache. Only the last position goes through the head: a [B, T, V] prompt logit tensor
+    would be the largest array of a long prefill."""
     T = token_ids.shape[1]
     q_slots = write_index + jnp.arange(T)
     x = model.embed_tokens(token_ids)
     x, cache = run_layers(model.config, model.layers.arrays(model.config), model.layer_statics(), x,
                           cached_attend(write_index, q_slots, positions, key_valid), cache)
-    return model.logits(model.final_hidden(x)), cache
+    return model.logits(model.final_hidden(x[:, -1:]))[:, 0], cache
 
 
 def init_cache(cfg, batch: int, length: int, dtype) -> dict:
@@ -120,7 +122,7 @@ def _generate_jit(model, input_ids, attention_mask, eos_ids, pad_token_id, rng, 
 
     cache = init_cache(model.config, B, T + max_new_tokens, model.dtype)
     logits, cache = forward_with_cache(model, input_ids, cache, 0, prompt_positions, key_valid)
-    first = pick(logits[:, -1], jax.random.fold_in(rng, 0))
+    first = pick(logits, jax.random.fold_in(rng, 0))
     out = jnp.concatenate([input_ids.astype(jnp.int32),
                            jnp.full((B, max_new_tokens), pad_token_id, jnp.int32)], axis=1)
     out = out.at[:, T].set(first)
@@ -134,7 +136,7 @@ def _generate_jit(model, input_ids, attention_mask, eos_ids, pad_token_id, rng, 
         out, cache, n, done = carry
         prev = jax.lax.dynamic_slice_in_dim(out, T + n - 1, 1, axis=1)
         logits, cache = forward_with_cache(model, prev, cache, T + n - 1, (real_len + n - 1)[:, None], key_valid)
-        token = pick(logits[:, -1], jax.random.fold_in(rng, n))
+        token = pick(logits, jax.random.fold_in(rng, n))
         token = jnp.where(done, pad_token_id, token)  # finished rows are padded, as in HF
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], T + n, axis=1)
         return out, cache, n + 1, done | jnp.isin(token, eos_ids)
