@@ -42,19 +42,24 @@ class TileConfig:
     """Tile sizes (powers of two, for Triton) and launch parameters of one kernel launch.
 
     block_m/block_n/block_k: tile of the output rows / output columns / reduction.
-    split_k: programs sharing one output tile's reduction (fp32 partials, summed after).
+    split_k: programs sharing one output tile's reduction (fp32 partials, summed after);
+      0 = automatic: split only while there are fewer than two output tiles per SM.
     group_m: output-row tiles visited together, so neighbouring programs share weight tiles in L2.
     decode: how a 4-bit code becomes its NF4 value: "select" (a 4-level select tree in registers)
       or "gather" (a load from the 16-entry table, which stays in L1).
+    weight_lhs: make the decoded weight tile the left MMA operand (the transposed product is
+      accumulated): on Hopper a left operand can come straight from registers, a right one must
+      go through shared memory.
     """
     block_m: int = 64
     block_n: int = 64
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    split_k: int = 1
+    split_k: int = 0
     group_m: int = 8
-    decode: str = "select"
+    decode: str = "gather"
+    weight_lhs: bool = True
 
 
 # ---- reference ---------------------------------------------------------------------------------
@@ -145,6 +150,13 @@ def _dot(a, b_t, dtype):
                                preferred_element_type=jnp.float32)
 
 
+def _dot_tn(a, b, dtype):
+    """a[k, m].T @ b[n, k].T = (b @ a).T: the transposed product with a as the left operand."""
+    prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, (((0,), (1,)), ((), ())), precision=prec,
+                               preferred_element_type=jnp.float32)
+
+
 def _dot_nn(a, b, dtype):
     prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=prec,
@@ -196,10 +208,13 @@ def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
             xt = jnp.where((kk < k)[None, :], xt, 0).astype(dtype)
         wt = tile(w_ref, scale_refs, table_ref, cols, k0, bk, bs=bs, k_total=k,
                   double_quant=double_quant, decode=cfg.decode, dtype=dtype)
+        if cfg.weight_lhs:  # acc = (x W^T)^T = W x^T, [bn, bm]
+            return acc + _dot(wt, xt, dtype)
         return acc + _dot(xt, wt, dtype)
 
-    acc = _reduce(body, pl.cdiv(k, bk), cfg.split_k, (bm, bn))
-    _store(o_ref, acc, rows, tn * bn, bn, n, cfg.split_k)
+    shape = (bn, bm) if cfg.weight_lhs else (bm, bn)
+    acc = _reduce(body, pl.cdiv(k, bk), cfg.split_k, shape)
+    _store(o_ref, acc.T if cfg.weight_lhs else acc, rows, tn * bn, bn, n, cfg.split_k)
 
 
 def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
@@ -223,10 +238,13 @@ def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
             dyt = jnp.where((nn < n)[None, :], dy_ref[rows[:, None], wrows[None, :]], 0).astype(dtype)
         wt = tile(w_ref, scale_refs, table_ref, wrows, k0, bk, bs=bs, k_total=k,
                   double_quant=double_quant, decode=cfg.decode, dtype=dtype)
+        if cfg.weight_lhs:  # acc = (dy W)^T = W^T dy^T, [bk, bm]
+            return acc + _dot_tn(wt, dyt, dtype)
         return acc + _dot_nn(dyt, wt, dtype)
 
-    acc = _reduce(body, pl.cdiv(n, bn), cfg.split_k, (bm, bk))
-    _store(o_ref, acc, rows, k0, bk, k, cfg.split_k)
+    shape = (bk, bm) if cfg.weight_lhs else (bm, bk)
+    acc = _reduce(body, pl.cdiv(n, bn), cfg.split_k, shape)
+    _store(o_ref, acc.T if cfg.weight_lhs else acc, rows, k0, bk, k, cfg.split_k)
 
 
 # ---- launch ----------------------------------------------------------------------------------------
@@ -253,12 +271,15 @@ def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: in
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8 if wide == 4 else 4, 3
     bn = min(bn, _pow2_at_most(n_out, bn))
-    tiles = pl.cdiv(m, bm) * pl.cdiv(n_out, bn)
-    steps = pl.cdiv(n_red, bk)
+    return TileConfig(bm, bn, bk, warps, stages, 0, 8, "gather", True)
+
+
+def _auto_split(tiles: int, steps: int) -> int:
+    """Split the reduction (powers of two, >= 2 steps each) until every SM has ~2 programs."""
     split = 1
-    while tiles * split < 2 * _num_sms() and split * 2 <= steps // 2 and m <= 128:
+    while tiles * split < 2 * _num_sms() and split * 2 <= steps // 2:
         split *= 2
-    return TileConfig(bm, bn, bk, warps, stages, split, 8, "select")
+    return split
 
 
 def _fit_block_k(cfg: TileConfig, k: int, bs: int, aligned: bool) -> TileConfig:
@@ -297,8 +318,11 @@ def _launch(kernel, a, q, out_cols, red, cfg, interpret, out_dtype):
     n, k, bs = q.shape[0], q.shape[1], q.blocksize
     aligned = k % bs == 0
     cfg = _fit_block_k(cfg, k, bs, aligned)
+    out_tile = cfg.block_k if kernel is _dx_kernel else cfg.block_n
     steps = pl.cdiv(red, cfg.block_n if kernel is _dx_kernel else cfg.block_k)
-    split = max(1, min(cfg.split_k, steps))
+    tiles = pl.cdiv(m, cfg.block_m) * pl.cdiv(out_cols, out_tile)
+    split = cfg.split_k or _auto_split(tiles, steps)
+    split = max(1, min(split, steps))
     while steps % split:
         split -= 1
     if split != cfg.split_k:
@@ -306,7 +330,6 @@ def _launch(kernel, a, q, out_cols, red, cfg, interpret, out_dtype):
     w = q.packed.reshape(n, k // 2) if aligned else q.packed
     table = jnp.asarray(NF4_CODE)
     operands = [a, w, *_scale_operands(q, aligned, k), table]
-    out_tile = cfg.block_k if kernel is _dx_kernel else cfg.block_n
     grid = (pl.cdiv(m, cfg.block_m) * pl.cdiv(out_cols, out_tile), cfg.split_k)
     if cfg.split_k > 1:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, out_cols), jnp.float32)

@@ -9,10 +9,11 @@ from unsloth_jax.quant import quantize_nf4, stack_nf4
 
 T = K.TileConfig
 CASES = [
-    # (M, N, K, dtype, double_quant, tiles): ragged M/N, K % 64 != 0, split-K, both decoders
-    (20, 40, 128, jnp.float32, True, T(16, 16, 64, 4, 2, 1, 2, "select")),
+    # (M, N, K, dtype, double_quant, tiles): ragged M/N, K % 64 != 0, split-K, both decoders,
+    # the weight as left or right MMA operand
+    (20, 40, 128, jnp.float32, True, T(16, 16, 64, 4, 2, 1, 2, "select", False)),
     (20, 40, 128, jnp.bfloat16, True, T(16, 16, 64, 4, 2, 1, 2, "gather")),
-    (5, 33, 96, jnp.float32, True, T(16, 16, 64, 4, 2, 1, 2, "select")),       # blocks straddle rows
+    (5, 33, 96, jnp.float32, True, T(16, 16, 64, 4, 2, 1, 2, "select", False)),  # blocks straddle rows
     (17, 48, 256, jnp.bfloat16, True, T(16, 16, 128, 4, 2, 2, 2, "select")),   # split-K, 2 blocks a tile
     (3, 48, 192, jnp.float32, False, T(16, 16, 64, 4, 2, 1, 2, "gather")),     # fp32 absmax
 ]
@@ -92,6 +93,6 @@ def test_default_config_is_valid(m, n, k):
         cfg = K.default_config(m, out, red)
         for b in (cfg.block_m, cfg.block_n, cfg.block_k):
             assert b >= 16 and b & (b - 1) == 0
-        assert cfg.split_k >= 1 and cfg.decode in ("select", "gather")
+        assert cfg.split_k >= 0 and cfg.decode in ("select", "gather")
         if m <= 16:
             assert cfg.block_m == 16
