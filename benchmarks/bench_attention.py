@@ -216,18 +216,21 @@ def sweep(T=8192, B=2, Hq=32, Hkv=8, D=128):
     fl = causal_fwd_flops(B, T, Hq, D)
     base = Tuning()
     fwd_variants = {
-        "fwd 128x64 w8 s3 (default)": base,
-        "fwd 128x128 w8 s3": Tuning(fwd_k=128),
-        "fwd 128x64 w4 s3": Tuning(fwd_warps=4),
-        "fwd 64x64 w4 s4": Tuning(fwd_q=64, fwd_warps=4, fwd_stages=4),
-        "fwd 128x64 w8 s3 pack1": Tuning(pack=1),
+        "fwd 128x64 w8 s3 (default, fp16 tables)": base,
+        "fwd 128x64 w8 s3 fp32 tables": Tuning(rope_table_dtype="float32"),
+        "fwd 128x64 w8 s2": Tuning(fwd_stages=2),
+        "fwd 128x32 w8 s4": Tuning(fwd_k=32, fwd_stages=4),
+        "fwd 128x128 w8 s2": Tuning(fwd_k=128, fwd_stages=2),
+        "fwd 256x32 w8 s2": Tuning(fwd_q=256, fwd_k=32, fwd_stages=2),
+        "fwd 256x64 w16 s2": Tuning(fwd_q=256, fwd_warps=16, fwd_stages=2),
     }
     bwd_variants = {
         "bwd dq128x32w8 dkv64x64w4 s2 (default)": base,
-        "bwd dq64x64w4 dkv64x64w4 s2": Tuning(dq_q=64, dq_k=64, dq_warps=4),
-        "bwd dq128x64w8 dkv128x32w8 s2": Tuning(dq_k=64, dkv_k=128, dkv_q=32, dkv_warps=8),
+        "bwd default, fp32 tables": Tuning(rope_table_dtype="float32"),
         "bwd dq128x32w8 dkv64x32w4 s3": Tuning(dkv_q=32, bwd_stages=3),
-        "bwd dq128x32w8 dkv128x64w8 s2": Tuning(dkv_k=128, dkv_warps=8),
+        "bwd dq128x32w8 dkv128x32w8 s3": Tuning(dkv_k=128, dkv_q=32, dkv_warps=8, bwd_stages=3),
+        "bwd dq256x32w8 dkv128x64w8 s2": Tuning(dq_q=256, dkv_k=128, dkv_warps=8),
+        "bwd dq128x64w8 dkv64x64w4 s3": Tuning(dq_k=64, bwd_stages=3),
     }
     for name, tn in fwd_variants.items():
         if time.time() - T0 > ARGS.budget:

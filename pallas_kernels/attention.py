@@ -123,15 +123,20 @@ class Tuning:
     dkv_warps: int = 4
     bwd_stages: int = 2
     pack: int | None = None
+    # Storage of the RoPE cos/sin tables for 16-bit inputs. The kernels stream a table tile
+    # with every K (or Q) tile, so float16 halves those bytes; its rounding (2^-12 absolute)
+    # is far below the bf16 rounding of the rotated q/k. float32 inputs always use float32.
+    rope_table_dtype: str = "float16"
 
 
-def default_tuning(head_dim_padded: int) -> Tuning:
+def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
+    if itemsize > 2 or head_dim_padded > 128:
+        # float32 tiles or D=256: a quarter of the shared memory per pipeline stage.
+        return Tuning(fwd_q=64, fwd_k=32, fwd_warps=4, fwd_stages=2, dq_q=64, dq_k=32,
+                      dq_warps=4, dkv_k=32, dkv_q=32)
     if head_dim_padded <= 64:
         return Tuning(fwd_warps=4, dq_warps=4)
-    if head_dim_padded <= 128:
-        return Tuning()
-    return Tuning(fwd_q=64, fwd_k=32, fwd_warps=4, fwd_stages=2, dq_q=64, dq_k=32,
-                  dq_warps=4, dkv_k=32, dkv_q=32)
+    return Tuning()
 
 
 _BLOCK_FIELDS = ("fwd_q", "fwd_k", "dq_q", "dq_k", "dkv_k", "dkv_q")
@@ -290,8 +295,8 @@ class _Tile:
     def __init__(self, r, start, n, cfg, pack=1):
         rows = pl.ds(pl.multiple_of(start, n), n)
         self.rows = rows
-        self.cos = r["cos"][rows, :] if cfg.rope else None
-        self.sin = r["sin"][rows, :] if cfg.rope else None
+        self.cos = r["cos"][rows, :].astype(jnp.float32) if cfg.rope else None
+        self.sin = r["sin"][rows, :].astype(jnp.float32) if cfg.rope else None
         self.idx = _per_row(start + jnp.arange(n), pack)
         self.seg = _per_row(r["seg"][rows], pack) if cfg.has_segments else None
 
@@ -673,8 +678,8 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _resolve_tuning(T, P, G, tuning, block_q, block_k):
-    tn = tuning or default_tuning(P)
+def _resolve_tuning(T, P, G, itemsize, tuning, block_q, block_k):
+    tn = tuning or default_tuning(P, itemsize)
     if block_q is not None or block_k is not None:
         bq, bk = block_q or block_k, block_k or block_q
         tn = dataclasses.replace(tn, fwd_q=bq, fwd_k=bk, dq_q=bq, dq_k=bk, dkv_q=bq, dkv_k=bk)
@@ -717,7 +722,7 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
         raise ValueError(f"flash_attention: bad shapes q={q.shape} k={k.shape} v={v.shape}")
     P = max(32, _next_pow2(D))
     G = Hq // Hkv
-    tn, Tp = _resolve_tuning(T, P, G, tuning, block_q, block_k)
+    tn, Tp = _resolve_tuning(T, P, G, jnp.dtype(q.dtype).itemsize, tuning, block_q, block_k)
     cfg = _Cfg(seq_len=T, seq_pad=Tp, head_dim=D, head_pad=P, num_groups=G, pack=tn.pack,
                causal=bool(causal), has_window=sliding_window is not None,
                has_segments=segment_ids is not None, rope=inv_freq is not None,
@@ -732,7 +737,8 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
         pos = _pad_rows(pos, cfg)
         freq = jnp.pad(inv_freq.astype(jnp.float32), (0, P // 2 - D // 2))
         angles = pos.astype(jnp.float32)[..., None] * freq  # same arithmetic as rope_cos_sin
-        aux["cos"], aux["sin"] = jnp.cos(angles), jnp.sin(angles)
+        table = jnp.float32 if jnp.dtype(q.dtype).itemsize > 2 else jnp.dtype(tn.rope_table_dtype)
+        aux["cos"], aux["sin"] = jnp.cos(angles).astype(table), jnp.sin(angles).astype(table)
     if cfg.has_segments:
         aux["seg"] = _pad_rows(segment_ids.astype(jnp.int32), cfg, _PAD_SEGMENT)
     return _flash(cfg, q, k, v, aux)
