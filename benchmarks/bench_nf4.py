@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ from unsloth_jax.quant import dequantize_nf4, nf4_nbytes, quantize_nf4
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]  # (out N, in K) of Llama-3.1-8B
 MS = [1, 16, 2048, 8192]
-L2_DEFEAT_BYTES = 256 << 20
+L2_DEFEAT_BYTES = 160 << 20  # > 3x the H100's 50 MB L2
 INTERPRET = False  # --interpret: a CPU dry run of this script (tiny shapes), not a benchmark
 
 
@@ -87,15 +88,34 @@ def op_bf16_dx(dy, w):
     return jnp.dot(dy, w)
 
 
-def time_op(op, a, weights, rounds=5, inner=4):
-    """Seconds per op: `op(a, w)` for every w in `weights` inside one jit, median over rounds."""
-    run = jax.jit(lambda a, ws: [op(a, w) for w in ws])
-    jax.block_until_ready(run(a, weights))
+def compile_all(jobs, workers=None):
+    """{key: (op, a_spec, w_specs)} -> {key: executable or the exception}. Each job is
+    `[op(a, w) for w in ws]` in one jit. Lowering runs here, XLA/Triton compilation in parallel
+    threads (it releases the GIL), so a table of ~100 executables compiles in seconds."""
+    lowered, out = {}, {}
+    for key, (op, a_spec, w_specs) in jobs.items():
+        try:
+            lowered[key] = jax.jit(lambda a, ws, op=op: [op(a, w) for w in ws]).lower(a_spec, w_specs)
+        except Exception as e:  # noqa: BLE001 - a config that does not lower is reported
+            out[key] = e
+    with ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 4)) as ex:
+        futs = {key: ex.submit(low.compile) for key, low in lowered.items()}
+        for key, fut in futs.items():
+            try:
+                out[key] = fut.result()
+            except Exception as e:  # noqa: BLE001
+                out[key] = e
+    return out
+
+
+def time_exe(exe, a, weights, rounds=5, inner=4):
+    """Seconds per op of a `build` executable: calls dispatched back to back, median round / L."""
+    jax.block_until_ready(exe(a, weights))
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(inner):
-            out = run(a, weights)
+            out = exe(a, weights)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times) / len(weights)
@@ -103,25 +123,24 @@ def time_op(op, a, weights, rounds=5, inner=4):
 
 # ---- data -------------------------------------------------------------------------------------
 
-_CACHE = {}
+def nf4_spec(n, k):
+    return jax.eval_shape(lambda w: quantize_nf4(w, record_dtype="bfloat16"),
+                          jax.ShapeDtypeStruct((n, k), jnp.float32))
 
 
-def weights_for(n, k, kind, copies):
-    """`copies` distinct device buffers of one random weight: bf16 [n, k] or its NF4Tensor."""
-    key = (n, k, kind, copies)
-    if key not in _CACHE:
-        _CACHE.clear()  # keep at most one shape's copies on the device
-        w = jax.random.normal(jax.random.PRNGKey(n * 7 + k), (n, k), jnp.float32) * 0.02
-        base = quantize_nf4(w, record_dtype="bfloat16") if kind == "nf4" else w.astype(jnp.bfloat16)
-        _CACHE[key] = [jax.tree.map(lambda a: jnp.array(a, copy=True), base) for _ in range(copies)]
-        jax.block_until_ready(_CACHE[key])
-    return _CACHE[key]
+def make_weights(n, k, kind, copies):
+    """`copies` distinct device buffers of one random weight: bf16 [n, k] or its NF4Tensor
+    (distinct buffers, so that repeated ops stream from HBM rather than L2)."""
+    w = jax.random.normal(jax.random.PRNGKey(n * 7 + k), (n, k), jnp.float32) * 0.02
+    base = quantize_nf4(w, record_dtype="bfloat16") if kind == "nf4" else w.astype(jnp.bfloat16)
+    ws = [jax.tree.map(lambda a: jnp.array(a, copy=True), base) for _ in range(copies)]
+    return jax.block_until_ready(ws)
 
 
 def n_copies(bytes_one, m):
     if m > 256:  # compute bound: the cache hardly matters, a few copies amortize dispatch
         return 4
-    return int(min(32, max(4, math.ceil(L2_DEFEAT_BYTES / bytes_one))))
+    return int(min(20, max(4, math.ceil(L2_DEFEAT_BYTES / bytes_one))))
 
 
 def rand(shape, seed, dtype=jnp.bfloat16):
@@ -213,11 +232,15 @@ def sweep_configs(m, direction):
     if m <= 16:
         return [T(16, 64, 128, 4, 4, 0, 8, "gather", True), T(16, 64, 128, 4, 4, 0, 8, "select", True),
                 T(16, 128, 128, 4, 4, 0, 8, "gather", True), T(16, 64, 256, 4, 3, 0, 8, "gather", True),
-                T(16, 128, 256, 8, 3, 0, 8, "gather", True), T(16, 64, 128, 4, 4, 0, 8, "gather", False)]
+                T(16, 128, 256, 8, 3, 0, 8, "gather", True), T(16, 64, 128, 4, 4, 0, 8, "gather", False),
+                T(16, 32, 256, 4, 4, 0, 8, "gather", True), T(16, 256, 128, 8, 3, 0, 8, "gather", True),
+                T(16, 64, 512, 4, 3, 0, 8, "gather", True)]
     return [T(128, 128, 64, 8, 3, 1, 8, "gather", True), T(128, 128, 64, 8, 3, 1, 8, "select", True),
             T(128, 128, 64, 8, 3, 1, 8, "gather", False), T(128, 256, 64, 8, 3, 1, 8, "gather", True),
             T(256, 128, 64, 8, 3, 1, 8, "gather", True), T(128, 128, 128, 8, 3, 1, 8, "gather", True),
-            T(64, 128, 64, 4, 4, 1, 8, "gather", True)]
+            T(64, 128, 64, 4, 4, 1, 8, "gather", True), T(128, 128, 64, 4, 3, 1, 8, "gather", True),
+            T(128, 128, 64, 8, 4, 1, 8, "gather", True), T(128, 64, 128, 4, 3, 1, 8, "gather", True),
+            T(256, 128, 64, 8, 3, 1, 8, "select", True)]
 
 
 def nf4_nbytes_est(n, k):
@@ -225,11 +248,52 @@ def nf4_nbytes_est(n, k):
     return n * k // 2 + nb + 4 * (-(-nb // 256)) + 1024 + 4
 
 
+def phase_sweep(budget, results, n=14336, k=4096, ms=(1, 2048)):
+    """Time each candidate config (and check its output against the reference) on one shape."""
+    jobs, refs = {}, {}
+    for m in ms:
+        for direction in ("fwd", "dx"):
+            copies = n_copies(nf4_nbytes_est(n, k), m)
+            a_spec = jax.ShapeDtypeStruct((m, k if direction == "fwd" else n), jnp.bfloat16)
+            w_specs = [nf4_spec(n, k)] * copies
+            for i, cfg in enumerate(sweep_configs(m, direction)):
+                op = op_nf4_fwd(cfg) if direction == "fwd" else op_nf4_dx(cfg)
+                jobs[(m, direction, i)] = (op, a_spec, w_specs)
+            refs[(m, direction)] = (op_xla_dq_fwd if direction == "fwd" else op_xla_dq_dx, a_spec, w_specs[:1])
+    t0 = time.time()
+    exes = compile_all({**jobs, **{("ref",) + key: job for key, job in refs.items()}})
+    log(f"sweep: compiled {len(exes)} executables in {time.time() - t0:.1f}s")
+    rows = []
+    qs = make_weights(n, k, "nf4", max(n_copies(nf4_nbytes_est(n, k), m) for m in ms))
+    for m in ms:
+        for direction in ("fwd", "dx"):
+            copies = n_copies(nf4_nbytes_est(n, k), m)
+            a = rand((m, k if direction == "fwd" else n), 7 + m)
+            ref_exe = exes[("ref", m, direction)]
+            ref = None if isinstance(ref_exe, Exception) else ref_exe(a, qs[:1])[0]
+            for i, cfg in enumerate(sweep_configs(m, direction)):
+                if not budget.ok(60):
+                    log("sweep: budget exhausted"); results["sweep"] = rows; return
+                exe = exes[(m, direction, i)]
+                row = dict(m=m, n=n, k=k, dir=direction, cfg=dataclasses.asdict(cfg))
+                try:
+                    if isinstance(exe, Exception):
+                        raise exe
+                    err = rel_err(exe(a, qs[:copies])[0], ref) if ref is not None else float("nan")
+                    row.update(ms=time_exe(exe, a, qs[:copies]) * 1e3, err=err, ok=bool(err < 2e-2))
+                    log(f"sweep M={m:5d} {direction:3s} {row['ms']:8.3f} ms err={err:.1e} {cfg}")
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = repr(e)[:300]
+                    log(f"sweep M={m} {direction} ERROR {cfg}: {repr(e)[:300]}")
+                rows.append(row)
+    results["sweep"] = rows
+
+
 def best_from_sweep(results):
-    """{(m_class, dir): TileConfig} of the fastest sweep entry, m_class 'small' (<=16) or 'large'."""
+    """{(m_class, dir): TileConfig} of the fastest correct sweep entry ('small' M <= 16, 'large')."""
     best = {}
     for r in results.get("sweep", []):
-        if "ms" not in r:
+        if "ms" not in r or not r.get("ok", False):
             continue
         key = ("small" if r["m"] <= 16 else "large", r["dir"])
         if key not in best or r["ms"] < best[key][0]:
@@ -238,29 +302,49 @@ def best_from_sweep(results):
 
 
 def phase_table(budget, results, shapes, ms, tuned):
-    rows = []
-    for m in ms:
-        for (n, k) in shapes:
+    """Every (shape, M, direction): the NF4 kernel, XLA dequantize-then-matmul, plain bf16."""
+    def cfg_for(m, direction):
+        return tuned.get(("small" if m <= 16 else "large", direction))
+
+    jobs = {}
+    for (n, k) in shapes:
+        for m in ms:
             for direction in ("fwd", "dx"):
-                if not budget.ok(30):
-                    log("table: budget exhausted"); results["table"] = rows; return
-                out, red = (n, k) if direction == "fwd" else (k, n)
-                cfg = tuned.get(("small" if m <= 16 else "large", direction))
-                a = rand((m, k if direction == "fwd" else n), m + n + k)
-                row = dict(m=m, n=n, k=k, dir=direction, cfg=str(cfg or K.default_config(m, out, red)))
+                a_spec = jax.ShapeDtypeStruct((m, k if direction == "fwd" else n), jnp.bfloat16)
+                nf4s = [nf4_spec(n, k)] * n_copies(nf4_nbytes_est(n, k), m)
+                bf16s = [jax.ShapeDtypeStruct((n, k), jnp.bfloat16)] * n_copies(2 * n * k, m)
+                cfg = cfg_for(m, direction)
+                fwd = direction == "fwd"
+                jobs[(n, k, m, direction, "nf4")] = (op_nf4_fwd(cfg) if fwd else op_nf4_dx(cfg), a_spec, nf4s)
+                jobs[(n, k, m, direction, "xla_dq")] = (op_xla_dq_fwd if fwd else op_xla_dq_dx, a_spec, nf4s)
+                jobs[(n, k, m, direction, "bf16")] = (op_bf16_fwd if fwd else op_bf16_dx, a_spec, bf16s)
+    t0 = time.time()
+    exes = compile_all(jobs)
+    log(f"table: compiled {len(exes)} executables in {time.time() - t0:.1f}s")
+    rows = []
+    for (n, k) in shapes:
+        if not budget.ok(20):
+            log("table: budget exhausted"); break
+        qs = make_weights(n, k, "nf4", max(n_copies(nf4_nbytes_est(n, k), m) for m in ms))
+        ws = make_weights(n, k, "bf16", max(n_copies(2 * n * k, m) for m in ms))
+        q_bytes = nf4_nbytes(qs[0])
+        for m in ms:
+            for direction in ("fwd", "dx"):
+                if not budget.ok(10):
+                    log("table: budget exhausted"); break
+                fwd = direction == "fwd"
+                out, red = (n, k) if fwd else (k, n)
+                cfg = cfg_for(m, direction) or K.default_config(m, out, red)
+                row = dict(m=m, n=n, k=k, dir=direction, cfg=str(cfg))
+                a = rand((m, k if fwd else n), m + n + k)
                 try:
-                    qs = weights_for(n, k, "nf4", n_copies(nf4_nbytes_est(n, k), m))
-                    nf4_op = op_nf4_fwd(cfg) if direction == "fwd" else op_nf4_dx(cfg)
-                    row["nf4_ms"] = time_op(nf4_op, a, qs) * 1e3
-                    row["xla_dq_ms"] = time_op(op_xla_dq_fwd if direction == "fwd" else op_xla_dq_dx, a, qs) * 1e3
-                    q_bytes = nf4_nbytes(qs[0])
-                    del qs
-                    ws = weights_for(n, k, "bf16", n_copies(2 * n * k, m))
-                    row["bf16_ms"] = time_op(op_bf16_fwd if direction == "fwd" else op_bf16_dx, a, ws) * 1e3
-                    del ws
-                    _CACHE.clear()
-                    flops = 2.0 * m * n * k
-                    io = 2 * m * (n + k)
+                    for method, weights in (("nf4", qs), ("xla_dq", qs), ("bf16", ws)):
+                        exe = exes[(n, k, m, direction, method)]
+                        if isinstance(exe, Exception):
+                            raise exe
+                        copies = n_copies(nf4_nbytes_est(n, k) if method != "bf16" else 2 * n * k, m)
+                        row[f"{method}_ms"] = time_exe(exe, a, weights[:copies]) * 1e3
+                    flops, io = 2.0 * m * n * k, 2 * m * (n + k)
                     row["nf4_tflops"] = flops / row["nf4_ms"] / 1e9
                     row["bf16_tflops"] = flops / row["bf16_ms"] / 1e9
                     row["nf4_gbs"] = (q_bytes + io) / row["nf4_ms"] / 1e6
@@ -271,8 +355,8 @@ def phase_table(budget, results, shapes, ms, tuned):
                 except Exception as e:  # noqa: BLE001
                     row["error"] = repr(e)[:300]
                     log(f"table M={m} {n}x{k} {direction} ERROR {repr(e)[:300]}")
-                    _CACHE.clear()
                 rows.append(row)
+        del qs, ws
     results["table"] = rows
 
 
@@ -339,6 +423,12 @@ def main():
         for r in results["table"]:
             if "nf4_ms" in r:
                 log(fmt_row(r))
+        small = [r["speedup_vs_bf16"] for r in results["table"] if "nf4_ms" in r and r["m"] <= 16]
+        large = [r["speedup_vs_bf16"] for r in results["table"] if "nf4_ms" in r and r["m"] >= 2048]
+        if small:
+            log(f"targets: M<=16 faster than bf16 in {sum(v > 1 for v in small)}/{len(small)} rows "
+                f"(min {min(small):.2f}x); M>=2048 at >=0.9x bf16 in {sum(v >= 0.9 for v in large)}/{len(large)} "
+                f"rows (min {min(large) if large else float('nan'):.2f}x)")
     log(f"# done, {budget.left():.0f}s of budget left")
 
 
