@@ -22,6 +22,7 @@ from flax import nnx
 from converters.safetensors_io import SafetensorsFile, write_safetensors
 from unsloth_jax.errors import CheckpointError
 from unsloth_jax.models import Decoder, ModelConfig
+from unsloth_jax.quant import from_bnb_tensors, is_bnb_4bit, stack_nf4, to_bnb_tensors
 
 INDEX_FILE = "model.safetensors.index.json"
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -144,6 +145,9 @@ class CheckpointReader:
     def __contains__(self, name):
         return name in self.location
 
+    def __getitem__(self, name) -> np.ndarray:
+        return self.file(name).get(name)
+
     def get(self, name: str, expected_shape: tuple) -> np.ndarray:
         if name not in self.location:
             raise CheckpointError(f"{self.model_dir}: checkpoint is missing weight {name!r} "
@@ -190,9 +194,12 @@ def load_decoder(model_dir: str, dtype=jnp.float32, *, quantize: Optional[Callab
         target = var.value  # ShapeDtypeStruct of the stacked (or single) parameter
         per_shape = target.shape[1:] if spec.stacked else target.shape
         hf_shape = tuple(reversed(per_shape)) if spec.transpose else tuple(per_shape)
+        if spec.stacked and is_bnb_4bit(_module_of(spec.hf_name.format(i=0)), reader):
+            var.value = stack_nf4(_read_bnb(reader, spec, cfg, hf_shape))  # pre-quantized: used as is
+            continue
         if spec.stacked and quantize is not None and quantize_filter(spec):
             parts = [quantize(np.asarray(reader.get(n, hf_shape), np.float32)) for n in spec.hf_names(cfg.num_layers)]
-            var.value = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+            var.value = stack_nf4(parts)
             continue
         if spec.stacked:
             buf = jnp.zeros(target.shape, target.dtype)
@@ -202,6 +209,21 @@ def load_decoder(model_dir: str, dtype=jnp.float32, *, quantize: Optional[Callab
         else:
             var.value = jnp.asarray(_to_ours(reader.get(spec.hf_name, hf_shape), spec, target.dtype))
     return model
+
+
+def _module_of(weight_name: str) -> str:
+    return weight_name[: -len(".weight")]
+
+
+def _read_bnb(reader: CheckpointReader, spec: ParamSpec, cfg: ModelConfig, hf_shape: tuple) -> list:
+    parts = []
+    for name in spec.hf_names(cfg.num_layers):
+        q = from_bnb_tensors(_module_of(name), reader)
+        if tuple(q.shape) != tuple(hf_shape):
+            raise CheckpointError(f"{reader.location[name]}: 4-bit tensor {name!r} has shape {list(q.shape)}, "
+                                  f"expected {list(hf_shape)} from config.json.")
+        parts.append(q)
+    return parts
 
 
 def _to_ours(arr: np.ndarray, spec: ParamSpec, dtype) -> np.ndarray:
@@ -223,14 +245,20 @@ def parse_size(size) -> int:
 
 
 def export_tensors(model: Decoder, weight_fn: Optional[Callable] = None):
-    """[(hf_name, hf_shape, spec, getter)] for every HF tensor of the model. `weight_fn(spec, layer)` may
-    override what is written (merged LoRA, dequantized NF4); it returns our layout for that slice."""
+    """[(hf_name, hf_shape, dtype, getter)] for every HF tensor of the model; dtype None means the
+    export dtype. `weight_fn(spec, layer)` may override what is written (merged LoRA, dequantized
+    NF4); it returns our layout for that slice. NF4 weights not overridden are written in the
+    bitsandbytes 4-bit layout (packed uint8 + absmax + quant_state), as HF `*-bnb-4bit` repos hold them."""
     cfg = model.config
     out = []
     for spec in param_specs(cfg):
         var = _get_var(model, spec.path)
+        quantized = hasattr(var.value, "packed")
         for i, name in enumerate(spec.hf_names(cfg.num_layers)):
             layer = i if spec.stacked else None
+            if quantized and (weight_fn is None or weight_fn(spec, layer) is None):
+                out += _bnb_entries(name, var, layer)
+                continue
 
             def get(spec=spec, layer=layer, var=var):
                 value = weight_fn(spec, layer) if weight_fn is not None else None
@@ -238,11 +266,28 @@ def export_tensors(model: Decoder, weight_fn: Optional[Callable] = None):
                     value = var.value[layer] if layer is not None else var.value
                 value = np.asarray(value)
                 return value.T if spec.transpose else value
-            shape = var.value.shape[1:] if spec.stacked else var.value.shape
-            if hasattr(var.value, "packed"):  # quantized: HF layout comes from the NF4 metadata
-                shape = tuple(reversed(var.value.shape))
-            out.append((name, tuple(reversed(shape)) if spec.transpose else tuple(shape), spec, get))
+            if quantized:  # overridden by weight_fn: the HF shape comes from the NF4 metadata
+                hf_shape = tuple(var.value.shape)
+            else:
+                shape = var.value.shape[1:] if spec.stacked else var.value.shape
+                hf_shape = tuple(reversed(shape)) if spec.transpose else tuple(shape)
+            out.append((name, hf_shape, None, get))
     return out
+
+
+def _bnb_entries(weight_name: str, var, layer: int) -> list:
+    prefix = _module_of(weight_name)
+    layer_q = lambda: jax.tree.map(lambda a: a[layer], var.value)
+    tensors = to_bnb_tensors(prefix, layer_q())  # once for the shapes; again when written
+    return [(name, arr.shape, arr.dtype, lambda name=name: to_bnb_tensors(prefix, layer_q())[name])
+            for name, arr in tensors.items()]
+
+
+def bnb_quantization_config(compute_dtype: str) -> dict:
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": ["lm_head"]}
 
 
 def save_hf_model(model: Decoder, out_dir: str, *, dtype=None, max_shard_size="5GB",
@@ -255,7 +300,7 @@ def save_hf_model(model: Decoder, out_dir: str, *, dtype=None, max_shard_size="5
     limit = parse_size(max_shard_size)
     shards, current, size = [], [], 0
     for t in tensors:
-        nbytes = int(np.prod(t[1])) * np_dtype.itemsize
+        nbytes = int(np.prod(t[1])) * np.dtype(t[2] or np_dtype).itemsize
         if current and size + nbytes > limit:
             shards.append(current)
             current, size = [], 0
@@ -271,17 +316,20 @@ def save_hf_model(model: Decoder, out_dir: str, *, dtype=None, max_shard_size="5
     hf["torch_dtype"] = dtype_name
     hf["dtype"] = dtype_name
     hf.pop("quantization_config", None)
+    if any(t[2] is not None for t in tensors):
+        hf["quantization_config"] = bnb_quantization_config(dtype_name)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     weight_map = {}
     for k, shard in enumerate(shards):
         fn = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         getters = {name: get for name, _, _, get in shard}
-        write_safetensors(os.path.join(tmp, fn), [(name, shape, np_dtype) for name, shape, _, _ in shard],
-                          lambda name: np.asarray(getters[name]()).astype(np_dtype), {"format": "pt"})
+        dtypes = {name: np.dtype(dt or np_dtype) for name, _, dt, _ in shard}
+        write_safetensors(os.path.join(tmp, fn), [(name, shape, dtypes[name]) for name, shape, _, _ in shard],
+                          lambda name: np.asarray(getters[name]()).astype(dtypes[name]), {"format": "pt"})
         weight_map.update({name: fn for name, _, _, _ in shard})
     if len(shards) > 1:
-        total = sum(int(np.prod(s)) * np_dtype.itemsize for _, s, _, _ in tensors)
+        total = sum(int(np.prod(s)) * np.dtype(dt or np_dtype).itemsize for _, s, dt, _ in tensors)
         with open(os.path.join(tmp, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     if extra_files is not None:

@@ -37,6 +37,20 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def describe_device_bytes(model) -> str:
+    """'model device bytes: X GiB (NF4 projections Y GiB, 16-bit rest Z GiB)' for the log."""
+    from flax import nnx
+
+    from unsloth_jax.train.memory import gib, tree_nbytes
+
+    state = nnx.state(model)
+    total = tree_nbytes(state)
+    nf4 = sum(tree_nbytes(lin.kernel.value) for lin in model.layers.linears().values()
+              if hasattr(lin.kernel.value, "packed"))
+    detail = f" (NF4 projections {gib(nf4)}, 16-bit rest {gib(total - nf4)})" if nf4 else ""
+    return f"model device bytes: {gib(total)}{detail}"
+
+
 class FastLanguageModel:
     @staticmethod
     def from_pretrained(model_name, max_seq_length=2048, dtype=None, load_in_4bit=False,
@@ -60,6 +74,7 @@ class FastLanguageModel:
             quantize = quantize_nf4
             quantize_filter = lambda spec: spec.path[-1] == "kernel"  # decoder-layer projections only
         model = load_decoder(model_dir, dtype, quantize=quantize, quantize_filter=quantize_filter)
+        log.info(describe_device_bytes(model))
         model.max_seq_length = max_seq_length
         model.name_or_path = str(model_name)
         model.full_finetuning = bool(full_finetuning)
