@@ -20,8 +20,8 @@ def model_dir(tmp_path_factory):
     return str(d)
 
 
-def lora_model(model_dir, **kw):
-    model, _ = FastLanguageModel.from_pretrained(model_dir, dtype="float32")
+def lora_model(model_dir, load_in_4bit=False, **kw):
+    model, _ = FastLanguageModel.from_pretrained(model_dir, dtype="float32", load_in_4bit=load_in_4bit)
     return FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False, **kw)
 
 
@@ -35,8 +35,9 @@ def random_batch(rng, k, b, T, vocab=101):
     return {"input_ids": ids, "labels": labels, "segment_ids": seg, "positions": pos}
 
 
-def test_lora_loss_falls_and_base_is_untouched(model_dir):
-    model = lora_model(model_dir)
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora", "qlora"])
+def test_lora_loss_falls_and_base_is_untouched(model_dir, load_in_4bit):
+    model = lora_model(model_dir, load_in_4bit)
     base_before = jax.tree.map(np.array, nnx.state(model, nnx.Not(nnx.Any(*[type(model.layers.q_proj.lora_a)]))))
     split, params = split_model(model)
     tx = make_optimizer(split.names, learning_rate=1e-2, total_steps=30, lr_scheduler_type="constant")
