@@ -115,12 +115,12 @@ class Tuning:
     fwd_k: int = 64
     fwd_warps: int = 8
     fwd_stages: int = 3
-    dq_q: int = 128
+    dq_q: int = 256
     dq_k: int = 32
     dq_warps: int = 8
-    dkv_k: int = 64
+    dkv_k: int = 128
     dkv_q: int = 64
-    dkv_warps: int = 4
+    dkv_warps: int = 8
     bwd_stages: int = 2
     pack: int | None = None
     # Storage of the RoPE cos/sin tables for 16-bit inputs. The kernels stream a table tile
@@ -133,10 +133,10 @@ def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
     if itemsize > 2 or head_dim_padded > 128:
         # float32 tiles or D=256: a quarter of the shared memory per pipeline stage.
         return Tuning(fwd_q=64, fwd_k=32, fwd_warps=4, fwd_stages=2, dq_q=64, dq_k=32,
-                      dq_warps=4, dkv_k=32, dkv_q=32)
+                      dq_warps=4, dkv_k=32, dkv_q=32, dkv_warps=4)
     if head_dim_padded <= 64:
-        return Tuning(fwd_warps=4, dq_warps=4)
-    return Tuning()
+        return Tuning(fwd_warps=4, dq_q=128, dq_warps=4, dkv_k=64, dkv_warps=4)
+    return Tuning()  # measured best on an H100 for D=128 (benchmarks/attention_NOTES.md)
 
 
 _BLOCK_FIELDS = ("fwd_q", "fwd_k", "dq_q", "dq_k", "dkv_k", "dkv_q")
@@ -174,9 +174,14 @@ class _Cfg:
 # ----------------------------------------------------------------- in-kernel helpers
 
 def _dot(a, b, *, trans_a=False, trans_b=False):
-    """a @ b (optionally transposed operands) with float32 accumulation."""
+    """a @ b (optionally transposed operands) with float32 accumulation.
+
+    float32 operands ask for HIGHEST precision: Triton's default for them is TF32 (~3e-4
+    relative error), which would not match the float32 reference.
+    """
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _flat(x):
