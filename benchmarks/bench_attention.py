@@ -204,7 +204,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         row = dict(impl=name, T=T, B=B, D=D, Hq=Hq, Hkv=Hkv, fwd_ms=f_ms, fwdbwd_ms=fb_ms,
                    fwd_tflops=fl / f_ms / 1e9, fwdbwd_tflops=3.5 * fl / fb_ms / 1e9)
         rows.append(row)
-        log(f"  T={T:6d} B={B} {name:40s} fwd {f_ms:8.3f} ms {row['fwd_tflops']:6.0f} TF/s | "
+        log(f"  T={T:6d} B={B} D={D} {name:40s} fwd {f_ms:8.3f} ms {row['fwd_tflops']:6.0f} TF/s | "
             f"fwd+bwd {fb_ms:8.3f} ms {row['fwdbwd_tflops']:6.0f} TF/s")
     RESULTS.setdefault("timing", []).extend(rows)
     return rows
