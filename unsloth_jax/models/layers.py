@@ -43,7 +43,7 @@ def linear(x, p: dict, static=(0.0, 0.0), dropout_rng=None):
 def full_sequence_attend(positions, segment_ids):
     """The training/prefill attention: causal over the whole sequence, no cache."""
     def attend(cfg, q, k, v, cache, *, inv_freq, kind):
-        out = getattr(attention_lib, "attention", attention_lib.flash_attention_reference)(
+        out = attention_lib.attention(
             q, k, v, positions=positions, segment_ids=segment_ids, inv_freq=inv_freq, causal=True,
             sliding_window=kind.sliding_window, logit_softcap=cfg.attn_logit_softcap, scale=cfg.attn_scale)
         return out, cache
