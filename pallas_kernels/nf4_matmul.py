@@ -58,7 +58,7 @@ class TileConfig:
     num_stages: int = 3
     split_k: int = 0
     group_m: int = 8
-    decode: str = "gather"
+    decode: str = "select"
     weight_lhs: bool = True
 
 
@@ -261,17 +261,19 @@ def _pow2_at_most(v: int, cap: int) -> int:
 
 
 def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: int = 64) -> TileConfig:
-    """Tiles for an [m, n_red] x [n_red, n_out] product (forward: n_out=N, n_red=K;
-    backward: n_out=K, n_red=N). Few rows: a tall thin tile and split-K to fill the SMs."""
-    wide = 8 if dtype == jnp.float32 else 4  # fp32 operands take twice the registers/SRAM
+    """Tiles for an [m, n_red] x [n_red, n_out] product (forward: n_out=N, n_red=K; backward:
+    n_out=K, n_red=N). Chosen from the H100 sweep in benchmarks/nf4_NOTES.md, where the select
+    tree beat the table gather everywhere: few rows get a thin tile plus split-K to fill the SMs;
+    many rows the largest tile that fit in shared memory (each decoded weight tile then serves
+    256 rows)."""
     if m <= 16:
-        bm, bn, bk, warps, stages = 16, 64, 128 if n_red % 128 == 0 else 64, 4, 4
-    elif m <= 128:
-        bm, bn, bk, warps, stages = _pow2_at_most(m, 64), 64, 64, 4, 3
-    else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8 if wide == 4 else 4, 3
-    bn = min(bn, _pow2_at_most(n_out, bn))
-    return TileConfig(bm, bn, bk, warps, stages, 0, 8, "gather", True)
+        return TileConfig(16, 64, 128, 4, 4, 0, 8, "select", True)
+    if m <= 128 or dtype == jnp.float32:  # fp32 operands take twice the registers and SRAM
+        return TileConfig(_pow2_at_most(m, 64), min(64, _pow2_at_most(n_out, 64)), 64, 4, 3, 0, 8,
+                          "select", True)
+    if m <= 256:
+        return TileConfig(128, 128, 64, 8, 3, 1, 8, "select", True)
+    return TileConfig(256, 128, 64, 8, 3, 1, 8, "select", True)
 
 
 def _auto_split(tiles: int, steps: int) -> int:
