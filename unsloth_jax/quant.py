@@ -12,9 +12,12 @@ bitsandbytes rounds differently on its two backends, and `like=` picks which one
 - "cuda" (default): its GPU kernels, which made the published `*-bnb-4bit` checkpoints and run
   `load_in_4bit=True` on a GPU. Absmax codes come from a 7-step binary search with midpoint ties;
   an all-zero block gets code 0 (0 * inf = NaN falls through every comparison).
-- "cpu": its CPU path (what the tests can call): the last, partial block is divided by its absmax
-  (the full blocks are multiplied by the reciprocal), an all-zero block gets the code of 0.0, and
-  absmax codes come from a 65536-entry lookup table over [-1, 1] (nearly, not exactly, nearest).
+- "cpu": its CPU path in bitsandbytes >= 0.50 (what the tests can call): the last, partial block
+  is divided by its absmax (full blocks are multiplied by the reciprocal), an all-zero block gets
+  the code of 0.0, and absmax codes come from a 65536-bin lookup table over [-1, 1] (nearly, not
+  exactly, nearest).
+Checked bit for bit: "cpu" against bitsandbytes 0.50.2 in tests/test_quant.py, "cuda" against its
+CUDA kernels on an H100 (benchmarks/nf4_NOTES.md).
 The only value neither backend pins down is `offset`: each sums in fp32 in its own order. We use
 a compensated mean, which is the correctly rounded fp32 mean in all but near-tie cases.
 
