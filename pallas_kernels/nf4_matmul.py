@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Optional
 
 import jax
@@ -46,10 +45,10 @@ class TileConfig:
       0 = automatic: split only while there are fewer than two output tiles per SM.
     group_m: output-row tiles visited together, so neighbouring programs share weight tiles in L2.
     decode: how a 4-bit code becomes its NF4 value: "select" (a 4-level select tree in registers)
-      or "gather" (a load from the 16-entry table, which stays in L1).
-    weight_lhs: make the decoded weight tile the left MMA operand (the transposed product is
-      accumulated): on Hopper a left operand can come straight from registers, a right one must
-      go through shared memory.
+      or "gather" (a load from the 16-entry table). On an H100 the select tree was 1.4-3.9x
+      faster (benchmarks/nf4_NOTES.md).
+    weight_lhs: make the decoded weight tile the left MMA operand and accumulate the transposed
+      product (a Hopper left operand may come from registers); measured within 10% either way.
     """
     block_m: int = 64
     block_n: int = 64
