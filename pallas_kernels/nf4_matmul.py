@@ -23,6 +23,8 @@ straddles two rows); other shapes decode each element from its flat index (slowe
 """
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import functools
 from typing import Optional
@@ -407,11 +409,20 @@ def nf4_matmul(x, q: NF4Tensor, *, interpret: bool = False, fwd_config: Optional
     return _nf4_matmul(x, q, interpret, fwd_config, dx_config)
 
 
+# Rows above which the compiled kernel is not used: on the H100 (benchmarks/nf4_NOTES.md) XLA's
+# dequantize-then-matmul ran 2-3x faster than this kernel at M >= 2048 (its 4-bit decode costs ~50
+# instructions per weight), at the price of one layer's weight in bf16 alive for the duration of
+# the matmul. Until the decode is cheaper, training-sized M takes that path; decode-sized M the kernel.
+KERNEL_MAX_ROWS = 256
+
+
 def nf4_linear(x, q: NF4Tensor):
-    """The base projection of a QLoRA layer: the fused kernel on GPU, the jnp reference on CPU,
-    or the kernel under the Pallas interpreter (UNSLOTH_JAX_KERNELS=interpret)."""
+    """The base projection of a QLoRA layer: the fused kernel on GPU for small M (XLA's
+    dequantize-then-matmul above KERNEL_MAX_ROWS, see above), the jnp reference on CPU, or the
+    kernel under the Pallas interpreter (UNSLOTH_JAX_KERNELS=interpret, every M)."""
     mode = compat.kernel_mode()
-    if mode == "reference":
+    rows = math.prod(x.shape[:-1])
+    if mode == "reference" or (mode == "pallas" and rows > KERNEL_MAX_ROWS):
         _check(q, x, "nf4_linear")
         return nf4_matmul_reference(x, q)
     return nf4_matmul(x, q, interpret=(mode == "interpret"))
