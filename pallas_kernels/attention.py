@@ -115,13 +115,13 @@ class Tuning:
     fwd_k: int = 64
     fwd_warps: int = 8
     fwd_stages: int = 3
-    dq_q: int = 256
-    dq_k: int = 32
+    dq_q: int = 128
+    dq_k: int = 64
     dq_warps: int = 8
     dkv_k: int = 128
     dkv_q: int = 64
     dkv_warps: int = 8
-    bwd_stages: int = 2
+    bwd_stages: int = 3
     pack: int | None = None
     # Storage of the RoPE cos/sin tables for 16-bit inputs. The kernels stream a table tile
     # with every K (or Q) tile, so float16 halves those bytes; its rounding (2^-12 absolute)
@@ -130,13 +130,15 @@ class Tuning:
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
+    """Per-shape defaults; each was compiled and checked on an H100 (attention_NOTES.md)."""
     if itemsize > 2 or head_dim_padded > 128:
         # float32 tiles or D=256: a quarter of the shared memory per pipeline stage.
         return Tuning(fwd_q=64, fwd_k=32, fwd_warps=4, fwd_stages=2, dq_q=64, dq_k=32,
-                      dq_warps=4, dkv_k=32, dkv_q=32, dkv_warps=4)
+                      dq_warps=4, dkv_k=32, dkv_q=32, dkv_warps=4, bwd_stages=2)
     if head_dim_padded <= 64:
-        return Tuning(fwd_warps=4, dq_q=128, dq_warps=4, dkv_k=64, dkv_warps=4)
-    return Tuning()  # measured best on an H100 for D=128 (benchmarks/attention_NOTES.md)
+        return Tuning(fwd_warps=4, dq_q=128, dq_k=32, dq_warps=4, dkv_k=64, dkv_warps=4,
+                      bwd_stages=2)
+    return Tuning()  # the fastest of the H100 sweep for D=128
 
 
 _BLOCK_FIELDS = ("fwd_q", "fwd_k", "dq_q", "dq_k", "dkv_k", "dkv_q")
