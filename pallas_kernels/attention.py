@@ -9,6 +9,10 @@ Conventions (shared by the model and the kernels):
 - causal: key index j <= query index i; sliding_window=W keeps keys with i - j < W.
 - logit_softcap=c: scores become c * tanh(scores / c) before masking.
 - scale: defaults to D ** -0.5.
+
+`flash_attention` is the Pallas version (custom_vjp, forward + dq + dk/dv kernels, RoPE
+inside, no O(T^2) buffers); `attention` dispatches between the two by
+UNSLOTH_JAX_KERNELS (see unsloth_jax.compat.kernel_mode).
 """
 from __future__ import annotations
 
@@ -92,7 +96,8 @@ def flash_attention_reference(q, k, v, *, positions=None, segment_ids=None, inv_
 # - Q/K tiles are handled as "parts": one [rows, P] part without RoPE, or the two rotated
 #   halves [rows, P/2] with RoPE, so rotation never slices a register tile and q.k is a
 #   sum of one or two dots. Rotation uses cos/sin tables [T, P/2] made from positions and
-#   inv_freq outside (O(T*D), the same numbers as the reference's).
+#   inv_freq outside (O(T*D), the same numbers as the reference's; stored as float16
+#   for 16-bit inputs, see Tuning.rope_table_dtype).
 # - GQA packing: the `pack` query heads of a group that share a kv head are stacked into
 #   the rows of one query tile (rows = position-major (t, head) pairs), so each K/V tile is
 #   loaded and rotated once for all of them. K/V are never repeated in memory.
