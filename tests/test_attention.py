@@ -272,3 +272,45 @@ def test_attention_dispatch(monkeypatch):
     monkeypatch.setenv("UNSLOTH_JAX_KERNELS", "interpret")
     got = attn.attention(q, k, v, **kw)
     assert _rel_err(got, ref) < 1e-5
+
+
+# ------------------------------------------------------------------ in the model
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_model_logits_and_lora_grads_interpret_equal_reference(family, tmp_path, monkeypatch):
+    """Llama (llama3 rope scaling, GQA) and Gemma-2 (softcap, alternating windows), packed."""
+    from flax import nnx
+
+    from hf_models import make_hf_model
+    from unsloth_jax import FastLanguageModel
+    from unsloth_jax.lora import trainable_filter
+
+    make_hf_model(family).save_pretrained(tmp_path / "m")
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
+    rng = np.random.default_rng(5)
+    ids = jnp.asarray(rng.integers(0, 101, (2, 19)))
+    labels = jnp.asarray(rng.integers(0, 101, (2, 19)))
+    seg = jnp.asarray([[1] * 9 + [2] * 8 + [0] * 2, [3] * 19])
+
+    calls = []
+    kernel = attn.flash_attention
+    monkeypatch.setattr(attn, "flash_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+
+    def run(mode):
+        monkeypatch.setenv("UNSLOTH_JAX_KERNELS", mode)
+        logits = model(ids, segment_ids=seg)
+        grads = nnx.grad(lambda m: m.loss(ids, labels, segment_ids=seg),
+                         argnums=nnx.DiffState(0, trainable_filter(model)))(model)
+        return logits, jax.tree.leaves(grads)
+
+    ref_logits, ref_grads = run("reference")
+    assert not calls
+    logits, grads = run("interpret")
+    assert calls, "the model did not go through the Pallas kernel"
+    assert _rel_err(logits, ref_logits) < 1e-5
+    assert len(grads) == len(ref_grads) > 0
+    assert any(np.abs(np.asarray(r)).max() > 0 for r in ref_grads)
+    for g, r in zip(grads, ref_grads):
+        if np.abs(np.asarray(r)).max() > 0:
+            assert _rel_err(g, r) < 1e-4
