@@ -93,6 +93,12 @@ def run_one(shape, policy, batch, seq, steps, warmup, quant):
         return {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids), "positions": pos}
 
     batches = [jax.device_put(batch_of()) for _ in range(2)]
+    # The step's own footprint (arguments + XLA temporaries), free of the random-init transients
+    # that peak_bytes_in_use also saw.
+    mem = step.lower(state, split.frozen, batches[0]).compile().memory_analysis()
+    step_bytes = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                  - mem.alias_size_in_bytes) if mem is not None else 0
+    host_bytes = getattr(mem, "host_temp_size_in_bytes", 0) if mem is not None else 0
     t0 = time.perf_counter()
     state, m = step(state, split.frozen, batches[0])
     jax.block_until_ready(m)
@@ -113,6 +119,7 @@ def run_one(shape, policy, batch, seq, steps, warmup, quant):
     flops = model_flops_per_token(cfg, seq) * tokens / med
     return {"impl": "unsloth_jax", "shape": shape, "quant": quant, "policy": model.remat_policy, "batch": batch,
             "seq": seq, "tokens_per_s": tokens / med, "step_ms": med * 1e3, "peak_gib": peak / 2**30,
+            "step_gib": step_bytes / 2**30, "host_offload_gib": host_bytes / 2**30,
             "mfu": flops / (peak_rate * 1e12), "model_tflops": flops / 1e12, "matmul_tflops": peak_rate,
             "compile_s": compile_s, "loss_first": losses[0], "loss_last": losses[-1],
             "jax": jax.__version__, "device": jax.devices()[0].device_kind,
@@ -137,13 +144,14 @@ def matrix(args):
                 row["wall_s"] = time.perf_counter() - t
                 rows.append(row)
                 print("RESULT " + json.dumps(row), flush=True)
-    print(f"\n{'shape':9} {'quant':5} {'policy':9} {'batch':>5} {'tok/s':>9} {'step ms':>8} {'peak GiB':>8} {'MFU':>6}")
+    print(f"\n{'shape':9} {'quant':5} {'policy':9} {'batch':>5} {'tok/s':>9} {'step ms':>8} {'peak GiB':>8} "
+          f"{'step GiB':>8} {'MFU':>6}")
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:9} {r['quant']:5} {r['policy']:9} ERROR {r['error']}")
         else:
             print(f"{r['shape']:9} {r['quant']:5} {r['policy']:9} {r['batch']:5d} {r['tokens_per_s']:9.0f} "
-                  f"{r['step_ms']:8.1f} {r['peak_gib']:8.2f} {r['mfu']:6.1%}")
+                  f"{r['step_ms']:8.1f} {r['peak_gib']:8.2f} {r['step_gib']:8.2f} {r['mfu']:6.1%}")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(json.dumps(r) for r in rows) + "\n")
