@@ -21,7 +21,11 @@ def rms_norm(x, weight, eps, offset=0.0):
 
 
 def linear(x, p: dict, static=(0.0, 0.0), dropout_rng=None):
-    """x @ kernel (+ bias) (+ LoRA: dropout(x) @ A @ B * scale); fp32 accumulation."""
+    """x @ kernel (+ bias) (+ LoRA: dropout(x) @ A @ (scale * B)), all in x's dtype.
+
+    Matmuls accumulate in fp32 on GPU but write x's dtype: an fp32 output would double the bytes of
+    every projection output, and keeping the LoRA term in x's dtype lets XLA add it into the base
+    GEMM's output (cuBLAS beta=1) instead of a separate pass. PEFT adds its LoRA term in bf16 too."""
     from unsloth_jax.quant_linear import base_matmul
 
     y = base_matmul(x, p["kernel"])
@@ -33,10 +37,8 @@ def linear(x, p: dict, static=(0.0, 0.0), dropout_rng=None):
         if dropout and dropout_rng is not None:
             keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout, x.shape)
             xa = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
-        a = jnp.einsum("...i,ir->...r", xa, p["lora_a"].astype(x.dtype), preferred_element_type=jnp.float32)
-        delta = jnp.einsum("...r,ro->...o", a.astype(x.dtype), p["lora_b"].astype(x.dtype),
-                           preferred_element_type=jnp.float32)
-        y = (y.astype(jnp.float32) + scale * delta).astype(x.dtype)
+        a = jnp.einsum("...i,ir->...r", xa, p["lora_a"].astype(x.dtype))
+        y = y + jnp.einsum("...r,ro->...o", a, (scale * p["lora_b"]).astype(x.dtype))
     return y
 
 
