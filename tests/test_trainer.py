@@ -58,6 +58,38 @@ def test_metrics_jsonl_and_eval(demo_model_dir, tmp_path):
     assert all(r["tokens_per_s"] > 0 and np.isfinite(r["loss"]) for r in steps)
     assert [r["step"] for r in evals][:2] == [2, 4] and result["eval_perplexity"] == pytest.approx(
         np.exp(result["eval_loss"]))
+    from tensorboard_reader import read_scalars
+
+    scalars = read_scalars(tmp_path / "tensorboard")
+    assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4]
+    assert scalars["loss"][-1][1] == pytest.approx(steps[-1]["loss"], rel=1e-6)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(demo_model_dir, tmp_path):
+    trainer, _ = make_trainer(demo_model_dir, tmp_path, max_steps=6)
+    make_iterator = trainer._batch_iterator
+
+    def interrupted_after_3():  # the 4th batch request is where the user pressed Ctrl-C
+        it = make_iterator()
+        real_next, calls = it.next_batch, []
+
+        def next_batch():
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+            return real_next()
+        it.next_batch = next_batch
+        return it
+
+    trainer._batch_iterator = interrupted_after_3
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.checkpoints.latest_step() == 3
+    resumed, _ = make_trainer(demo_model_dir, tmp_path, max_steps=6)
+    resumed.train(resume_from_checkpoint=True)
+    straight, _ = make_trainer(demo_model_dir, tmp_path / "straight", max_steps=6)
+    straight.train()
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history][3:]
 
 
 def test_nan_loss_stops_and_names_the_step(demo_model_dir, tmp_path):

@@ -29,6 +29,15 @@ class TrainingError(UnslothJaxError):
     """Training stopped (NaN loss, interrupted); the message says where the last good state is."""
 
 
+def _tensorboard_writer(logdir: str):
+    """TensorBoard event files when tensorboardX is installed (optional); metrics.jsonl always."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(logdir)
+
+
 class SFTTrainer:
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: TrainConfig = None,
                  processing_class=None, **kwargs):
@@ -40,6 +49,7 @@ class SFTTrainer:
         os.makedirs(self.args.output_dir, exist_ok=True)
         self.metrics_path = os.path.join(self.args.output_dir, "metrics.jsonl")
         self.checkpoints = Checkpointer(os.path.join(self.args.output_dir, "checkpoints"), self.args.save_total_limit)
+        self.tensorboard = _tensorboard_writer(os.path.join(self.args.output_dir, "tensorboard"))
         self.history: list[dict] = []
 
     # ---- data ----------------------------------------------------------------------------------
@@ -168,6 +178,11 @@ class SFTTrainer:
     def _write_metrics(self, record: dict):
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
 
     def _save(self, done: int, state: TrainState, batches):
         if self.checkpoints.latest_step() == done:
