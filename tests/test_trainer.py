@@ -116,6 +116,15 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
     assert "sample" in result and "Estimated device memory" in capsys.readouterr().out
 
 
+def test_cli_values_parse_like_a_user_types_them():
+    from unsloth_jax.train.config import load_config
+
+    cfg = load_config("configs/demo.yaml", {"learning_rate": "2e-4", "max_steps": "7", "packing": "false",
+                                             "target_modules": "[q_proj, v_proj]", "embedding_learning_rate": "1e-5"})
+    assert (cfg.learning_rate, cfg.max_steps, cfg.packing) == (2e-4, 7, False)
+    assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.embedding_learning_rate == 1e-5
+
+
 def test_cli_help_documents_every_key(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -111,6 +111,8 @@ def coerce(key: str, value, source: str):
     if isinstance(value, str):
         parsed = yaml.safe_load(value) if value != "" else None
         value = parsed if not isinstance(parsed, (dict,)) else value
+    if isinstance(value, str):
+        value = _number_or_str(value)  # YAML 1.1 reads '2e-4' (no dot) as a string
     if isinstance(default, bool) and not isinstance(value, bool):
         raise ConfigError(f"{source}: {key}={value!r} must be true or false.")
     if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float)):
@@ -118,6 +120,15 @@ def coerce(key: str, value, source: str):
     if isinstance(default, float) and isinstance(value, int):
         value = float(value)
     return value
+
+
+def _number_or_str(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def load_config(path: Optional[str], overrides: dict) -> TrainConfig:
