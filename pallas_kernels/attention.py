@@ -73,11 +73,19 @@ def flash_attention_reference(q, k, v, *, positions=None, segment_ids=None, inv_
         cos, sin = rope_cos_sin(positions, inv_freq)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+    mask = attention_mask(T, T, segment_ids, segment_ids, causal, sliding_window)
+    return masked_attention(q, k, v, mask, scale=scale, logit_softcap=logit_softcap)
+
+
+def masked_attention(q, k, v, mask, *, scale, logit_softcap=None):
+    """q [B, T, Hq, D] over k/v [B, S, Hkv, D] (GQA without repeating K/V) where mask [B or 1, T, S]
+    is true; softmax in float32. Shared by the reference and the KV-cache decode."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
     qg = q.reshape(B, T, Hkv, Hq // Hkv, D)
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
     if logit_softcap is not None:
         scores = logit_softcap * jnp.tanh(scores / logit_softcap)
-    mask = attention_mask(T, T, segment_ids, segment_ids, causal, sliding_window)
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     # Rows with no visible key (cannot happen causally, but guard anyway) give zeros.

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.attention import NEG_INF, apply_rope, rope_cos_sin
+from pallas_kernels.attention import NEG_INF, apply_rope, masked_attention, rope_cos_sin
 from unsloth_jax.errors import ConfigError
 from unsloth_jax.models.decoder import run_layers
 
@@ -52,19 +52,10 @@ def _cache_mask(q_slots, key_valid, sliding_window: Optional[int]):
 
 
 def _attention_over_cache(cfg, q, k, v, mask):
-    """q [B, T, Hq, D] against k/v [B, S, Hkv, D] (GQA), softmax in float32; the scale and logit
-    softcap follow the model config exactly as the training attention does."""
-    B, T, Hq, D = q.shape
-    Hkv = k.shape[2]
-    scale = cfg.attn_scale if cfg.attn_scale is not None else D ** -0.5
-    qg = q.reshape(B, T, Hkv, Hq // Hkv, D)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
-    if cfg.attn_logit_softcap is not None:
-        scores = cfg.attn_logit_softcap * jnp.tanh(scores / cfg.attn_logit_softcap)
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, Hq, D).astype(q.dtype)
+    """q [B, T, Hq, D] against the cache k/v [B, S, Hkv, D] with the training attention's scale and
+    logit softcap."""
+    scale = cfg.attn_scale if cfg.attn_scale is not None else q.shape[-1] ** -0.5
+    return masked_attention(q, k, v, mask, scale=scale, logit_softcap=cfg.attn_logit_softcap)
 
 
 def forward_with_cache(model, token_ids, cache, write_index, positions, key_valid):
