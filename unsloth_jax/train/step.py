@@ -46,23 +46,24 @@ def split_model(model) -> tuple[SplitModel, dict]:
     return SplitModel(graphdef, treedef, names, frozen), params
 
 
-def merge_model(split: SplitModel, params: dict):
-    trainable = jax.tree_util.tree_unflatten(split.treedef, [params[n] for n in split.names])
-    return nnx.merge(split.graphdef, trainable, split.frozen)
+def _trainable_state(split: SplitModel, params: dict):
+    return jax.tree_util.tree_unflatten(split.treedef, [params[n] for n in split.names])
+
+
+def merge_model(split: SplitModel, params: dict, frozen=None):
+    """The model with `params` as its trainable arrays (and `frozen`, default the split's, as the rest)."""
+    return nnx.merge(split.graphdef, _trainable_state(split, params), split.frozen if frozen is None else frozen)
 
 
 def update_model(model, split: SplitModel, params: dict):
     """Write trained arrays back into the live model (for export and generation)."""
-    trainable = jax.tree_util.tree_unflatten(split.treedef, [params[n] for n in split.names])
-    nnx.update(model, trainable)
+    nnx.update(model, _trainable_state(split, params))
     return model
 
 
 def loss_sum_and_count(split: SplitModel, params, frozen, batch, rng):
-    model = nnx.merge(split.graphdef,
-                      jax.tree_util.tree_unflatten(split.treedef, [params[n] for n in split.names]), frozen)
-    return model.loss_sum_and_count(batch["input_ids"], batch["labels"], batch.get("positions"),
-                                    batch.get("segment_ids"), dropout_rng=rng)
+    return merge_model(split, params, frozen).loss_sum_and_count(
+        batch["input_ids"], batch["labels"], batch.get("positions"), batch.get("segment_ids"), dropout_rng=rng)
 
 
 def make_train_step(split: SplitModel, tx: optax.GradientTransformation):
