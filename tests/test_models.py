@@ -138,3 +138,9 @@ def test_missing_shard_is_named(tmp_path):
         sorted((tmp_path / "m").glob("model-0000*.safetensors"))[1])
     with pytest.raises(CheckpointError, match=r"shard.*missing"):
         FastLanguageModel.from_pretrained(str(tmp_path / "m"))
+
+
+def test_hub_id_that_cannot_be_fetched_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network in tests: the download must fail fast
+    with pytest.raises(CheckpointError, match=r"(?s)not a local directory.*hub failed.*pass the directory"):
+        FastLanguageModel.from_pretrained("some-org/some-model-that-is-not-cached")
