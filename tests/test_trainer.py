@@ -62,6 +62,7 @@ def test_metrics_jsonl_and_eval(demo_model_dir, tmp_path):
 
     scalars = read_scalars(tmp_path / "tensorboard")
     assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4]
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors") and result["adapter_dir"]
     assert scalars["loss"][-1][1] == pytest.approx(steps[-1]["loss"], rel=1e-6)
 
 

@@ -70,10 +70,7 @@ def main(argv=None) -> dict:
         use_gradient_checkpointing=cfg.gradient_checkpointing, random_state=cfg.seed)
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=cfg.dataset,
                          eval_dataset=cfg.eval_dataset, args=cfg)
-    result = trainer.train()
-    adapter_dir = os.path.join(cfg.output_dir, "adapter")
-    model.save_pretrained(adapter_dir)
-    print(f"PEFT adapter written to {adapter_dir}")
+    result = trainer.train()  # ends by writing the PEFT adapter to <output_dir>/adapter
     if cfg.save_merged:
         merged = os.path.join(cfg.output_dir, "merged")
         model.save_pretrained_merged(merged, tokenizer, save_method="merged_16bit")

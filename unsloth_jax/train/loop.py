@@ -143,7 +143,11 @@ class SFTTrainer:
         self._save(total, state, batches)
         update_model(self.model, split, state.params)
         self.model.training = False
-        result = {"steps": total, "train_loss": self.history[-1]["loss"] if self.history else None}
+        adapter_dir = os.path.join(a.output_dir, "adapter")
+        self.model.save_pretrained(adapter_dir)
+        print(f"PEFT adapter written to {adapter_dir}")
+        result = {"steps": total, "train_loss": self.history[-1]["loss"] if self.history else None,
+                  "adapter_dir": adapter_dir}
         if self.eval_rows is not None:
             evaluated_last = a.eval_steps and total % a.eval_steps == 0
             result.update(self.last_eval if evaluated_last else self.evaluate(step=total))
