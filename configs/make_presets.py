@@ -2,12 +2,18 @@
 
     python configs/make_presets.py          # rewrites the YAMLs and configs/README.md's table
 
-Tiers are ESTIMATES from the accounting in `estimate_gib` (weights + LoRA state + activations under
-remat 'unsloth' + loss chunk + overhead), not measurements. Effective batch is 16 rows everywhere.
+Tiers are ESTIMATES from `estimate_gib` (weights + LoRA state + the trainer's activation estimate
+under remat 'unsloth'), not measurements. Effective batch is 16 rows everywhere.
 """
 from __future__ import annotations
 
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from unsloth_jax.models import ModelConfig  # noqa: E402
+from unsloth_jax.train.memory import activation_bytes  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GIB = 2**30
@@ -33,18 +39,23 @@ MODELS = {
 R = 16
 
 
+def model_config(shape) -> ModelConfig:
+    H, I, L, nh, nkv, hd, V, tied = shape
+    return ModelConfig.from_hf(dict(model_type="llama", hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                                    num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd, vocab_size=V,
+                                    tie_word_embeddings=tied))
+
+
 def estimate_gib(shape, qlora: bool, batch: int, seq: int) -> float:
+    """Weights (NF4 ~0.53 bytes/param for projections, bf16 for the rest) + LoRA params, grads and
+    Adam moments in fp32 + the trainer's own activation estimate under remat 'unsloth'."""
     H, I, L, nh, nkv, hd, V, tied = shape
     q, kv = nh * hd, nkv * hd
     proj = L * (H * q + 2 * H * kv + q * H + 3 * H * I)
     embed = V * H * (1 if tied else 2)
     weights = proj * (0.53 if qlora else 2.0) + embed * 2.0
     lora = L * R * ((H + q) + 2 * (H + kv) + (q + H) + 2 * (H + I) + (I + H))
-    lora_state = 16 * lora  # fp32 param + grad + 2 Adam moments
-    tokens = batch * seq
-    working_layer = tokens * (4 * H + 2 * q + 3 * I) * 2 * 2  # one layer's recompute + backward, bf16
-    loss_chunk = 0.5 * GIB
-    return (weights + lora_state + working_layer + loss_chunk + 1 * GIB) / GIB  # layer inputs offloaded
+    return (weights + 16 * lora + activation_bytes(model_config(shape), batch * seq, "offload")) / GIB
 
 
 def best_fit(shape, qlora: bool, tier_gb: int):
@@ -122,11 +133,11 @@ presets for real models, LoRA on a bf16 base (`*-lora.yaml`) or QLoRA (`*-qlora.
 
 Memory tiers: per-device batch `bN`, gradient accumulation `xK` (effective batch {EFFECTIVE_BATCH}) and
 sequence length that fit a GPU of that size, or `no`. These are **estimates** from `estimate_gib` in
-`make_presets.py` (weights, LoRA params + grads + Adam in fp32, one layer's working set under
-`gradient_checkpointing: unsloth` with layer inputs offloaded to host, a loss chunk, 1 GiB overhead;
-fit = at most 90% of the tier), not measurements. Checked at one point each: the Llama-3.1-8B shape at
-batch 2 x 2048 estimates 18.1 GiB (bf16) and 8.6 GiB (QLoRA) against 18.0 and 8.3 GiB measured for the
-compiled step on an H100 (`benchmarks/RESULTS.md`); Llama-3.2-1B at batch 4 estimates 5.1 GiB against 4.0
+`make_presets.py` (weights, LoRA params + grads + Adam in fp32, and the trainer's activation estimate
+`unsloth_jax.train.memory.activation_bytes` under `gradient_checkpointing: unsloth`; fit = at most 90%
+of the tier), not measurements. Checked at one point each: the Llama-3.1-8B shape at
+batch 2 x 2048 estimates 18.2 GiB (bf16) and 8.6 GiB (QLoRA) against 18.0 and 8.3 GiB measured for the
+compiled step on an H100 (`benchmarks/RESULTS.md`); Llama-3.2-1B at batch 4 estimates 5.2 GiB against 4.0
 measured. The trainer prints its own estimate before training.
 The YAMLs hold the 80 GB tier; apply another with
 `--per-device-train-batch-size 2 --gradient-accumulation-steps 8 --max-seq-length 2048`.

@@ -9,27 +9,34 @@ def tree_nbytes(tree) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "shape")))
 
 
-def estimate_memory(model, trainable_params: dict, *, batch_size: int, seq_len: int, remat_policy: str) -> dict:
-    """Bytes for weights, trainable state (params + grads + 2 AdamW moments, fp32), and activations
-    of one micro-batch under the remat policy (a model: a few [B, T, H] tensors per layer saved,
-    one layer's intermediates alive during its backward, and one loss chunk)."""
-    cfg = model.config
-    act_bytes = np.dtype(model.dtype).itemsize
-    from flax import nnx
+OVERHEAD_BYTES = 1 << 30  # CUDA context, XLA workspace, fragmentation
 
-    weights = tree_nbytes(nnx.state(model))
-    trainable = tree_nbytes(trainable_params)
-    tokens = batch_size * seq_len
+
+def activation_bytes(cfg, tokens: int, remat_policy: str, act_bytes: int = 2) -> int:
+    """Activation memory of one micro-batch of `tokens` under the remat policy: what each layer keeps
+    for the backward pass, one layer's working set while it is recomputed and differentiated, one
+    loss chunk, and a fixed overhead. With weights and LoRA state added, this came within 0.3 GiB of
+    the compiled step's footprint for the Llama-3.1-8B shape on an H100 (benchmarks/RESULTS.md)."""
     H, I = cfg.hidden_size, cfg.intermediate_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     per_layer_full = tokens * (4 * H + 2 * qkv + 3 * I) * act_bytes  # everything a layer produces
     saved_per_layer = {"none": per_layer_full, "selective": tokens * (H + qkv + 2 * I + H) * act_bytes,
                        "full": tokens * H * act_bytes, "offload": 0}.get(remat_policy, per_layer_full)
-    activations = cfg.num_layers * saved_per_layer + 2 * per_layer_full
     loss_chunk = min(tokens, max(64, (1 << 28) // (4 * cfg.vocab_size))) * cfg.vocab_size * 4 * 2
-    total = weights + 3 * trainable + activations + loss_chunk  # trainable: grads + two moments on top
-    return {"weights": weights, "trainable+grads+adam": 4 * trainable, "activations": activations + loss_chunk,
-            "total": total}
+    return cfg.num_layers * saved_per_layer + 2 * per_layer_full + loss_chunk + OVERHEAD_BYTES
+
+
+def estimate_memory(model, trainable_params: dict, *, batch_size: int, seq_len: int, remat_policy: str) -> dict:
+    """Bytes for the weights (as they sit on the device), the trainable state (params + grads + two
+    AdamW moments, fp32) and the activations of one micro-batch."""
+    from flax import nnx
+
+    weights = tree_nbytes(nnx.state(model))  # includes the trainable params once
+    trainable = tree_nbytes(trainable_params)
+    activations = activation_bytes(model.config, batch_size * seq_len, remat_policy,
+                                   np.dtype(model.dtype).itemsize)
+    return {"weights": weights, "trainable+grads+adam": 4 * trainable, "activations": activations,
+            "total": weights + 3 * trainable + activations}
 
 
 def device_capacity() -> int | None:
