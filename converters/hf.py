@@ -22,7 +22,7 @@ from flax import nnx
 from converters.safetensors_io import SafetensorsFile, write_safetensors
 from unsloth_jax.errors import CheckpointError
 from unsloth_jax.models import Decoder, ModelConfig
-from unsloth_jax.quant import from_bnb_tensors, is_bnb_4bit, stack_nf4, to_bnb_tensors
+from unsloth_jax.quant import dequantize_nf4, from_bnb_tensors, is_bnb_4bit, stack_nf4, to_bnb_tensors
 
 INDEX_FILE = "model.safetensors.index.json"
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -247,7 +247,7 @@ def parse_size(size) -> int:
 def export_tensors(model: Decoder, weight_fn: Optional[Callable] = None):
     """[(hf_name, hf_shape, dtype, getter)] for every HF tensor of the model; dtype None means the
     export dtype. `weight_fn(spec, layer)` may override what is written (merged LoRA, dequantized
-    NF4); it returns our layout for that slice. NF4 weights not overridden are written in the
+    NF4); it returns our layout for that slice. Without a weight_fn, NF4 weights are written in the
     bitsandbytes 4-bit layout (packed uint8 + absmax + quant_state), as HF `*-bnb-4bit` repos hold them."""
     cfg = model.config
     out = []
@@ -256,17 +256,19 @@ def export_tensors(model: Decoder, weight_fn: Optional[Callable] = None):
         quantized = hasattr(var.value, "packed")
         for i, name in enumerate(spec.hf_names(cfg.num_layers)):
             layer = i if spec.stacked else None
-            if quantized and (weight_fn is None or weight_fn(spec, layer) is None):
+            if quantized and weight_fn is None:
                 out += _bnb_entries(name, var, layer)
                 continue
 
-            def get(spec=spec, layer=layer, var=var):
+            def get(spec=spec, layer=layer, var=var, quantized=quantized):
                 value = weight_fn(spec, layer) if weight_fn is not None else None
-                if value is None:
+                if value is None and quantized:  # written 16-bit: dequantize, in our [in, out] layout
+                    value = dequantize_nf4(jax.tree.map(lambda a: a[layer], var.value)).T
+                elif value is None:
                     value = var.value[layer] if layer is not None else var.value
                 value = np.asarray(value)
                 return value.T if spec.transpose else value
-            if quantized:  # overridden by weight_fn: the HF shape comes from the NF4 metadata
+            if quantized:  # the HF shape comes from the NF4 metadata
                 hf_shape = tuple(var.value.shape)
             else:
                 shape = var.value.shape[1:] if spec.stacked else var.value.shape
