@@ -7,6 +7,7 @@ streams one tensor at a time (host peak: one tensor plus the result); writing do
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -22,7 +23,8 @@ from flax import nnx
 from converters.safetensors_io import SafetensorsFile, write_safetensors
 from unsloth_jax.errors import CheckpointError
 from unsloth_jax.models import Decoder, ModelConfig
-from unsloth_jax.quant import dequantize_nf4, from_bnb_tensors, is_bnb_4bit, stack_nf4, to_bnb_tensors
+from unsloth_jax.quant import (dequantize_nf4, from_bnb_tensors, is_bnb_4bit, is_nf4, nf4_layer, stack_nf4,
+                               to_bnb_tensors)
 
 INDEX_FILE = "model.safetensors.index.json"
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -171,12 +173,10 @@ def _get_var(model, path):
     return obj
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _set_layer(buf, i, value):
+    """buf[i] = value in place (the stacked buffer is donated), so loading never holds two copies."""
     return jax.lax.dynamic_update_index_in_dim(buf, value, i, 0)
-
-
-_set_layer_donated = jax.jit(_set_layer.__wrapped__, donate_argnums=0)
 
 
 def load_decoder(model_dir: str, dtype=jnp.float32, *, quantize: Optional[Callable] = None,
@@ -204,7 +204,7 @@ def load_decoder(model_dir: str, dtype=jnp.float32, *, quantize: Optional[Callab
         if spec.stacked:
             buf = jnp.zeros(target.shape, target.dtype)
             for i, name in enumerate(spec.hf_names(cfg.num_layers)):
-                buf = _set_layer_donated(buf, i, _to_ours(reader.get(name, hf_shape), spec, target.dtype))
+                buf = _set_layer(buf, i, _to_ours(reader.get(name, hf_shape), spec, target.dtype))
             var.value = buf
         else:
             var.value = jnp.asarray(_to_ours(reader.get(spec.hf_name, hf_shape), spec, target.dtype))
@@ -253,7 +253,7 @@ def export_tensors(model: Decoder, weight_fn: Optional[Callable] = None):
     out = []
     for spec in param_specs(cfg):
         var = _get_var(model, spec.path)
-        quantized = hasattr(var.value, "packed")
+        quantized = is_nf4(var.value)
         for i, name in enumerate(spec.hf_names(cfg.num_layers)):
             layer = i if spec.stacked else None
             if quantized and weight_fn is None:
@@ -263,7 +263,7 @@ def export_tensors(model: Decoder, weight_fn: Optional[Callable] = None):
             def get(spec=spec, layer=layer, var=var, quantized=quantized):
                 value = weight_fn(spec, layer) if weight_fn is not None else None
                 if value is None and quantized:  # written 16-bit: dequantize, in our [in, out] layout
-                    value = dequantize_nf4(jax.tree.map(lambda a: a[layer], var.value)).T
+                    value = dequantize_nf4(nf4_layer(var.value, layer)).T
                 elif value is None:
                     value = var.value[layer] if layer is not None else var.value
                 value = np.asarray(value)
@@ -279,7 +279,7 @@ def export_tensors(model: Decoder, weight_fn: Optional[Callable] = None):
 
 def _bnb_entries(weight_name: str, var, layer: int) -> list:
     prefix = _module_of(weight_name)
-    layer_q = lambda: jax.tree.map(lambda a: a[layer], var.value)
+    layer_q = lambda: nf4_layer(var.value, layer)
     tensors = to_bnb_tensors(prefix, layer_q())  # once for the shapes; again when written
     return [(name, arr.shape, arr.dtype, lambda name=name: to_bnb_tensors(prefix, layer_q())[name])
             for name, arr in tensors.items()]

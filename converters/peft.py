@@ -29,6 +29,7 @@ from converters.hf import CheckpointReader, param_specs, hf_module_path, save_hf
 from converters.safetensors_io import SafetensorsFile, write_safetensors
 from unsloth_jax.errors import AdapterError, ConfigError
 from unsloth_jax.models.decoder import PROJECTIONS
+from unsloth_jax.quant import dequantize_nf4, is_nf4, nf4_layer
 
 log = logging.getLogger("unsloth_jax")
 
@@ -416,12 +417,8 @@ def _dense_kernel(kernel, spec, layer: int, reader: Optional[CheckpointReader]):
 
         _, d_in, d_out = _kernel_shape(kernel)
         return np.asarray(reader.get(spec.hf_name.format(i=layer), (d_out, d_in)), np.float32).T
-    if hasattr(kernel, "packed"):
-        import jax
-
-        from unsloth_jax.quant import dequantize_nf4
-
-        return dequantize_nf4(jax.tree.map(lambda leaf: leaf[layer], kernel)).T
+    if is_nf4(kernel):
+        return dequantize_nf4(nf4_layer(kernel, layer)).T
     return None
 
 

@@ -41,12 +41,11 @@ def describe_device_bytes(model) -> str:
     """'model device bytes: X GiB (NF4 projections Y GiB, 16-bit rest Z GiB)' for the log."""
     from flax import nnx
 
+    from unsloth_jax.quant import is_nf4, nf4_nbytes
     from unsloth_jax.train.memory import gib, tree_nbytes
 
-    state = nnx.state(model)
-    total = tree_nbytes(state)
-    nf4 = sum(tree_nbytes(lin.kernel.value) for lin in model.layers.linears().values()
-              if hasattr(lin.kernel.value, "packed"))
+    total = tree_nbytes(nnx.state(model))
+    nf4 = sum(nf4_nbytes(lin.kernel.value) for lin in model.layers.linears().values() if is_nf4(lin.kernel.value))
     detail = f" (NF4 projections {gib(nf4)}, 16-bit rest {gib(total - nf4)})" if nf4 else ""
     return f"model device bytes: {gib(total)}{detail}"
 

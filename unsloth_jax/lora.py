@@ -16,6 +16,7 @@ from flax import nnx
 from unsloth_jax.compat import has_host_memory_space
 from unsloth_jax.errors import ConfigError
 from unsloth_jax.models.decoder import PROJECTIONS, Decoder, LoRAParam
+from unsloth_jax.quant import is_nf4
 
 log = logging.getLogger("unsloth_jax")
 
@@ -105,7 +106,7 @@ def add_lora(model: Decoder, *, r=16, lora_alpha=16, lora_dropout=0.0, target_mo
 
 
 def _kernel_shape(kernel):
-    if hasattr(kernel, "packed"):  # NF4Tensor stacked over layers: logical HF shape is [out, in]
+    if is_nf4(kernel):  # stacked over layers; its .shape is the per-layer HF [out, in]
         out_f, in_f = kernel.shape
         L = jax.tree.leaves(kernel)[0].shape[0]
         return L, in_f, out_f

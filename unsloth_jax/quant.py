@@ -152,6 +152,16 @@ class NF4Tensor:
                 f"double_quant={self.double_quant}, dtype={self.dtype}{stacked})")
 
 
+def is_nf4(x) -> bool:
+    """Whether a weight is NF4-quantized (stacked over layers or not)."""
+    return isinstance(x, NF4Tensor)
+
+
+def nf4_layer(q: NF4Tensor, layer: int) -> NF4Tensor:
+    """One layer's tensor of a stacked NF4Tensor (the inverse of stack_nf4 for one index)."""
+    return jax.tree.map(lambda leaf: leaf[layer], q)
+
+
 def stack_nf4(tensors) -> NF4Tensor:
     """Stack per-layer NF4Tensors of one shape along a new leading axis (for the layer scan)."""
     tensors = list(tensors)

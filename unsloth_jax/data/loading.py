@@ -78,18 +78,13 @@ def _iter_jsonl(path: str, skip_malformed: bool, on_skip: SkipFn) -> Iterator[Re
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as e:
-                detail = f"malformed JSON ({e.msg} at column {e.colno})"
-                if not skip_malformed:
-                    raise DataError(f"{location}: {detail}. Fix the line, or pass "
-                                    "skip_malformed=True to skip (and count) bad lines.") from None
-                on_skip("malformed JSON", location, detail)
+                _malformed(location, f"malformed JSON ({e.msg} at column {e.colno})", "Fix the line, or pass "
+                           "skip_malformed=True to skip (and count) bad lines.", "malformed JSON", skip_malformed, on_skip)
                 continue
             if not isinstance(data, dict):
-                detail = f"expected a JSON object per line, got {type(data).__name__}"
-                if not skip_malformed:
-                    raise DataError(f"{location}: {detail}. Fix: write one {{...}} object per "
-                                    "line, or pass skip_malformed=True.")
-                on_skip("malformed JSON", location, detail)
+                _malformed(location, f"expected a JSON object per line, got {type(data).__name__}",
+                           "Fix: write one {...} object per line, or pass skip_malformed=True.", "malformed JSON",
+                           skip_malformed, on_skip)
                 continue
             yield Record(location, data)
 
@@ -108,15 +103,8 @@ def _iter_json(path: str, skip_malformed: bool, on_skip: SkipFn) -> Iterator[Rec
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}. "
                         "Fix: write [{...}, {...}] or use JSONL (one object per line).")
-    for i, item in enumerate(data):
-        location = f"{path}[{i}]"
-        if not isinstance(item, dict):
-            if not skip_malformed:
-                raise DataError(f"{location}: expected an object, got {type(item).__name__}. "
-                                "Fix the item, or pass skip_malformed=True.")
-            on_skip("malformed JSON", location, f"expected an object, got {type(item).__name__}")
-            continue
-        yield Record(location, item)
+    yield from _dict_records(data, lambda i: f"{path}[{i}]", "an object", "Fix the item, or pass skip_malformed=True.",
+                             "malformed JSON", skip_malformed, on_skip)
 
 
 def _iter_parquet(path: str, skip_malformed: bool, on_skip: SkipFn) -> Iterator[Record]:
@@ -141,11 +129,9 @@ def _iter_csv(path: str, skip_malformed: bool, on_skip: SkipFn) -> Iterator[Reco
         for data in reader:
             location = f"{path}:{reader.line_num}"
             if None in data:  # DictReader puts surplus fields under the key None
-                detail = f"{len(data[None])} more fields than the header has"
-                if not skip_malformed:
-                    raise DataError(f"{location}: {detail}. Fix: quote fields containing commas, "
-                                    "or pass skip_malformed=True.")
-                on_skip("malformed CSV", location, detail)
+                _malformed(location, f"{len(data[None])} more fields than the header has",
+                           "Fix: quote fields containing commas, or pass skip_malformed=True.", "malformed CSV",
+                           skip_malformed, on_skip)
                 continue
             yield Record(location, data)
 
@@ -162,12 +148,24 @@ def _iter_python(source, skip_malformed: bool, on_skip: SkipFn) -> Iterator[Reco
     except TypeError:
         raise DataError(f"cannot read a dataset from {type(source).__name__}. Fix: pass a file "
                         "path, a datasets.Dataset, or a list of dicts.") from None
+    yield from _dict_records(items, lambda i: f"example {i}", "a dict",
+                             "Fix: pass a list of dicts, or skip_malformed=True.", "malformed example",
+                             skip_malformed, on_skip)
+
+
+def _dict_records(items, location_of, expected: str, fix: str, reason: str, skip_malformed: bool,
+                  on_skip: SkipFn) -> Iterator[Record]:
+    """Each dict of `items` as a Record; anything else is malformed: an error, or skipped and counted."""
     for i, item in enumerate(items):
-        location = f"example {i}"
-        if not isinstance(item, dict):
-            if not skip_malformed:
-                raise DataError(f"{location}: expected a dict, got {type(item).__name__}. "
-                                "Fix: pass a list of dicts, or skip_malformed=True.")
-            on_skip("malformed example", location, f"expected a dict, got {type(item).__name__}")
+        location = location_of(i)
+        if isinstance(item, dict):
+            yield Record(location, item)
             continue
-        yield Record(location, item)
+        _malformed(location, f"expected {expected}, got {type(item).__name__}", fix, reason, skip_malformed, on_skip)
+
+
+def _malformed(location: str, detail: str, fix: str, reason: str, skip_malformed: bool, on_skip: SkipFn) -> None:
+    """A bad line or example: a DataError naming where and how to fix it, or (skip_malformed) counted."""
+    if not skip_malformed:
+        raise DataError(f"{location}: {detail}. {fix}")
+    on_skip(reason, location, detail)

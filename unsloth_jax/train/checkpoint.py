@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from unsloth_jax.errors import ConfigError
@@ -19,7 +18,6 @@ class Checkpointer:
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max(keep, 1), create=True))
 
     def save(self, step: int, state, data_state: dict, extra: dict | None = None) -> None:
-        state = jax.tree.map(_host_key_safe, state)
         meta = {"data_state": data_state, **(extra or {})}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
@@ -33,16 +31,10 @@ class Checkpointer:
         if step is None:
             raise ConfigError(f"resume_from_checkpoint: no checkpoint found in {self.directory}; "
                               f"start without resuming or point to a run's checkpoints/ directory.")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, jax.tree.map(_host_key_safe, like_state))
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                       meta=ocp.args.JsonRestore()))
         return step, restored["state"], restored["meta"]
 
     def close(self):
         self.manager.close()
-
-
-def _host_key_safe(x):
-    """Typed PRNG keys are not plain arrays; the state keeps raw uint32 keys, so this is a no-op
-    guard that turns anything else array-like into an array."""
-    return x if hasattr(x, "shape") else np.asarray(x)

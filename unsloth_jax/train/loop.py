@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from unsloth_jax.errors import DataError, UnslothJaxError
 from unsloth_jax.train.checkpoint import Checkpointer
 from unsloth_jax.train.config import TrainConfig
-from unsloth_jax.train.memory import device_bytes_in_use, estimate_memory, format_estimate, gib
+from unsloth_jax.train.memory import device_peak_bytes, estimate_memory, format_estimate, gib
 from unsloth_jax.train.optim import make_optimizer, make_schedule
 from unsloth_jax.train.step import (TrainState, init_state, make_eval_step, make_train_step, split_model,
                                     update_model)
@@ -168,7 +168,7 @@ class SFTTrainer:
         record = {"step": done, "loss": loss, "lr": float(schedule(done - 1)), "grad_norm": float(m["grad_norm"]),
                   "learned_tokens": int(m["tokens"]), "tokens_per_s": n_tokens * steps / max(now - last_time, 1e-9),
                   "epoch": epoch}
-        mem = device_bytes_in_use()
+        mem = device_peak_bytes()
         if mem is not None:
             record["peak_device_bytes"] = mem
         self.history.append(record)

@@ -47,7 +47,7 @@ def device_capacity() -> int | None:
         return None
 
 
-def device_bytes_in_use() -> int | None:
+def device_peak_bytes() -> int | None:
     try:
         stats = jax.local_devices()[0].memory_stats()
         return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
