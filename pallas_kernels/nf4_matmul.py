@@ -35,7 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from unsloth_jax import compat
-from unsloth_jax.quant import NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, dequantize_nf4
+from unsloth_jax.quant import NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, _no_fma, dequantize_nf4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +46,9 @@ class TileConfig:
     split_k: programs sharing one output tile's reduction (fp32 partials, summed after);
       0 = automatic: split only while there are fewer than two output tiles per SM.
     group_m: output-row tiles visited together, so neighbouring programs share weight tiles in L2.
-    decode: how a 4-bit code becomes its NF4 value: "select" (a 4-level select tree in registers)
-      or "gather" (a load from the 16-entry table). On an H100 the select tree was 1.4-3.9x
-      faster (benchmarks/nf4_NOTES.md).
+    decode: how a 4-bit code becomes its NF4 value: "prmt" (byte permutes in inline PTX, four
+      codes per ~31 instructions, see `PRMT_DECODE_ASM`; GPU only, the interpreter falls back to
+      "select") or "select" (a 4-level select tree, ~50 instructions per code; any backend).
     weight_lhs: make the decoded weight tile the left MMA operand and accumulate the transposed
       product (a Hopper left operand may come from registers); measured within 10% either way.
     """
@@ -59,7 +59,7 @@ class TileConfig:
     num_stages: int = 3
     split_k: int = 0
     group_m: int = 8
-    decode: str = "select"
+    decode: str = "prmt"
     weight_lhs: bool = True
 
 
@@ -74,15 +74,64 @@ def nf4_matmul_reference(x, q: NF4Tensor):
 
 # ---- decoding inside a tile --------------------------------------------------------------------
 
-def _lookup_nf4(codes, table_ref, decode):
-    """int32 codes (0..15) -> their fp32 NF4 values."""
-    if decode == "gather":
-        return table_ref[codes]
+def _lookup_nf4(codes):
+    """int32 codes (0..15) -> their fp32 NF4 values, by a select tree (any backend)."""
     bits = [(codes & (1 << b)) != 0 for b in range(4)]
     level = [jnp.float32(v) for v in NF4_CODE]
     for bit in bits:  # pair up neighbours on the lowest remaining bit: 16 -> 8 -> 4 -> 2 -> 1
         level = [jnp.where(bit, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
     return level[0]
+
+
+def _prmt_decode_asm(nibble: str) -> str:
+    """PTX that turns the `nibble` ("hi" or "lo") codes of 4 packed bytes (one 32-bit register,
+    $4) into their exact fp32 NF4 values ($0-$3, byte i -> $i).
+
+    `prmt d, a, b, sel` picks each byte of d from the 8 bytes of (a, b) by a 3-bit index (a
+    selector nibble). The 16 fp32 values are held as 4 byte planes x 16 entries = 4 x 4 registers.
+    With the 4 codes compacted into the low 16 bits, `& 0x7777` indexes entries 0-7 (one prmt) and
+    8-15 (another); a third prmt picks per byte by the code's bit 3. That is one byte plane of the
+    4 values; eight more prmts transpose 4 planes x 4 values into 4 fp32 registers. About 31
+    instructions for 4 values, against ~50 per value for the select tree. (Two calls, one per
+    nibble, because Pallas lowers only single-result inline assembly.)"""
+    bits = NF4_CODE.astype("<f4").view(np.uint8).reshape(16, 4)  # [code, byte plane]
+    lines = ["{", ".reg .b32 t<16>, c, s, m, l, h, p<4>, x, y;"]
+    for plane in range(4):
+        for quad in range(4):
+            word = sum(int(bits[quad * 4 + i, plane]) << (8 * i) for i in range(4))
+            lines.append(f"mov.b32 t{plane * 4 + quad}, {word:#010x};")
+    lines += [f"shr.b32 c, $4, {4 if nibble == 'hi' else 0};", "and.b32 c, c, 0x0f0f0f0f;",
+              # nibbles at 0, 2, 4, 6 -> 0, 1, 2, 3
+              "shr.b32 x, c, 4;", "or.b32 c, c, x;", "and.b32 x, c, 0xff;",
+              "shr.b32 y, c, 8;", "and.b32 y, y, 0xff00;", "or.b32 c, x, y;",
+              "and.b32 s, c, 0x7777;", "shr.b32 m, c, 1;", "and.b32 m, m, 0x4444;", "or.b32 m, m, 0x3210;"]
+    for plane in range(4):
+        t = plane * 4
+        lines += [f"prmt.b32 l, t{t}, t{t + 1}, s;", f"prmt.b32 h, t{t + 2}, t{t + 3}, s;",
+                  f"prmt.b32 p{plane}, l, h, m;"]
+    for pair_sel, outs in (("0x5140", (0, 1)), ("0x7362", (2, 3))):  # values (0, 1), then (2, 3)
+        lines += [f"prmt.b32 x, p0, p1, {pair_sel};", f"prmt.b32 y, p2, p3, {pair_sel};",
+                  f"prmt.b32 ${outs[0]}, x, y, 0x5410;", f"prmt.b32 ${outs[1]}, x, y, 0x7632;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+PRMT_DECODE_ASM = {nibble: _prmt_decode_asm(nibble) for nibble in ("hi", "lo")}
+
+
+def _decode_packed(packed_u8, decode):
+    """uint8 [R, C] packed codes -> fp32 NF4 values [R, 2C] (high nibble first, as bitsandbytes)."""
+    r, c = packed_u8.shape
+    if decode == "prmt":
+        from jax.experimental.pallas import triton as plt
+
+        hi, lo = (plt.elementwise_inline_asm(
+            PRMT_DECODE_ASM[nibble], args=[packed_u8], constraints="=r,=r,=r,=r,r", pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct((r, c), jnp.float32)])[0] for nibble in ("hi", "lo"))
+    else:
+        packed = packed_u8.astype(jnp.int32)
+        hi, lo = _lookup_nf4(packed >> 4), _lookup_nf4(packed & 15)
+    return jnp.stack([hi, lo], axis=-1).reshape(r, 2 * c)
 
 
 def _block_absmax(scale_refs, blk, double_quant):
@@ -92,25 +141,22 @@ def _block_absmax(scale_refs, blk, double_quant):
         return absmax_ref[blk]
     qabs_ref, nested_ref, code_ref, offset_ref = scale_refs
     codes = qabs_ref[blk].astype(jnp.int32)
-    return code_ref[codes] * nested_ref[blk // NESTED_BLOCKSIZE] + offset_ref[0]
+    return _no_fma(code_ref[codes] * nested_ref[blk // NESTED_BLOCKSIZE]) + offset_ref[0]  # as bnb
 
 
-def _weight_tile_rows(w_ref, scale_refs, table_ref, rows, k0, bk, *, bs, k_total, double_quant,
-                      decode, dtype):
+def _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_quant, decode, dtype):
     """Decoded weight rows `rows` (int32 [R]), columns k0..k0+bk: [R, bk] in `dtype`.
 
     Fast path (k_total % bs == 0): w_ref is the packed weight viewed [N, K/2], the absmax refs
     [N, K/bs]; bk is a multiple of bs so a tile holds whole blocks of each row."""
-    packed = w_ref[rows, pl.ds(pl.multiple_of(k0 // 2, bk // 2), bk // 2)].astype(jnp.int32)  # [R, bk/2]
-    # High nibble first: element 2j is byte j's high nibble, element 2j+1 its low nibble.
-    codes = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(rows.shape[0], bk)
-    vals = _lookup_nf4(codes, table_ref, decode)
+    packed = w_ref[rows, pl.ds(pl.multiple_of(k0 // 2, bk // 2), bk // 2)]  # uint8 [R, bk/2]
+    vals = _decode_packed(packed, decode)
     per_row = bk // bs
     if double_quant:
         qabs_ref, nested_ref, code_ref, offset_ref = scale_refs
         qabs = qabs_ref[rows, pl.ds(k0 // bs, per_row)].astype(jnp.int32)  # [R, bk/bs]
         blk = rows[:, None] * (k_total // bs) + (k0 // bs + jnp.arange(per_row, dtype=jnp.int32))[None, :]
-        absmax = code_ref[qabs] * nested_ref[blk // NESTED_BLOCKSIZE] + offset_ref[0]
+        absmax = _no_fma(code_ref[qabs] * nested_ref[blk // NESTED_BLOCKSIZE]) + offset_ref[0]
     else:
         absmax = scale_refs[0][rows, pl.ds(k0 // bs, per_row)]
     if per_row == 1:
@@ -121,15 +167,14 @@ def _weight_tile_rows(w_ref, scale_refs, table_ref, rows, k0, bk, *, bs, k_total
     return w.astype(dtype)
 
 
-def _weight_tile_flat(w_ref, scale_refs, table_ref, rows, k0, bk, *, bs, k_total, double_quant,
-                      decode, dtype):
+def _weight_tile_flat(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_quant, decode, dtype):
     """General path (any K): each element decoded from its flat index n*K + k. Columns past K are
     clamped to K-1 (finite values; the caller zeroes their partner operand or drops them)."""
     cols = jnp.minimum(k0 + jnp.arange(bk, dtype=jnp.int32), k_total - 1)
     flat = rows[:, None] * k_total + cols[None, :]
     byte = w_ref[flat >> 1].astype(jnp.int32)
     codes = (byte >> ((1 - (flat & 1)) * 4)) & 15
-    vals = _lookup_nf4(codes, table_ref, decode)
+    vals = _lookup_nf4(codes)  # one code per byte here: nothing for prmt to pack
     return (vals * _block_absmax(scale_refs, flat // bs, double_quant)).astype(dtype)
 
 
@@ -191,7 +236,7 @@ def _store(o_ref, acc, rows, c0, bc, c_total, split):
 
 def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
     """o[rows, cols] = sum_k x[rows, k] * W[cols, k] over this program's reduction slice."""
-    *scale_refs, table_ref, o_ref = refs
+    *scale_refs, o_ref = refs
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     tm, tn = _grouped_pid(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(n, bn), cfg.group_m)
     rows = jnp.minimum(tm * bm + jnp.arange(bm, dtype=jnp.int32), m - 1)
@@ -207,7 +252,7 @@ def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
             kk = k0 + jnp.arange(bk, dtype=jnp.int32)
             xt = x_ref[rows[:, None], jnp.minimum(kk, k - 1)[None, :]]
             xt = jnp.where((kk < k)[None, :], xt, 0).astype(dtype)
-        wt = tile(w_ref, scale_refs, table_ref, cols, k0, bk, bs=bs, k_total=k,
+        wt = tile(w_ref, scale_refs, cols, k0, bk, bs=bs, k_total=k,
                   double_quant=double_quant, decode=cfg.decode, dtype=dtype)
         if cfg.weight_lhs:  # acc = (x W^T)^T = W x^T, [bn, bm]
             return acc + _dot(wt, xt, dtype)
@@ -220,7 +265,7 @@ def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
 
 def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
     """dx[rows, ks] = sum_n dy[rows, n] * W[n, ks] over this program's slice of N."""
-    *scale_refs, table_ref, o_ref = refs
+    *scale_refs, o_ref = refs
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     tm, tk = _grouped_pid(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(k, bk), cfg.group_m)
     rows = jnp.minimum(tm * bm + jnp.arange(bm, dtype=jnp.int32), m - 1)
@@ -237,7 +282,7 @@ def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
             nn = n0 + jnp.arange(bn, dtype=jnp.int32)
             wrows = jnp.minimum(nn, n - 1)
             dyt = jnp.where((nn < n)[None, :], dy_ref[rows[:, None], wrows[None, :]], 0).astype(dtype)
-        wt = tile(w_ref, scale_refs, table_ref, wrows, k0, bk, bs=bs, k_total=k,
+        wt = tile(w_ref, scale_refs, wrows, k0, bk, bs=bs, k_total=k,
                   double_quant=double_quant, decode=cfg.decode, dtype=dtype)
         if cfg.weight_lhs:  # acc = (dy W)^T = W^T dy^T, [bk, bm]
             return acc + _dot_tn(wt, dyt, dtype)
@@ -263,18 +308,17 @@ def _pow2_at_most(v: int, cap: int) -> int:
 
 def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: int = 64) -> TileConfig:
     """Tiles for an [m, n_red] x [n_red, n_out] product (forward: n_out=N, n_red=K; backward:
-    n_out=K, n_red=N). Chosen from the H100 sweep in benchmarks/nf4_NOTES.md, where the select
-    tree beat the table gather everywhere: few rows get a thin tile plus split-K to fill the SMs;
-    many rows the largest tile that fit in shared memory (each decoded weight tile then serves
-    256 rows)."""
+    n_out=K, n_red=N). Chosen from the H100 sweeps in benchmarks/nf4_NOTES.md: few rows get a
+    thin tile plus split-K to fill the SMs; many rows the largest tile that fit in shared memory
+    (each decoded weight tile then serves 256 rows)."""
     if m <= 16:
-        return TileConfig(16, 64, 128, 4, 4, 0, 8, "select", True)
+        return TileConfig(16, 64, 128, 4, 4, 0, 8, "prmt", True)
     if m <= 128 or dtype == jnp.float32:  # fp32 operands take twice the registers and SRAM
         return TileConfig(_pow2_at_most(m, 64), min(64, _pow2_at_most(n_out, 64)), 64, 4, 3, 0, 8,
-                          "select", True)
+                          "prmt", True)
     if m <= 256:
-        return TileConfig(128, 128, 64, 8, 3, 1, 8, "select", True)
-    return TileConfig(256, 128, 64, 8, 3, 1, 8, "select", True)
+        return TileConfig(128, 128, 64, 8, 3, 1, 8, "prmt", True)
+    return TileConfig(256, 128, 64, 8, 3, 1, 8, "prmt", True)
 
 
 def _auto_split(tiles: int, steps: int) -> int:
@@ -294,6 +338,13 @@ def _fit_block_k(cfg: TileConfig, k: int, bs: int, aligned: bool) -> TileConfig:
         if bk < bs or bk % bs or k % bk:
             bk = bs
     return dataclasses.replace(cfg, block_k=bk) if bk != cfg.block_k else cfg
+
+
+def _runnable_decode(cfg: TileConfig, interpret: bool) -> TileConfig:
+    """The Pallas interpreter cannot run PTX: it decodes with the select tree (same values)."""
+    if interpret and cfg.decode == "prmt":
+        return dataclasses.replace(cfg, decode="select")
+    return cfg
 
 
 def _scale_operands(q: NF4Tensor, aligned: bool, k: int):
@@ -330,9 +381,9 @@ def _launch(kernel, a, q, out_cols, red, cfg, interpret, out_dtype):
         split -= 1
     if split != cfg.split_k:
         cfg = dataclasses.replace(cfg, split_k=split)
+    cfg = _runnable_decode(cfg, interpret)
     w = q.packed.reshape(n, k // 2) if aligned else q.packed
-    table = jnp.asarray(NF4_CODE)
-    operands = [a, w, *_scale_operands(q, aligned, k), table]
+    operands = [a, w, *_scale_operands(q, aligned, k)]
     grid = (pl.cdiv(m, cfg.block_m) * pl.cdiv(out_cols, out_tile), cfg.split_k)
     if cfg.split_k > 1:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, out_cols), jnp.float32)
@@ -409,20 +460,76 @@ def nf4_matmul(x, q: NF4Tensor, *, interpret: bool = False, fwd_config: Optional
     return _nf4_matmul(x, q, interpret, fwd_config, dx_config)
 
 
-# Rows above which the compiled kernel is not used: on the H100 (benchmarks/nf4_NOTES.md) XLA's
-# dequantize-then-matmul ran 2-3x faster than this kernel at M >= 2048 (its 4-bit decode costs ~50
-# instructions per weight), at the price of one layer's weight in bf16 alive for the duration of
-# the matmul. Until the decode is cheaper, training-sized M takes that path; decode-sized M the kernel.
+# ---- dequantize, then a cuBLAS matmul (many rows) --------------------------------------------------
+
+def _dequant_kernel(w_ref, *refs, n, k, bs, bn, bk, double_quant, decode, dtype):
+    *scale_refs, o_ref = refs
+    rows = jnp.minimum(pl.program_id(0) * bn + jnp.arange(bn, dtype=jnp.int32), n - 1)
+    k0 = pl.multiple_of(pl.program_id(1) * bk, bk)
+    o_ref[rows, pl.ds(k0, bk)] = _weight_tile_rows(
+        w_ref, scale_refs, rows, k0, bk, bs=bs, k_total=k, double_quant=double_quant,
+        decode=decode, dtype=dtype)
+
+
+def nf4_dequantize(q: NF4Tensor, dtype=jnp.bfloat16, *, interpret: bool = False,
+                   tiles: TileConfig = TileConfig(64, 32, 256, 4, 1, 1, 1)):
+    """dequantize_nf4(q, dtype) as one Pallas pass (read 4-bit codes, write `dtype`): the same
+    values, at memory speed instead of XLA's table gathers. `tiles.block_m` x `tiles.block_k` is
+    the tile of the weight each program writes. K % 64 != 0 falls back to XLA."""
+    n, k, bs = q.shape[0], q.shape[1], q.blocksize
+    if k % bs:
+        return dequantize_nf4(q, dtype)
+    cfg = _runnable_decode(_fit_block_k(tiles, k, bs, True), interpret)
+    bn, bk = min(cfg.block_m, _pow2_at_most(n, cfg.block_m)), cfg.block_k
+    body = functools.partial(_dequant_kernel, n=n, k=k, bs=bs, bn=bn, bk=bk,
+                             double_quant=q.double_quant, decode=cfg.decode, dtype=dtype)
+    return pl.pallas_call(
+        body, out_shape=jax.ShapeDtypeStruct((n, k), dtype), grid=(pl.cdiv(n, bn), k // bk),
+        interpret=interpret, name="nf4_dequantize",
+        compiler_params=None if interpret else compat.triton_compiler_params(
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )(q.packed.reshape(n, k // 2), *_scale_operands(q, True, k))
+
+
+def _dense_product(a, w, spec, dtype):
+    return jnp.einsum(spec, a, w, preferred_element_type=jnp.float32).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dequant_matmul(x, q: NF4Tensor, interpret: bool = False):
+    """x @ dequantize(q).T through `nf4_dequantize` and XLA's matmul. The bf16 weight lives only
+    for the duration of one product: the backward dequantizes again instead of saving it, so a
+    QLoRA model never holds more than one layer's weight in 16 bits."""
+    return _dense_product(x, nf4_dequantize(q, x.dtype, interpret=interpret), "...k,nk->...n", x.dtype)
+
+
+def _dequant_matmul_fwd(x, q, interpret):
+    return dequant_matmul(x, q, interpret), (q, jnp.zeros((0,), x.dtype))
+
+
+def _dequant_matmul_bwd(interpret, res, dy):
+    q, x_proto = res
+    w = nf4_dequantize(q, x_proto.dtype, interpret=interpret)
+    return _dense_product(dy.astype(x_proto.dtype), w, "...n,nk->...k", x_proto.dtype), _zero_cotangent(q)
+
+
+dequant_matmul.defvjp(_dequant_matmul_fwd, _dequant_matmul_bwd)
+
+
+# Rows from which the base projection dequantizes one weight and calls cuBLAS instead of the fused
+# kernel (benchmarks/nf4_NOTES.md, run 3): the fused kernel wins where the weight bytes dominate
+# (few rows), cuBLAS's Hopper pipeline where the MMAs do.
 KERNEL_MAX_ROWS = 256
 
 
 def nf4_linear(x, q: NF4Tensor):
-    """The base projection of a QLoRA layer: the fused kernel on GPU for small M (XLA's
-    dequantize-then-matmul above KERNEL_MAX_ROWS, see above), the jnp reference on CPU, or the
-    kernel under the Pallas interpreter (UNSLOTH_JAX_KERNELS=interpret, every M)."""
+    """The base projection of a QLoRA layer: on GPU the fused kernel up to KERNEL_MAX_ROWS rows,
+    `dequant_matmul` above; the jnp reference on CPU; under the Pallas interpreter
+    (UNSLOTH_JAX_KERNELS=interpret) the fused kernel for every M."""
     mode = compat.kernel_mode()
-    rows = math.prod(x.shape[:-1])
-    if mode == "reference" or (mode == "pallas" and rows > KERNEL_MAX_ROWS):
-        _check(q, x, "nf4_linear")
+    _check(q, x, "nf4_linear")
+    if mode == "reference":
         return nf4_matmul_reference(x, q)
+    if mode == "pallas" and math.prod(x.shape[:-1]) > KERNEL_MAX_ROWS:
+        return dequant_matmul(x, q)
     return nf4_matmul(x, q, interpret=(mode == "interpret"))

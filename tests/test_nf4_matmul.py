@@ -9,13 +9,14 @@ from unsloth_jax.quant import quantize_nf4, stack_nf4
 
 T = K.TileConfig
 CASES = [
-    # (M, N, K, dtype, double_quant, tiles): ragged M/N, K % 64 != 0, split-K, both decoders,
+    # (M, N, K, dtype, double_quant, tiles): ragged M/N, K % 64 != 0, split-K, both decoders (prmt
+    # runs as the select tree under the interpreter),
     # the weight as left or right MMA operand
     (20, 40, 128, jnp.float32, True, T(16, 16, 64, 4, 2, 1, 2, "select", False)),
-    (20, 40, 128, jnp.bfloat16, True, T(16, 16, 64, 4, 2, 1, 2, "gather")),
+    (20, 40, 128, jnp.bfloat16, True, T(16, 16, 64, 4, 2, 1, 2, "prmt")),
     (5, 33, 96, jnp.float32, True, T(16, 16, 64, 4, 2, 1, 2, "select", False)),  # blocks straddle rows
     (17, 48, 256, jnp.bfloat16, True, T(16, 16, 128, 4, 2, 2, 2, "select")),   # split-K, 2 blocks a tile
-    (3, 48, 192, jnp.float32, False, T(16, 16, 64, 4, 2, 1, 2, "gather")),     # fp32 absmax
+    (3, 48, 192, jnp.float32, False, T(16, 16, 64, 4, 2, 1, 2, "prmt")),     # fp32 absmax
 ]
 
 
@@ -93,6 +94,71 @@ def test_default_config_is_valid(m, n, k):
         cfg = K.default_config(m, out, red)
         for b in (cfg.block_m, cfg.block_n, cfg.block_k):
             assert b >= 16 and b & (b - 1) == 0
-        assert cfg.split_k >= 0 and cfg.decode in ("select", "gather")
+        assert cfg.split_k >= 0 and cfg.decode in ("select", "prmt")
         if m <= 16:
             assert cfg.block_m == 16
+
+
+# ---- the PTX decode, run by a small emulator of the five instructions it uses ----------------------
+
+def _prmt(a, b, sel):
+    """PTX prmt.b32 (default mode): byte i of the result is byte (sel nibble i & 7) of b:a,
+    or that byte's sign replicated when the nibble's bit 3 is set."""
+    pool = (b.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
+    out = np.zeros_like(a)
+    for i in range(4):
+        nib = (sel >> np.uint32(4 * i)) & np.uint32(15)
+        byte = ((pool >> (np.uint64(8) * (nib & np.uint32(7)).astype(np.uint64))) & np.uint64(0xFF)).astype(np.uint32)
+        byte = np.where(nib & np.uint32(8), np.where(byte & np.uint32(0x80), np.uint32(0xFF), np.uint32(0)), byte)
+        out |= byte << np.uint32(8 * i)
+    return out
+
+
+def _run_ptx(asm, operands):
+    """Execute the decode's straight-line PTX on uint32 vectors; operands maps '$4' etc. to arrays."""
+    regs = dict(operands)
+
+    def val(tok):
+        return regs[tok] if tok in regs else np.full_like(operands["$4"], int(tok, 0))
+
+    for line in asm.split("\n"):
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        a = [val(t) for t in src]
+        regs[dst] = {"mov.b32": lambda: a[0], "and.b32": lambda: a[0] & a[1],
+                     "or.b32": lambda: a[0] | a[1], "shr.b32": lambda: a[0] >> a[1],
+                     "prmt.b32": lambda: _prmt(*a)}[op]()
+    return regs
+
+
+def test_prmt_decode_gives_exact_nf4_values():
+    from unsloth_jax.quant import NF4_CODE
+    rng = np.random.default_rng(0)
+    words = np.concatenate([rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32),
+                            np.arange(256, dtype=np.uint32) * np.uint32(0x01010101)])  # each byte value in every slot
+    for nibble, shift in (("hi", 4), ("lo", 0)):
+        regs = _run_ptx(K.PRMT_DECODE_ASM[nibble], {"$4": words})
+        for i in range(4):  # byte i of the word is element i of the pack
+            codes = (words >> np.uint32(8 * i + shift)) & np.uint32(15)
+            np.testing.assert_array_equal(regs[f"${i}"].view(np.float32), NF4_CODE[codes])
+
+
+def test_pallas_dequantize_and_dequant_matmul_match_reference():
+    from unsloth_jax.quant import dequantize_nf4
+    rng = np.random.default_rng(5)
+    for n, k, dq in ((40, 256, True), (33, 128, False), (8, 96, True)):  # ragged N, K % 64 != 0
+        q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.02, double_quant=dq)
+        for dtype in (jnp.float32, jnp.bfloat16):
+            w = K.nf4_dequantize(q, dtype, interpret=True,
+                                 tiles=T(16, 16, 128, 4, 1, 1, 1))
+            np.testing.assert_array_equal(np.asarray(w, np.float32),
+                                          np.asarray(dequantize_nf4(q, dtype), np.float32))
+        x = jnp.asarray(rng.standard_normal((3, 5, k)), jnp.float32)
+        y, vjp = jax.vjp(lambda a: K.dequant_matmul(a, q, True), x)
+        y_ref, vjp_ref = jax.vjp(lambda a: K.nf4_matmul_reference(a, q), x)
+        assert rel_err(y, y_ref) < 1e-5
+        dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+        assert rel_err(vjp(dy)[0], vjp_ref(dy)[0]) < 1e-5
