@@ -5,6 +5,7 @@ Phases (all by default, in this order; each stops early when the time budget run
   check  compiled kernel vs the jnp reference on the GPU, forward and dx, ragged and real shapes
   bnb    quantize_nf4(like="cuda") vs bitsandbytes' CUDA kernels, if bitsandbytes imports
   sweep  a few tile configs on one projection shape, forward and dx, small and large M
+  dequant  nf4_dequantize alone (Pallas, the many-rows path's first half): tiles and layouts
   table  Llama-3.1-8B projections (out x in) at M = 1, 16, 2048, 8192, forward and dx, against
          (a) XLA dequantize-then-matmul and (b) the plain bf16 matmul of the same shape
 
@@ -38,6 +39,7 @@ from unsloth_jax.quant import dequantize_nf4, nf4_nbytes, quantize_nf4
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]  # (out N, in K) of Llama-3.1-8B
 MS = [1, 16, 2048, 8192]
 L2_DEFEAT_BYTES = 160 << 20  # > 3x the H100's 50 MB L2
+DOUBLE_QUANT = True  # --single-quant: fp32 absmax per block (no table lookup in the kernel)
 INTERPRET = False  # --interpret: a CPU dry run of this script (tiny shapes), not a benchmark
 
 
@@ -133,7 +135,7 @@ def time_exe(exe, a, weights, rounds=5, inner=4):
 # ---- data -------------------------------------------------------------------------------------
 
 def nf4_spec(n, k):
-    return jax.eval_shape(lambda w: quantize_nf4(w, record_dtype="bfloat16"),
+    return jax.eval_shape(lambda w: quantize_nf4(w, record_dtype="bfloat16", double_quant=DOUBLE_QUANT),
                           jax.ShapeDtypeStruct((n, k), jnp.float32))
 
 
@@ -141,7 +143,8 @@ def make_weights(n, k, kind, copies):
     """`copies` distinct device buffers of one random weight: bf16 [n, k] or its NF4Tensor
     (distinct buffers, so that repeated ops stream from HBM rather than L2)."""
     w = jax.random.normal(jax.random.PRNGKey(n * 7 + k), (n, k), jnp.float32) * 0.02
-    base = quantize_nf4(w, record_dtype="bfloat16") if kind == "nf4" else w.astype(jnp.bfloat16)
+    base = (quantize_nf4(w, record_dtype="bfloat16", double_quant=DOUBLE_QUANT) if kind == "nf4"
+            else w.astype(jnp.bfloat16))
     ws = [jax.tree.map(lambda a: jnp.array(a, copy=True), base) for _ in range(copies)]
     return jax.block_until_ready(ws)
 
@@ -250,16 +253,14 @@ def sweep_configs(m, direction):
     """Candidates for the sweep. For dx, block_n tiles the reduction (N) and block_k the output."""
     T = K.TileConfig
     if m <= 16:
-        return [T(16, 64, 128, 4, 4, 0, 8, "select", True), T(16, 64, 128, 4, 4, 0, 8, "prmt", True),
-                T(16, 128, 128, 4, 4, 0, 8, "prmt", True), T(16, 64, 256, 4, 3, 0, 8, "prmt", True),
-                T(16, 128, 256, 8, 3, 0, 8, "prmt", True), T(16, 64, 128, 4, 4, 0, 8, "prmt", False),
-                T(16, 32, 256, 4, 4, 0, 8, "prmt", True), T(16, 256, 128, 8, 3, 0, 8, "prmt", True),
-                T(16, 64, 512, 4, 3, 0, 8, "prmt", True), T(16, 128, 128, 4, 3, 0, 8, "prmt", True)]
-    return [T(256, 128, 64, 8, 3, 1, 8, "select", True), T(256, 128, 64, 8, 3, 1, 8, "prmt", True),
-            T(128, 128, 64, 8, 3, 1, 8, "prmt", True), T(128, 256, 64, 8, 3, 1, 8, "prmt", True),
-            T(256, 128, 64, 8, 3, 1, 8, "prmt", False), T(128, 128, 64, 4, 3, 1, 8, "prmt", True),
-            T(128, 128, 128, 8, 3, 1, 8, "prmt", True), T(256, 64, 64, 8, 3, 1, 8, "prmt", True),
-            T(128, 256, 64, 8, 3, 1, 8, "prmt", False), T(256, 128, 64, 8, 4, 1, 8, "prmt", True)]
+        return [T(16, 64, 128, 4, 4, 0, 8, "prmt", True), T(16, 64, 128, 4, 4, 0, 8, "prmt", False),
+                T(16, 128, 128, 4, 3, 0, 8, "prmt", False), T(16, 64, 128, 4, 4, 4, 8, "prmt", True),
+                T(16, 64, 128, 4, 4, 8, 8, "prmt", True), T(16, 32, 128, 2, 4, 0, 8, "prmt", True),
+                T(16, 64, 64, 4, 4, 0, 8, "prmt", True), T(16, 128, 64, 4, 4, 0, 8, "prmt", False),
+                T(16, 64, 128, 8, 4, 0, 8, "prmt", True), T(16, 256, 64, 8, 4, 0, 8, "prmt", False)]
+    return [T(256, 128, 64, 8, 3, 1, 8, "prmt", True), T(256, 128, 64, 8, 3, 1, 8, "prmt", False),
+            T(256, 128, 32, 8, 4, 1, 8, "prmt", False), T(256, 64, 64, 4, 3, 1, 8, "prmt", False),
+            T(128, 128, 64, 8, 3, 1, 8, "prmt", False), T(256, 128, 32, 8, 3, 1, 8, "prmt", True)]
 
 
 def nf4_nbytes_est(n, k):
@@ -306,6 +307,37 @@ def phase_sweep(budget, results, n=14336, k=4096, ms=(1, 2048)):
                     log(f"sweep M={m} {direction} ERROR {cfg}: {repr(e)[:300]}")
                 rows.append(row)
     results["sweep"] = rows
+
+
+def phase_dequant(budget, results, n=14336, k=4096):
+    """nf4_dequantize alone (the first half of the many-rows path): tiles, both output layouts."""
+    T = K.TileConfig
+    tiles = [T(64, 32, 256, 4, 1, 1, 1), T(32, 32, 256, 4, 1, 1, 1), T(64, 32, 128, 4, 1, 1, 1),
+             T(128, 32, 256, 8, 1, 1, 1), T(64, 32, 512, 8, 1, 1, 1), T(16, 32, 1024, 4, 1, 1, 1)]
+    jobs = {}
+    copies = n_copies(nf4_nbytes_est(n, k), 1)
+    for i, t in enumerate(tiles):
+        for tr in (False, True):
+            op = (lambda t, tr: lambda a, q: K.nf4_dequantize(q, jnp.bfloat16, transpose=tr, interpret=INTERPRET,
+                                                              tiles=t))(t, tr)
+            jobs[(i, tr)] = (op, jax.ShapeDtypeStruct((1,), jnp.float32), [nf4_spec(n, k)] * copies)
+    exes = compile_all(jobs)
+    qs = make_weights(n, k, "nf4", copies)
+    a = jnp.zeros((1,), jnp.float32)
+    rows = []
+    for (i, tr), exe in exes.items():
+        if not budget.ok(20):
+            break
+        row = dict(n=n, k=k, tiles=dataclasses.asdict(tiles[i]), transpose=tr)
+        if isinstance(exe, Exception):
+            row["error"] = repr(exe)[:200]
+        else:
+            ms = time_exe(exe, a, qs) * 1e3
+            row.update(ms=ms, gbs=(nf4_nbytes(qs[0]) + 2 * n * k) / ms / 1e6)
+        rows.append(row)
+        log(f"dequant {n}x{k} transpose={tr} {tiles[i].block_m}x{tiles[i].block_k} w{tiles[i].num_warps}: "
+            f"{row.get('ms', float('nan')):.3f} ms {row.get('gbs', 0):.0f} GB/s {row.get('error', '')}")
+    results["dequant"] = rows
 
 
 def best_from_sweep(results):
@@ -405,9 +437,11 @@ def main():
     p.add_argument("--sweep-ms", default="1,2048")
     p.add_argument("--tuned", default="", help="JSON {'small-fwd': {TileConfig fields}, ...} to use in the table")
     p.add_argument("--interpret", action="store_true", help="CPU dry run through the Pallas interpreter")
+    p.add_argument("--single-quant", action="store_true", help="weights without double quantization")
     args = p.parse_args()
-    global INTERPRET
+    global INTERPRET, DOUBLE_QUANT
     INTERPRET = args.interpret
+    DOUBLE_QUANT = not args.single_quant
     budget = Budget(args.budget)
     phases = args.phases.split(",")
     dev = jax.devices()[0]
@@ -426,6 +460,8 @@ def main():
         phase_check(budget, results); save()
     if "bnb" in phases:
         phase_bnb(budget, results); save()
+    if "dequant" in phases:
+        phase_dequant(budget, results); save()
     if "sweep" in phases:
         sn, sk = (int(v) for v in args.sweep_shape.split("x"))
         phase_sweep(budget, results, sn, sk, [int(v) for v in args.sweep_ms.split(",")]); save()

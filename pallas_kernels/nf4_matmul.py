@@ -120,7 +120,7 @@ PRMT_DECODE_ASM = {nibble: _prmt_decode_asm(nibble) for nibble in ("hi", "lo")}
 
 
 def _decode_packed(packed_u8, decode):
-    """uint8 [R, C] packed codes -> fp32 NF4 values [R, 2C] (high nibble first, as bitsandbytes)."""
+    """uint8 [R, C] packed codes -> fp32 NF4 values of the high and of the low nibbles, [R, C] each."""
     r, c = packed_u8.shape
     if decode == "prmt":
         from jax.experimental.pallas import triton as plt
@@ -131,7 +131,7 @@ def _decode_packed(packed_u8, decode):
     else:
         packed = packed_u8.astype(jnp.int32)
         hi, lo = _lookup_nf4(packed >> 4), _lookup_nf4(packed & 15)
-    return jnp.stack([hi, lo], axis=-1).reshape(r, 2 * c)
+    return hi, lo
 
 
 def _block_absmax(scale_refs, blk, double_quant):
@@ -150,7 +150,7 @@ def _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_qu
     Fast path (k_total % bs == 0): w_ref is the packed weight viewed [N, K/2], the absmax refs
     [N, K/bs]; bk is a multiple of bs so a tile holds whole blocks of each row."""
     packed = w_ref[rows, pl.ds(pl.multiple_of(k0 // 2, bk // 2), bk // 2)]  # uint8 [R, bk/2]
-    vals = _decode_packed(packed, decode)
+    hi, lo = _decode_packed(packed, decode)
     per_row = bk // bs
     if double_quant:
         qabs_ref, nested_ref, code_ref, offset_ref = scale_refs
@@ -159,12 +159,16 @@ def _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_qu
         absmax = _no_fma(code_ref[qabs] * nested_ref[blk // NESTED_BLOCKSIZE]) + offset_ref[0]
     else:
         absmax = scale_refs[0][rows, pl.ds(k0 // bs, per_row)]
-    if per_row == 1:
-        w = vals * absmax
-    else:
-        r = rows.shape[0]
-        w = (vals.reshape(r, per_row, bs) * absmax[:, :, None]).reshape(r, bk)
-    return w.astype(dtype)
+    r = rows.shape[0]
+
+    def scaled(vals):  # [R, bk/2] packed columns: bs/2 of them per block
+        if per_row == 1:
+            return (vals * absmax).astype(dtype)
+        return (vals.reshape(r, per_row, bs // 2) * absmax[:, :, None]).reshape(r, bk // 2).astype(dtype)
+
+    # Scale and round before interleaving: the interleave then moves 16-bit values, not fp32.
+    # High nibble first: element 2j is byte j's high nibble, element 2j+1 its low nibble.
+    return jnp.stack([scaled(hi), scaled(lo)], axis=-1).reshape(r, bk)
 
 
 def _weight_tile_flat(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_quant, decode, dtype):
@@ -462,29 +466,36 @@ def nf4_matmul(x, q: NF4Tensor, *, interpret: bool = False, fwd_config: Optional
 
 # ---- dequantize, then a cuBLAS matmul (many rows) --------------------------------------------------
 
-def _dequant_kernel(w_ref, *refs, n, k, bs, bn, bk, double_quant, decode, dtype):
+def _dequant_kernel(w_ref, *refs, n, k, bs, bn, bk, double_quant, decode, dtype, transpose):
     *scale_refs, o_ref = refs
     rows = jnp.minimum(pl.program_id(0) * bn + jnp.arange(bn, dtype=jnp.int32), n - 1)
     k0 = pl.multiple_of(pl.program_id(1) * bk, bk)
-    o_ref[rows, pl.ds(k0, bk)] = _weight_tile_rows(
-        w_ref, scale_refs, rows, k0, bk, bs=bs, k_total=k, double_quant=double_quant,
-        decode=decode, dtype=dtype)
+    tile = _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, bs=bs, k_total=k,
+                             double_quant=double_quant, decode=decode, dtype=dtype)
+    if transpose:
+        cols = k0 + jnp.arange(bk, dtype=jnp.int32)
+        o_ref[cols[:, None], rows[None, :]] = tile.T
+    else:
+        o_ref[rows, pl.ds(k0, bk)] = tile
 
 
-def nf4_dequantize(q: NF4Tensor, dtype=jnp.bfloat16, *, interpret: bool = False,
-                   tiles: TileConfig = TileConfig(64, 32, 256, 4, 1, 1, 1)):
-    """dequantize_nf4(q, dtype) as one Pallas pass (read 4-bit codes, write `dtype`): the same
-    values, at memory speed instead of XLA's table gathers. `tiles.block_m` x `tiles.block_k` is
-    the tile of the weight each program writes. K % 64 != 0 falls back to XLA."""
+def nf4_dequantize(q: NF4Tensor, dtype=jnp.bfloat16, *, transpose: bool = False,
+                   interpret: bool = False, tiles: TileConfig = TileConfig(64, 32, 256, 4, 1, 1, 1)):
+    """dequantize_nf4(q, dtype) (or its transpose, [in, out]) as one Pallas pass: read the 4-bit
+    codes, write `dtype`; the same values, at memory speed instead of XLA's table gathers.
+    `tiles.block_m` x `tiles.block_k` is the tile of the weight each program writes.
+    K % 64 != 0 falls back to XLA."""
     n, k, bs = q.shape[0], q.shape[1], q.blocksize
     if k % bs:
-        return dequantize_nf4(q, dtype)
+        w = dequantize_nf4(q, dtype)
+        return w.T if transpose else w
     cfg = _runnable_decode(_fit_block_k(tiles, k, bs, True), interpret)
     bn, bk = min(cfg.block_m, _pow2_at_most(n, cfg.block_m)), cfg.block_k
     body = functools.partial(_dequant_kernel, n=n, k=k, bs=bs, bn=bn, bk=bk,
-                             double_quant=q.double_quant, decode=cfg.decode, dtype=dtype)
+                             double_quant=q.double_quant, decode=cfg.decode, dtype=dtype,
+                             transpose=transpose)
     return pl.pallas_call(
-        body, out_shape=jax.ShapeDtypeStruct((n, k), dtype), grid=(pl.cdiv(n, bn), k // bk),
+        body, out_shape=jax.ShapeDtypeStruct((k, n) if transpose else (n, k), dtype), grid=(pl.cdiv(n, bn), k // bk),
         interpret=interpret, name="nf4_dequantize",
         compiler_params=None if interpret else compat.triton_compiler_params(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -500,7 +511,9 @@ def dequant_matmul(x, q: NF4Tensor, interpret: bool = False):
     """x @ dequantize(q).T through `nf4_dequantize` and XLA's matmul. The bf16 weight lives only
     for the duration of one product: the backward dequantizes again instead of saving it, so a
     QLoRA model never holds more than one layer's weight in 16 bits."""
-    return _dense_product(x, nf4_dequantize(q, x.dtype, interpret=interpret), "...k,nk->...n", x.dtype)
+    # The forward writes the weight [in, out], so that XLA's matmul reads both operands untransposed.
+    w_t = nf4_dequantize(q, x.dtype, transpose=True, interpret=interpret)
+    return _dense_product(x, w_t, "...k,kn->...n", x.dtype)
 
 
 def _dequant_matmul_fwd(x, q, interpret):

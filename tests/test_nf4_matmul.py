@@ -154,8 +154,10 @@ def test_pallas_dequantize_and_dequant_matmul_match_reference():
         for dtype in (jnp.float32, jnp.bfloat16):
             w = K.nf4_dequantize(q, dtype, interpret=True,
                                  tiles=T(16, 16, 128, 4, 1, 1, 1))
-            np.testing.assert_array_equal(np.asarray(w, np.float32),
-                                          np.asarray(dequantize_nf4(q, dtype), np.float32))
+            want = np.asarray(dequantize_nf4(q, dtype), np.float32)
+            np.testing.assert_array_equal(np.asarray(w, np.float32), want)
+            w_t = K.nf4_dequantize(q, dtype, transpose=True, interpret=True, tiles=T(16, 16, 64, 4, 1, 1, 1))
+            np.testing.assert_array_equal(np.asarray(w_t, np.float32), want.T)
         x = jnp.asarray(rng.standard_normal((3, 5, k)), jnp.float32)
         y, vjp = jax.vjp(lambda a: K.dequant_matmul(a, q, True), x)
         y_ref, vjp_ref = jax.vjp(lambda a: K.nf4_matmul_reference(a, q), x)
