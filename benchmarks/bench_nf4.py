@@ -310,6 +310,8 @@ def phase_sweep(budget, results, n=14336, k=4096, ms=(1, 2048)):
 
 
 def phase_dequant(budget, results, n=14336, k=4096):
+    if INTERPRET:
+        n, k = 256, 512
     """nf4_dequantize alone (the first half of the many-rows path): tiles, both output layouts."""
     T = K.TileConfig
     tiles = [T(64, 32, 256, 4, 1, 1, 1), T(32, 32, 256, 4, 1, 1, 1), T(64, 32, 128, 4, 1, 1, 1),
