@@ -322,7 +322,7 @@ def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: in
                           "prmt", True)
     if m <= 256:
         return TileConfig(128, 128, 64, 8, 3, 1, 8, "prmt", True)
-    return TileConfig(256, 128, 64, 8, 3, 1, 8, "prmt", True)
+    return TileConfig(256, 64, 64, 4, 3, 1, 8, "prmt", False)
 
 
 def _auto_split(tiles: int, steps: int) -> int:
@@ -480,10 +480,11 @@ def _dequant_kernel(w_ref, *refs, n, k, bs, bn, bk, double_quant, decode, dtype,
 
 
 def nf4_dequantize(q: NF4Tensor, dtype=jnp.bfloat16, *, transpose: bool = False,
-                   interpret: bool = False, tiles: TileConfig = TileConfig(64, 32, 256, 4, 1, 1, 1)):
+                   interpret: bool = False, tiles: TileConfig = TileConfig(32, 32, 256, 4, 1, 1, 1)):
     """dequantize_nf4(q, dtype) (or its transpose, [in, out]) as one Pallas pass: read the 4-bit
     codes, write `dtype`; the same values, at memory speed instead of XLA's table gathers.
-    `tiles.block_m` x `tiles.block_k` is the tile of the weight each program writes.
+    `tiles.block_m` x `tiles.block_k` is the tile of the weight each program writes (32 x 256:
+    2.1 TB/s on the H100, the best of six tiles in benchmarks/nf4_NOTES.md run 4).
     K % 64 != 0 falls back to XLA."""
     n, k, bs = q.shape[0], q.shape[1], q.blocksize
     if k % bs:
