@@ -5,7 +5,7 @@
    forward+backward for B*T = 16k tokens (T=32k: one sequence), Hq/Hkv = 32/8, D = 128,
    causal, bf16, against cuDNN (jax.nn.dot_product_attention, RoPE applied outside),
    the XLA reference and JAX's Pallas-Triton `mha` (K/V repeated, RoPE outside).
-3. A small sweep of block sizes / warps at T = 8192.
+3. A small sweep of block sizes / warps at T = 8192 for D = 256 (Gemma heads).
 
     PYTHONPATH=$PWD python3 benchmarks/bench_attention.py [--budget 250] [--no-sweep]
 
@@ -27,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dataclasses import replace  # noqa: E402
+
 from pallas_kernels.attention import (  # noqa: E402
-    Tuning, apply_rope, flash_attention, flash_attention_reference, rope_cos_sin)
+    Tuning, apply_rope, default_tuning, flash_attention, flash_attention_reference, rope_cos_sin)
 
 OUT = os.environ.get("OUT", "/tmp")
 RESULTS: dict = {"errors": {}}
@@ -210,22 +212,31 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     return rows
 
 
+def sweep_variants(D):
+    """(forward variants, backward variants) around the current default for head size D."""
+    if D > 128:  # D=256 (Gemma): shared memory bounds the tiles
+        base = default_tuning(256)
+        return ({"fwd 64x32 w4 s2 (default)": base,
+                 "fwd 64x64 w4 s2": replace(base, fwd_k=64),
+                 "fwd 128x32 w8 s2": replace(base, fwd_q=128, fwd_warps=8),
+                 "fwd 128x64 w8 s2": replace(base, fwd_q=128, fwd_k=64, fwd_warps=8),
+                 "fwd 64x32 w4 s3": replace(base, fwd_stages=3)},
+                {"bwd dq64x32 dkv32x32 w4 s2 (default)": base,
+                 "bwd dq64x64 w4 dkv64x32 w4 s2": replace(base, dq_k=64, dkv_k=64),
+                 "bwd dq128x32 w8 dkv64x32 w8 s2": replace(base, dq_q=128, dq_warps=8, dkv_k=64,
+                                                          dkv_warps=8),
+                 "bwd dq64x32 w4 dkv64x64 w8 s2": replace(base, dkv_k=64, dkv_q=64, dkv_warps=8)})
+    base = Tuning()
+    return ({"fwd 128x64 w8 s3 (default)": base, "fwd 128x64 w8 s4": Tuning(fwd_stages=4)},
+            {"bwd dq128x64 dkv128x64 w8 s3 (default)": base,
+             "bwd dq128x64 dkv128x32 w8 s3": Tuning(dkv_q=32)})
+
+
 def sweep(T=8192, B=2, Hq=32, Hkv=8, D=128):
     q, k, v, do = inputs(B, T, Hq, Hkv, D, jnp.bfloat16)
     freq = inv_freq(D)
     fl = causal_fwd_flops(B, T, Hq, D)
-    base = Tuning()
-    fwd_variants = {
-        "fwd 128x64 w8 s3 (default, fp16 tables)": base,
-        "fwd 128x64 w8 s4": Tuning(fwd_stages=4),
-        "fwd 128x128 w8 s3": Tuning(fwd_k=128),
-    }
-    bwd_variants = {
-        "bwd dq256x32w8 dkv128x64w8 s2 (default)": base,
-        "bwd dq256x32w8 dkv128x64w8 s3": Tuning(bwd_stages=3),
-        "bwd dq256x64w8 dkv128x64w8 s2": Tuning(dq_k=64),
-        "bwd dq128x64w8 dkv128x64w8 s3": Tuning(dq_q=128, dq_k=64, bwd_stages=3),
-    }
+    fwd_variants, bwd_variants = sweep_variants(D)
     for name, tn in fwd_variants.items():
         if time.time() - T0 > ARGS.budget:
             log(f"  (budget reached, skipping {name})")
@@ -233,10 +244,10 @@ def sweep(T=8192, B=2, Hq=32, Hkv=8, D=128):
         try:
             ms = timeit(jax.jit(lambda q, k, v, tn=tn: flash_attention(q, k, v, inv_freq=freq,
                                                                         tuning=tn)), q, k, v)
-            log(f"  sweep T={T} {name:40s} fwd {ms:8.3f} ms {fl / ms / 1e9:6.0f} TF/s")
-            RESULTS.setdefault("sweep", []).append(dict(variant=name, fwd_ms=ms))
+            log(f"  sweep T={T} D={D} {name:40s} fwd {ms:8.3f} ms {fl / ms / 1e9:6.0f} TF/s")
+            RESULTS.setdefault("sweep", []).append(dict(variant=name, D=D, fwd_ms=ms))
         except Exception as e:
-            record_error(f"sweep_{name}", e)
+            record_error(f"sweep_D{D}_{name}", e)
     for name, tn in bwd_variants.items():
         if time.time() - T0 > ARGS.budget:
             log(f"  (budget reached, skipping {name})")
@@ -244,10 +255,10 @@ def sweep(T=8192, B=2, Hq=32, Hkv=8, D=128):
         try:
             ms = timeit(fwd_bwd(lambda q, k, v, tn=tn: flash_attention(q, k, v, inv_freq=freq,
                                                                         tuning=tn)), q, k, v, do)
-            log(f"  sweep T={T} {name:40s} fwd+bwd {ms:8.3f} ms {3.5 * fl / ms / 1e9:6.0f} TF/s")
-            RESULTS.setdefault("sweep", []).append(dict(variant=name, fwdbwd_ms=ms))
+            log(f"  sweep T={T} D={D} {name:40s} fwd+bwd {ms:8.3f} ms {3.5 * fl / ms / 1e9:6.0f} TF/s")
+            RESULTS.setdefault("sweep", []).append(dict(variant=name, D=D, fwdbwd_ms=ms))
         except Exception as e:
-            record_error(f"sweep_{name}", e)
+            record_error(f"sweep_D{D}_{name}", e)
 
 
 def main():
@@ -260,7 +271,7 @@ def main():
         for T, B in [(2048, 8), (8192, 2)]:
             bench_shape(T, B)
         if ARGS.sweep:
-            sweep()
+            sweep(Hq=16, Hkv=8, D=256)
         if not ARGS.skip_32k:
             bench_shape(32768, 1, impls=["ours (RoPE inside)", "cudnn (pre-rotated)",
                                          "cudnn + XLA RoPE"])
