@@ -144,10 +144,12 @@ class Tuning:
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
     """Per-shape defaults; each was compiled and checked on an H100 (attention_NOTES.md)."""
-    if itemsize > 2 or head_dim_padded > 128:
-        # float32 tiles or D=256: a quarter of the shared memory per pipeline stage.
+    if itemsize > 2:  # float32 tiles: a quarter of the shared memory per pipeline stage
         return Tuning(fwd_q=64, fwd_k=32, fwd_warps=4, fwd_stages=2, dq_q=64, dq_k=32,
                       dq_warps=4, dkv_k=32, dkv_q=32, dkv_warps=4, bwd_stages=2)
+    if head_dim_padded > 128:  # D=256: thin key tiles, 8 warps (the D=256 sweep's fastest)
+        return Tuning(fwd_q=128, fwd_k=32, fwd_warps=8, fwd_stages=2, dq_q=128, dq_k=32,
+                      dq_warps=8, dkv_k=64, dkv_q=32, dkv_warps=8, bwd_stages=2)
     if head_dim_padded <= 64:
         return Tuning(fwd_warps=4, dq_q=128, dq_k=32, dq_warps=4, dkv_k=64, dkv_warps=4,
                       bwd_stages=2)

@@ -530,10 +530,10 @@ def _dequant_matmul_bwd(interpret, res, dy):
 dequant_matmul.defvjp(_dequant_matmul_fwd, _dequant_matmul_bwd)
 
 
-# Rows from which the base projection dequantizes one weight and calls cuBLAS instead of the fused
-# kernel (benchmarks/nf4_NOTES.md, run 3): the fused kernel wins where the weight bytes dominate
-# (few rows), cuBLAS's Hopper pipeline where the MMAs do.
-KERNEL_MAX_ROWS = 256
+# Most rows for which the base projection uses the fused kernel; above, it dequantizes one weight
+# (Pallas, ~2 TB/s) and calls cuBLAS. Measured on the H100 (benchmarks/nf4_NOTES.md, runs 3-5):
+# fused faster at M <= 64 (bytes dominate), dequantize + cuBLAS faster from M = 256 (MMAs do).
+KERNEL_MAX_ROWS = 64
 
 
 def nf4_linear(x, q: NF4Tensor):
