@@ -20,7 +20,7 @@ p.add_argument("--n", type=int, default=14336)
 p.add_argument("--k", type=int, default=4096)
 args = p.parse_args()
 dump = os.path.join(args.out, "xla_dump")
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump} --xla_dump_hlo_pass_re=^$"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump} --xla_gpu_dump_llvmir=true"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
