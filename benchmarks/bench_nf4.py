@@ -252,13 +252,6 @@ def phase_bnb(budget, results):
 def sweep_configs(m, direction):
     """Candidates for the sweep. For dx, block_n tiles the reduction (N) and block_k the output."""
     T = K.TileConfig
-    if m <= K.GEMV_MAX_ROWS:  # the no-MMA kernels, and the MMA default for comparison
-        return [T(16, 64, 128, 4, 4, 0, 8, "prmt", True),
-                T(16, 32, 128, 4, 4, 0, 8, "prmt", True, True), T(16, 64, 128, 4, 4, 0, 8, "prmt", True, True),
-                T(16, 32, 256, 4, 3, 0, 8, "prmt", True, True), T(16, 64, 64, 4, 4, 0, 8, "prmt", True, True),
-                T(16, 16, 256, 4, 4, 0, 8, "prmt", True, True), T(16, 32, 128, 8, 4, 0, 8, "prmt", True, True),
-                T(16, 64, 128, 8, 3, 0, 8, "prmt", True, True), T(16, 32, 128, 2, 4, 0, 8, "prmt", True, True),
-                T(16, 32, 64, 4, 4, 0, 8, "prmt", True, True), T(16, 128, 64, 4, 3, 0, 8, "prmt", True, True)]
     if m <= 16:
         return [T(16, 64, 128, 4, 4, 0, 8, "prmt", True), T(16, 64, 128, 4, 4, 0, 8, "prmt", False),
                 T(16, 128, 128, 4, 3, 0, 8, "prmt", False), T(16, 64, 128, 4, 4, 4, 8, "prmt", True),
@@ -364,8 +357,7 @@ def best_from_sweep(results):
 def phase_table(budget, results, shapes, ms, tuned):
     """Every (shape, M, direction): the NF4 kernel, XLA dequantize-then-matmul, plain bf16."""
     def cfg_for(m, direction):
-        cfg = tuned.get(("small" if m <= 16 else "large", direction))
-        return None if cfg is not None and cfg.gemv and m > K.GEMV_MAX_ROWS else cfg
+        return tuned.get(("small" if m <= 16 else "large", direction))
 
     jobs = {}
     for (n, k) in shapes:

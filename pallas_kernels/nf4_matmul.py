@@ -51,9 +51,6 @@ class TileConfig:
       "select") or "select" (a 4-level select tree, ~50 instructions per code; any backend).
     weight_lhs: make the decoded weight tile the left MMA operand and accumulate the transposed
       product (a Hopper left operand may come from registers); measured within 10% either way.
-    gemv: no MMA (few rows, K % 64 == 0): each row of x multiplies the decoded tile elementwise
-      into fp32 registers, reduced once at the end; the weight's even and odd columns meet x's
-      even and odd columns (strided loads), so the nibbles are never interleaved. block_m unused.
     """
     block_m: int = 64
     block_n: int = 64
@@ -64,7 +61,6 @@ class TileConfig:
     group_m: int = 8
     decode: str = "prmt"
     weight_lhs: bool = True
-    gemv: bool = False
 
 
 # ---- reference ---------------------------------------------------------------------------------
@@ -148,9 +144,8 @@ def _block_absmax(scale_refs, blk, double_quant):
     return _no_fma(code_ref[codes] * nested_ref[blk // NESTED_BLOCKSIZE]) + offset_ref[0]  # as bnb
 
 
-def _weight_tile_halves(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_quant, decode, dtype):
-    """Decoded weight rows `rows` (int32 [R]), columns k0..k0+bk, as its even and its odd columns
-    (the high and the low nibbles): two [R, bk/2] in `dtype`.
+def _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_quant, decode, dtype):
+    """Decoded weight rows `rows` (int32 [R]), columns k0..k0+bk: [R, bk] in `dtype`.
 
     Fast path (k_total % bs == 0): w_ref is the packed weight viewed [N, K/2], the absmax refs
     [N, K/bs]; bk is a multiple of bs so a tile holds whole blocks of each row."""
@@ -171,14 +166,9 @@ def _weight_tile_halves(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_
             return (vals * absmax).astype(dtype)
         return (vals.reshape(r, per_row, bs // 2) * absmax[:, :, None]).reshape(r, bk // 2).astype(dtype)
 
-    return scaled(hi), scaled(lo)
-
-
-def _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, **kw):
-    """The [R, bk] tile of `_weight_tile_halves`, columns in order. Scaled and rounded before the
-    interleave, so that it moves 16-bit values, not fp32. Element 2j is byte j's high nibble."""
-    even, odd = _weight_tile_halves(w_ref, scale_refs, rows, k0, bk, **kw)
-    return jnp.stack([even, odd], axis=-1).reshape(rows.shape[0], bk)
+    # Scale and round before interleaving: the interleave then moves 16-bit values, not fp32.
+    # High nibble first: element 2j is byte j's high nibble, element 2j+1 its low nibble.
+    return jnp.stack([scaled(hi), scaled(lo)], axis=-1).reshape(r, bk)
 
 
 def _weight_tile_flat(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_quant, decode, dtype):
@@ -223,12 +213,11 @@ def _dot_nn(a, b, dtype):
                                preferred_element_type=jnp.float32)
 
 
-def _reduce(body, steps, split, init):
+def _reduce(body, steps, split, shape):
     """Run this program's share of the reduction: `steps // split` iterations with a static trip
-    count (Triton pipelines only counted loops), starting at its slice of the steps. `init`: the
-    accumulator (an array or a pytree of arrays)."""
+    count (Triton pipelines only counted loops), starting at its slice of the steps."""
     per = steps // split  # the launcher makes split divide steps
-    acc = init
+    acc = jnp.zeros(shape, jnp.float32)
     if split == 1:
         return jax.lax.fori_loop(0, per, body, acc)
     start = pl.program_id(1) * per
@@ -274,7 +263,7 @@ def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
         return acc + _dot(xt, wt, dtype)
 
     shape = (bn, bm) if cfg.weight_lhs else (bm, bn)
-    acc = _reduce(body, pl.cdiv(k, bk), cfg.split_k, jnp.zeros(shape, jnp.float32))
+    acc = _reduce(body, pl.cdiv(k, bk), cfg.split_k, shape)
     _store(o_ref, acc.T if cfg.weight_lhs else acc, rows, tn * bn, bn, n, cfg.split_k)
 
 
@@ -304,65 +293,8 @@ def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
         return acc + _dot_nn(dyt, wt, dtype)
 
     shape = (bk, bm) if cfg.weight_lhs else (bm, bk)
-    acc = _reduce(body, pl.cdiv(n, bn), cfg.split_k, jnp.zeros(shape, jnp.float32))
+    acc = _reduce(body, pl.cdiv(n, bn), cfg.split_k, shape)
     _store(o_ref, acc.T if cfg.weight_lhs else acc, rows, k0, bk, k, cfg.split_k)
-
-
-def _store_row(o_ref, val, r, idx, split):
-    r = jnp.int32(r)  # an array, not a Python int: the interpreter cannot mix those with arrays
-    o_ref[(pl.program_id(1), r, idx) if split > 1 else (r, idx)] = val.astype(o_ref.dtype)
-
-
-def _fwd_gemv_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
-    """o[r, cols] = sum_k x[r, k] * W[cols, k] for every row r of x, without MMA (TileConfig.gemv)."""
-    *scale_refs, o_ref = refs
-    bn, bk, half = cfg.block_n, cfg.block_k, cfg.block_k // 2
-    tn = pl.program_id(0)
-    cols = jnp.minimum(tn * bn + jnp.arange(bn, dtype=jnp.int32), n - 1)
-
-    def body(kt, acc):
-        k0 = pl.multiple_of(kt * bk, bk)
-        even, odd = (t.astype(jnp.float32) for t in _weight_tile_halves(
-            w_ref, scale_refs, cols, k0, bk, bs=bs, k_total=k, double_quant=double_quant,
-            decode=cfg.decode, dtype=dtype))
-        out = []
-        for r in range(m):
-            ri = jnp.int32(r)  # an array index: the interpreter cannot mix Python ints with strides
-            xe = x_ref[ri, pl.ds(k0, half, stride=2)].astype(jnp.float32)
-            xo = x_ref[ri, pl.ds(k0 + 1, half, stride=2)].astype(jnp.float32)
-            out.append(acc[r] + even * xe[None, :] + odd * xo[None, :])
-        return tuple(out)
-
-    acc = _reduce(body, k // bk, cfg.split_k, tuple(jnp.zeros((bn, half), jnp.float32) for _ in range(m)))
-    idx = pl.ds(pl.multiple_of(tn * bn, bn), bn) if n % bn == 0 else cols
-    for r in range(m):
-        _store_row(o_ref, jnp.sum(acc[r], axis=1), r, idx, cfg.split_k)
-
-
-def _dx_gemv_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
-    """dx[r, ks] = sum_n dy[r, n] * W[n, ks] for every row r of dy, without MMA: even and odd
-    columns of the slice accumulate apart and are written with stride 2."""
-    *scale_refs, o_ref = refs
-    bn, bk, half = cfg.block_n, cfg.block_k, cfg.block_k // 2
-    k0 = pl.multiple_of(pl.program_id(0) * bk, bk)
-
-    def body(nt, acc):
-        nn = nt * bn + jnp.arange(bn, dtype=jnp.int32)
-        wrows = jnp.minimum(nn, n - 1)
-        even, odd = (t.astype(jnp.float32) for t in _weight_tile_halves(
-            w_ref, scale_refs, wrows, k0, bk, bs=bs, k_total=k, double_quant=double_quant,
-            decode=cfg.decode, dtype=dtype))
-        out = []
-        for r in range(m):
-            d = jnp.where(nn < n, dy_ref[jnp.int32(r), wrows].astype(jnp.float32), 0.0)[:, None]
-            out.append((acc[r][0] + even * d, acc[r][1] + odd * d))
-        return tuple(out)
-
-    zeros = jnp.zeros((bn, half), jnp.float32)
-    acc = _reduce(body, pl.cdiv(n, bn), cfg.split_k, tuple((zeros, zeros) for _ in range(m)))
-    for r in range(m):
-        _store_row(o_ref, jnp.sum(acc[r][0], axis=0), r, pl.ds(k0, half, stride=2), cfg.split_k)
-        _store_row(o_ref, jnp.sum(acc[r][1], axis=0), r, pl.ds(k0 + 1, half, stride=2), cfg.split_k)
 
 
 # ---- launch ----------------------------------------------------------------------------------------
@@ -378,17 +310,11 @@ def _pow2_at_most(v: int, cap: int) -> int:
     return max(16, min(cap, 1 << max(0, (int(v) - 1)).bit_length()))
 
 
-# Rows up to which the kernels skip the MMA (TileConfig.gemv): one fp32 accumulator tile per row.
-GEMV_MAX_ROWS = 4
-
-
 def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: int = 64) -> TileConfig:
     """Tiles for an [m, n_red] x [n_red, n_out] product (forward: n_out=N, n_red=K; backward:
     n_out=K, n_red=N). Chosen from the H100 sweeps in benchmarks/nf4_NOTES.md: few rows get a
     thin tile plus split-K to fill the SMs; many rows the largest tile that fit in shared memory
     (each decoded weight tile then serves 256 rows)."""
-    if m <= GEMV_MAX_ROWS:
-        return TileConfig(16, 32, 128, 4, 4, 0, 8, "prmt", True, gemv=True)
     if m <= 16:
         return TileConfig(16, 64, 128, 4, 4, 0, 8, "prmt", True)
     if m <= 128 or dtype == jnp.float32:  # fp32 operands take twice the registers and SRAM
@@ -450,13 +376,9 @@ def _launch(kernel, a, q, out_cols, red, cfg, interpret, out_dtype):
     n, k, bs = q.shape[0], q.shape[1], q.blocksize
     aligned = k % bs == 0
     cfg = _fit_block_k(cfg, k, bs, aligned)
-    is_dx = kernel is _dx_kernel
-    gemv = cfg.gemv and aligned
-    if gemv:
-        kernel = _dx_gemv_kernel if is_dx else _fwd_gemv_kernel
-    out_tile = cfg.block_k if is_dx else cfg.block_n
-    steps = pl.cdiv(red, cfg.block_n if is_dx else cfg.block_k)
-    tiles = (1 if gemv else pl.cdiv(m, cfg.block_m)) * pl.cdiv(out_cols, out_tile)
+    out_tile = cfg.block_k if kernel is _dx_kernel else cfg.block_n
+    steps = pl.cdiv(red, cfg.block_n if kernel is _dx_kernel else cfg.block_k)
+    tiles = pl.cdiv(m, cfg.block_m) * pl.cdiv(out_cols, out_tile)
     split = cfg.split_k or _auto_split(tiles, steps)
     split = max(1, min(split, steps))
     while steps % split:
@@ -466,7 +388,7 @@ def _launch(kernel, a, q, out_cols, red, cfg, interpret, out_dtype):
     cfg = _runnable_decode(cfg, interpret)
     w = q.packed.reshape(n, k // 2) if aligned else q.packed
     operands = [a, w, *_scale_operands(q, aligned, k)]
-    grid = (tiles, cfg.split_k)
+    grid = (pl.cdiv(m, cfg.block_m) * pl.cdiv(out_cols, out_tile), cfg.split_k)
     if cfg.split_k > 1:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, out_cols), jnp.float32)
     else:
@@ -477,7 +399,7 @@ def _launch(kernel, a, q, out_cols, red, cfg, interpret, out_dtype):
         body, out_shape=out_shape, grid=grid, interpret=interpret,
         compiler_params=None if interpret else compat.triton_compiler_params(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        name=f"nf4_{'dx' if is_dx else 'fwd'}{'_gemv' if gemv else ''}",
+        name=f"nf4_{'dx' if kernel is _dx_kernel else 'fwd'}",
     )(*operands)
     if cfg.split_k > 1:
         out = out.sum(axis=0).astype(out_dtype)

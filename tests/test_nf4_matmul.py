@@ -17,11 +17,6 @@ CASES = [
     (5, 33, 96, jnp.float32, True, T(16, 16, 64, 4, 2, 1, 2, "select", False)),  # blocks straddle rows
     (17, 48, 256, jnp.bfloat16, True, T(16, 16, 128, 4, 2, 2, 2, "select")),   # split-K, 2 blocks a tile
     (3, 48, 192, jnp.float32, False, T(16, 16, 64, 4, 2, 1, 2, "prmt")),     # fp32 absmax
-    # no-MMA kernels for few rows: ragged N, split-K, 2 blocks a tile, K % 64 != 0 (falls back)
-    (1, 40, 128, jnp.float32, True, T(16, 16, 64, 4, 2, 1, 2, "select", gemv=True)),
-    (3, 33, 256, jnp.bfloat16, True, T(16, 16, 64, 4, 2, 2, 2, "prmt", gemv=True)),
-    (2, 48, 256, jnp.float32, False, T(16, 32, 128, 4, 2, 1, 2, "select", gemv=True)),
-    (2, 40, 96, jnp.float32, True, T(16, 16, 64, 4, 2, 1, 2, "select", gemv=True)),
 ]
 
 
