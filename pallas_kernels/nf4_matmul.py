@@ -9,7 +9,10 @@ same way; the frozen weight gets a zero cotangent.
 
 - `nf4_matmul(x, q, *, interpret=False)`: the `jax.custom_vjp`, Pallas (Triton lowering) both ways.
 - `nf4_matmul_reference(x, q)`: plain jnp (dequantize, then einsum); the definition to match.
-- `nf4_linear(x, q)`: dispatch on `UNSLOTH_JAX_KERNELS` (pallas | interpret | reference).
+- `nf4_dequantize(q)` / `dequant_matmul(x, q)`: for many rows, one Pallas pass writes the 16-bit
+  weight (same values as `dequantize_nf4`), cuBLAS multiplies; the backward dequantizes again.
+- `nf4_linear(x, q)`: dispatch on `UNSLOTH_JAX_KERNELS` (pallas | interpret | reference) and on the
+  number of rows (`KERNEL_MAX_ROWS`).
 
 x is `[..., in]`, the result `[..., out]` in x's dtype; products accumulate in fp32 and the
 decoded weight is rounded to x's dtype first (as `dequantize_nf4(q, x.dtype)` is).
