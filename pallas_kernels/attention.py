@@ -12,8 +12,7 @@ Conventions (shared by the model and the kernels):
 
 `flash_attention` is the Pallas version (custom_vjp, forward + dq + dk/dv kernels, RoPE
 inside, no O(T^2) buffers); `attention` dispatches between the two by
-UNSLOTH_JAX_KERNELS (see unsloth_jax.compat.kernel_mode), and on GPU hands the plain causal case
-(no packing, no softcap) to cuDNN unless UNSLOTH_JAX_ATTENTION=pallas.
+UNSLOTH_JAX_KERNELS (see unsloth_jax.compat.kernel_mode).
 """
 from __future__ import annotations
 
@@ -767,58 +766,11 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
     return _flash(cfg, q, k, v, aux)
 
 
-def cudnn_can_run(q, *, segment_ids=None, logit_softcap=None, sliding_window=None, causal=True,
-                  **_):
-    """Whether cuDNN's fused attention covers this call: no packing (segment ids), no softcap, a
-    static window, causal, 16-bit inputs, head size a multiple of 8 up to 256."""
-    return (segment_ids is None and logit_softcap is None and causal
-            and (sliding_window is None or isinstance(sliding_window, int))
-            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
-
-
-def rope_then_dot_product_attention(q, k, v, *, positions=None, inv_freq=None, causal=True,
-                                    sliding_window=None, scale=None, implementation="cudnn",
-                                    segment_ids=None, logit_softcap=None):
-    """RoPE by XLA, then `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU). Same
-    semantics as the reference for the calls `cudnn_can_run` accepts."""
-    if segment_ids is not None or logit_softcap is not None:
-        raise ValueError("rope_then_dot_product_attention: no segment ids or softcap (see cudnn_can_run)")
-    if inv_freq is not None:
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
-        cos, sin = rope_cos_sin(positions, inv_freq)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    window = None if sliding_window is None else (sliding_window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                        local_window_size=window, implementation=implementation)
-
-
-ATTENTION_IMPLS = ("auto", "pallas", "cudnn")
-
-
-def attention_impl() -> str:
-    """UNSLOTH_JAX_ATTENTION: `auto` (default: cuDNN where `cudnn_can_run`, else our Pallas
-    kernel), `pallas` (always ours), `cudnn` (same as auto; kept explicit for A/B runs)."""
-    import os
-
-    impl = os.environ.get("UNSLOTH_JAX_ATTENTION", "").strip().lower() or "auto"
-    if impl not in ATTENTION_IMPLS:
-        from unsloth_jax.errors import ConfigError
-
-        raise ConfigError(f"UNSLOTH_JAX_ATTENTION={impl!r} is not one of {ATTENTION_IMPLS}; "
-                          "unset it to use the default.")
-    return impl
-
-
 def attention(q, k, v, **kw):
-    """The model's entry point: picks the implementation by UNSLOTH_JAX_KERNELS / backend and,
-    on GPU, UNSLOTH_JAX_ATTENTION (cuDNN for the plain causal case it covers, measured faster in
-    training: benchmarks/RESULTS.md; packed, softcapped or traced-window calls use ours)."""
+    """The model's entry point: picks the implementation by UNSLOTH_JAX_KERNELS / backend."""
     from unsloth_jax.compat import kernel_mode
 
     mode = kernel_mode()
     if mode == "reference":
         return flash_attention_reference(q, k, v, **kw)
-    if mode == "pallas" and attention_impl() != "pallas" and cudnn_can_run(q, **kw):
-        return rope_then_dot_product_attention(q, k, v, **kw)
     return flash_attention(q, k, v, interpret=(mode == "interpret"), **kw)

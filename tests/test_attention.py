@@ -274,29 +274,6 @@ def test_attention_dispatch(monkeypatch):
     assert _rel_err(got, ref) < 1e-5
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_rope_then_dot_product_attention_matches_reference(window):
-    # The cuDNN path's own code (RoPE, GQA, window mapping), run with XLA's implementation on CPU.
-    q, k, v, _ = _inputs(2, 23, 8, 2, 64, jnp.float32, seed=4)
-    positions = jnp.asarray(np.random.default_rng(4).integers(0, 500, (2, 23)))
-    kw = dict(inv_freq=jnp.asarray(_inv_freq(64)), positions=positions, sliding_window=window, scale=0.1)
-    got = attn.rope_then_dot_product_attention(q, k, v, implementation="xla", **kw)
-    assert _rel_err(got, flash_attention_reference(q, k, v, **kw)) < 1e-5
-
-
-def test_cudnn_covers_only_the_plain_case(monkeypatch):
-    q = jnp.zeros((1, 8, 4, 64), jnp.bfloat16)
-    assert attn.cudnn_can_run(q, sliding_window=4096)
-    assert not attn.cudnn_can_run(q, segment_ids=jnp.zeros((1, 8), jnp.int32))
-    assert not attn.cudnn_can_run(q, logit_softcap=50.0)
-    assert not attn.cudnn_can_run(q, sliding_window=jnp.int32(4))  # traced per-layer window
-    assert not attn.cudnn_can_run(q.astype(jnp.float32))
-    monkeypatch.setenv("UNSLOTH_JAX_ATTENTION", "flash")
-    from unsloth_jax.errors import ConfigError
-    with pytest.raises(ConfigError, match="UNSLOTH_JAX_ATTENTION"):
-        attn.attention_impl()
-
-
 # ------------------------------------------------------------------ in the model
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
