@@ -56,7 +56,33 @@ def model_flops_per_token(cfg, seq):
     return 4 * n_matmul + 3 * attn_fwd
 
 
-def run_one(shape, policy, batch, seq, steps, warmup, quant):
+def profile_steps(run_step, out_dir, n=2, top=30):
+    """Trace `n` steps (perfetto JSON) and print the GPU kernels that took the most time."""
+    import glob
+    import gzip
+    import jax
+
+    jax.profiler.start_trace(out_dir, create_perfetto_trace=True)
+    for i in range(n):
+        jax.block_until_ready(run_step(i))
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(os.path.join(out_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    events = json.load(gzip.open(path))
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+    totals, counts = {}, {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu_pids:
+            totals[e["name"]] = totals.get(e["name"], 0.0) + e.get("dur", 0.0)
+            counts[e["name"]] = counts.get(e["name"], 0) + 1
+    all_us = sum(totals.values())
+    print(f"PROFILE {len(totals)} kernel names, {all_us / n / 1e3:.1f} ms GPU time per step ({path})")
+    for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"PROFILE {us / n / 1e3:8.2f} ms/step {100 * us / all_us:5.1f}% x{counts[name] // n:4d}  {name[:110]}")
+
+
+def run_one(shape, policy, batch, seq, steps, warmup, quant, profile_dir=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -113,6 +139,15 @@ def run_one(shape, policy, batch, seq, steps, warmup, quant):
         losses.append(float(m["loss"]))  # syncs: one step = one timed unit
         times.append(time.perf_counter() - t)
     med = sorted(times)[len(times) // 2]
+    if profile_dir:
+        holder = {"state": state}  # the step donates its state: carry the new one forward
+
+        def advance(i):
+            holder["state"], metrics = step(holder["state"], split.frozen, batches[i % 2])
+            return metrics
+
+        profile_steps(advance, profile_dir)
+        state = holder["state"]
     tokens = batch * seq
     peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
     peak_rate = matmul_tflops()
@@ -172,12 +207,13 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=int, default=240)
     p.add_argument("--out", default=None, help="write the rows as JSONL here")
+    p.add_argument("--profile", default=None, help="also trace 2 steps into this folder and print the top GPU kernels")
     args = p.parse_args()
     if args.matrix:
         return matrix(args)
     batch = args.batch or DEFAULT_BATCH[args.shape]
     print("RESULT " + json.dumps(run_one(args.shape, args.policy, batch, args.seq, args.steps, args.warmup,
-                                         args.quant)), flush=True)
+                                         args.quant, args.profile)), flush=True)
 
 
 if __name__ == "__main__":
