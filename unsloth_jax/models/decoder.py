@@ -142,7 +142,9 @@ class Decoder(nnx.Module):
     def loss_sum_and_count(self, input_ids, labels, positions=None, segment_ids=None, *, dropout_rng=None):
         """(sum of token cross-entropies, number of labelled tokens); labels are already shifted."""
         hidden = self.hidden_states(input_ids, positions, segment_ids, dropout_rng=dropout_rng)
-        return chunked_token_loss(hidden, self.head_weight(), jnp.asarray(labels),
+        # A tied head is the embedding [V, H] as stored (a transposed copy per step costs a pass).
+        head, h_axis = (self.embed.value, 1) if self.lm_head is None else (self.lm_head.value, 0)
+        return chunked_token_loss(hidden, head, jnp.asarray(labels), head_h_axis=h_axis,
                                   final_softcap=self.config.final_logit_softcap)
 
     def loss(self, input_ids, labels, positions=None, segment_ids=None):
