@@ -15,8 +15,11 @@ OVERHEAD_BYTES = 1 << 30  # CUDA context, XLA workspace, fragmentation
 def activation_bytes(cfg, tokens: int, remat_policy: str, act_bytes: int = 2) -> int:
     """Activation memory of one micro-batch of `tokens` under the remat policy: what each layer keeps
     for the backward pass, one layer's working set while it is recomputed and differentiated, one
-    loss chunk, and a fixed overhead. With weights and LoRA state added, this came within 0.3 GiB of
-    the compiled step's footprint for the Llama-3.1-8B shape on an H100 (benchmarks/RESULTS.md)."""
+    loss chunk, and a fixed overhead. With weights and LoRA state added it is conservative: for the
+    Llama-3.1-8B / 3.2-1B shapes on an H100 it exceeds the compiled step's footprint by 1.4 / 1.8 GiB,
+    1 GiB of which is the fixed overhead (CUDA context, fragmentation) that footprint does not show
+    (benchmarks/RESULTS.md section 0, call F; it was within 0.3 GiB before the loss stopped
+    recomputing its logits)."""
     H, I = cfg.hidden_size, cfg.intermediate_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     per_layer_full = tokens * (4 * H + 2 * qkv + 3 * I) * act_bytes  # everything a layer produces
