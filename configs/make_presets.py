@@ -138,7 +138,10 @@ sequence length that fit a GPU of that size, or `no`. These are **estimates** fr
 of the tier), not measurements. Checked at one point each: the Llama-3.1-8B shape at
 batch 2 x 2048 estimates 18.2 GiB (bf16) and 8.6 GiB (QLoRA) against 18.0 and 8.3 GiB measured for the
 compiled step on an H100 (`benchmarks/RESULTS.md`); Llama-3.2-1B at batch 4 estimates 5.2 GiB against 4.0
-measured. The trainer prints its own estimate before training.
+measured. Those measurements predate the cross-entropy that no longer recomputes its logits; since
+then the measured steps are smaller (full remat: 8B 17.8 GiB bf16 / 8.0 GiB QLoRA, 1B 3.9 GiB;
+`benchmarks/RESULTS.md` call F), so the tiers err on the safe side. The trainer prints its own
+estimate before training.
 The YAMLs hold the 80 GB tier; apply another with
 `--per-device-train-batch-size 2 --gradient-accumulation-steps 8 --max-seq-length 2048`.
 
