@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from unsloth_jax import compat
-from unsloth_jax.quant import NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, _no_fma, dequantize_nf4
+from unsloth_jax.quant import NESTED_BLOCKSIZE, NF4_CODE, NF4Tensor, no_fma, dequantize_nf4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,7 @@ def _block_absmax(scale_refs, blk, double_quant):
         return absmax_ref[blk]
     qabs_ref, nested_ref, code_ref, offset_ref = scale_refs
     codes = qabs_ref[blk].astype(jnp.int32)
-    return _no_fma(code_ref[codes] * nested_ref[blk // NESTED_BLOCKSIZE]) + offset_ref[0]  # as bnb
+    return no_fma(code_ref[codes] * nested_ref[blk // NESTED_BLOCKSIZE]) + offset_ref[0]  # as bnb
 
 
 def _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_quant, decode, dtype):
@@ -159,7 +159,7 @@ def _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_qu
         qabs_ref, nested_ref, code_ref, offset_ref = scale_refs
         qabs = qabs_ref[rows, pl.ds(k0 // bs, per_row)].astype(jnp.int32)  # [R, bk/bs]
         blk = rows[:, None] * (k_total // bs) + (k0 // bs + jnp.arange(per_row, dtype=jnp.int32))[None, :]
-        absmax = _no_fma(code_ref[qabs] * nested_ref[blk // NESTED_BLOCKSIZE]) + offset_ref[0]
+        absmax = no_fma(code_ref[qabs] * nested_ref[blk // NESTED_BLOCKSIZE]) + offset_ref[0]
     else:
         absmax = scale_refs[0][rows, pl.ds(k0 // bs, per_row)]
     r = rows.shape[0]

@@ -325,10 +325,10 @@ def absmax_f32(q: NF4Tensor):
     nb = q.absmax.shape[0]
     scale = jnp.repeat(q.nested_scale, NESTED_BLOCKSIZE)[:nb]
     scaled = q.nested_code[q.absmax.astype(jnp.int32)] * scale
-    return _no_fma(scaled) + q.offset
+    return no_fma(scaled) + q.offset
 
 
-def _no_fma(x):
+def no_fma(x):
     """x, unchanged (NaN stays NaN), but no longer a bare multiply: XLA's LLVM backend would
     otherwise contract `x * y + z` into one fused multiply-add and round once instead of twice."""
     return jnp.where(x == x, x, jnp.float32(jnp.nan))
