@@ -28,17 +28,22 @@ def _head_dims(head_h_axis: int):
     return ((1,), (head_h_axis,)), ((), ())
 
 
-def _chunk_loss_and_grads(h_c, head, y_c, *, head_h_axis, final_softcap):
-    """Loss sum of one chunk, d(loss)/d(h_c) and d(loss)/d(head), both in fp32 accumulation."""
+def _chunk_loss(h_c, head, y_c, *, head_h_axis, final_softcap):
+    """(loss sum of one chunk, its fp32 logits after softcap, their logsumexp, the label mask)."""
     z = jax.lax.dot_general(h_c, head, _head_dims(head_h_axis), preferred_element_type=jnp.float32)
     logits = z if final_softcap is None else final_softcap * jnp.tanh(z / final_softcap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     valid = y_c != IGNORE_INDEX
-    safe_y = jnp.where(valid, y_c, 0)
-    target = jnp.take_along_axis(logits, safe_y[:, None], axis=-1)[:, 0]
-    loss = jnp.sum(jnp.where(valid, lse - target, 0.0))
+    target = jnp.take_along_axis(logits, jnp.where(valid, y_c, 0)[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(valid, lse - target, 0.0)), logits, lse, valid
+
+
+def _chunk_loss_and_grads(h_c, head, y_c, *, head_h_axis, final_softcap):
+    """Loss sum of one chunk, d(loss)/d(h_c) and d(loss)/d(head), both in fp32 accumulation."""
+    loss, logits, lse, valid = _chunk_loss(h_c, head, y_c, head_h_axis=head_h_axis,
+                                           final_softcap=final_softcap)
     dlogits = jnp.exp(logits - lse[:, None])
-    dlogits = dlogits - jax.nn.one_hot(safe_y, logits.shape[-1], dtype=jnp.float32)
+    dlogits = dlogits - jax.nn.one_hot(jnp.where(valid, y_c, 0), logits.shape[-1], dtype=jnp.float32)
     dlogits = jnp.where(valid[:, None], dlogits, 0.0)
     if final_softcap is not None:  # d/dz c*tanh(z/c) = 1 - tanh^2
         dlogits = dlogits * (1.0 - jnp.square(logits / final_softcap))
@@ -55,7 +60,12 @@ def _chunk_loss_and_grads(h_c, head, y_c, *, head_h_axis, final_softcap):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _chunked_loss_sum(h, head, y, head_h_axis, final_softcap):
-    return _loss_and_grads(h, head, y, head_h_axis, final_softcap)[0]
+    """The loss alone (evaluation, or any call not differentiated): no gradient GEMMs."""
+    def body(total, xs):
+        h_c, y_c = xs
+        return total + _chunk_loss(h_c, head, y_c, head_h_axis=head_h_axis, final_softcap=final_softcap)[0], None
+
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, y))[0]
 
 
 def _loss_and_grads(h, head, y, head_h_axis, final_softcap):

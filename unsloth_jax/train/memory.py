@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from unsloth_jax.models.loss import default_chunk_tokens
+
 
 def tree_nbytes(tree) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "shape")))
@@ -25,7 +27,8 @@ def activation_bytes(cfg, tokens: int, remat_policy: str, act_bytes: int = 2) ->
     per_layer_full = tokens * (4 * H + 2 * qkv + 3 * I) * act_bytes  # everything a layer produces
     saved_per_layer = {"none": per_layer_full, "selective": tokens * (H + qkv + 2 * I + H) * act_bytes,
                        "full": tokens * H * act_bytes, "offload": 0}.get(remat_policy, per_layer_full)
-    loss_chunk = min(tokens, max(64, (1 << 28) // (4 * cfg.vocab_size))) * cfg.vocab_size * 4 * 2
+    # The loss's chunk: fp32 logits and their fp32 gradient.
+    loss_chunk = default_chunk_tokens(tokens, cfg.vocab_size) * cfg.vocab_size * 4 * 2
     return cfg.num_layers * saved_per_layer + 2 * per_layer_full + loss_chunk + OVERHEAD_BYTES
 
 
