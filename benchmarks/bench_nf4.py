@@ -250,17 +250,21 @@ def phase_bnb(budget, results):
 
 
 def sweep_configs(m, direction):
-    """Candidates for the sweep. For dx, block_n tiles the reduction (N) and block_k the output."""
+    """Candidates for the sweep. For dx, block_n tiles the reduction (N) and block_k the output.
+    Fields: block_m, block_n, block_k, warps, stages, split (0 = auto), group, decode, weight_lhs,
+    interleave."""
     T = K.TileConfig
     if m <= 16:
-        return [T(16, 64, 128, 4, 4, 0, 8, "prmt", True), T(16, 64, 128, 4, 4, 0, 8, "prmt", False),
-                T(16, 128, 128, 4, 3, 0, 8, "prmt", False), T(16, 64, 128, 4, 4, 4, 8, "prmt", True),
-                T(16, 64, 128, 4, 4, 8, 8, "prmt", True), T(16, 32, 128, 2, 4, 0, 8, "prmt", True),
-                T(16, 64, 64, 4, 4, 0, 8, "prmt", True), T(16, 128, 64, 4, 4, 0, 8, "prmt", False),
-                T(16, 64, 128, 8, 4, 0, 8, "prmt", True), T(16, 256, 64, 8, 4, 0, 8, "prmt", False)]
-    return [T(256, 128, 64, 8, 3, 1, 8, "prmt", True), T(256, 128, 64, 8, 3, 1, 8, "prmt", False),
-            T(256, 128, 32, 8, 4, 1, 8, "prmt", False), T(256, 64, 64, 4, 3, 1, 8, "prmt", False),
-            T(128, 128, 64, 8, 3, 1, 8, "prmt", False), T(256, 128, 32, 8, 3, 1, 8, "prmt", True)]
+        return [T(16, 64, 128, 4, 4, 0, 8, "prmt", True), T(16, 64, 128, 4, 4, 0, 8, "prmt", True, False),
+                T(16, 64, 256, 4, 4, 0, 8, "prmt", True, False), T(16, 64, 256, 4, 3, 0, 8, "prmt", True),
+                T(16, 32, 256, 4, 4, 0, 8, "prmt", True, False), T(16, 64, 128, 4, 6, 0, 8, "prmt", True, False),
+                T(16, 64, 128, 4, 4, 4, 8, "prmt", True, False), T(16, 128, 128, 8, 4, 0, 8, "prmt", True, False),
+                T(16, 64, 128, 8, 4, 0, 8, "prmt", True, False), T(16, 64, 128, 2, 4, 0, 8, "prmt", True, False),
+                T(16, 32, 128, 2, 4, 0, 8, "prmt", True, False), T(16, 64, 512, 8, 3, 0, 8, "prmt", True, False),
+                T(16, 64, 128, 4, 4, 0, 8, "prmt", False, False), T(16, 32, 512, 4, 3, 0, 8, "prmt", True, False)]
+    return [T(256, 128, 64, 8, 3, 1, 8, "prmt", True), T(256, 64, 64, 4, 3, 1, 8, "prmt", False),
+            T(256, 64, 64, 4, 3, 1, 8, "prmt", False, False), T(256, 128, 64, 8, 3, 1, 8, "prmt", True, False),
+            T(256, 128, 128, 8, 3, 1, 8, "prmt", True, False)]
 
 
 def nf4_nbytes_est(n, k):

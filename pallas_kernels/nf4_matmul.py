@@ -54,6 +54,10 @@ class TileConfig:
       "select") or "select" (a 4-level select tree, ~50 instructions per code; any backend).
     weight_lhs: make the decoded weight tile the left MMA operand and accumulate the transposed
       product (a Hopper left operand may come from registers); measured within 10% either way.
+    interleave: put the high- and low-nibble values back in K order before one product (a
+      register shuffle). False keeps them apart: two half-width products against the even and
+      the odd K columns of x (stride-2 loads), or, for dx, two accumulators stored to the even and
+      odd output columns. Only the fast path (in % 64 == 0) has the choice.
     """
     block_m: int = 64
     block_n: int = 64
@@ -64,6 +68,7 @@ class TileConfig:
     group_m: int = 8
     decode: str = "prmt"
     weight_lhs: bool = True
+    interleave: bool = True
 
 
 # ---- reference ---------------------------------------------------------------------------------
@@ -147,8 +152,9 @@ def _block_absmax(scale_refs, blk, double_quant):
     return no_fma(code_ref[codes] * nested_ref[blk // NESTED_BLOCKSIZE]) + offset_ref[0]  # as bnb
 
 
-def _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_quant, decode, dtype):
-    """Decoded weight rows `rows` (int32 [R]), columns k0..k0+bk: [R, bk] in `dtype`.
+def _weight_tile_halves(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_quant, decode, dtype):
+    """Decoded weight rows `rows` (int32 [R]), columns k0..k0+bk, as its even and its odd columns
+    (the high and the low nibbles of the packed bytes): two [R, bk/2] arrays in `dtype`.
 
     Fast path (k_total % bs == 0): w_ref is the packed weight viewed [N, K/2], the absmax refs
     [N, K/bs]; bk is a multiple of bs so a tile holds whole blocks of each row."""
@@ -169,9 +175,14 @@ def _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_qu
             return (vals * absmax).astype(dtype)
         return (vals.reshape(r, per_row, bs // 2) * absmax[:, :, None]).reshape(r, bk // 2).astype(dtype)
 
-    # Scale and round before interleaving: the interleave then moves 16-bit values, not fp32.
-    # High nibble first: element 2j is byte j's high nibble, element 2j+1 its low nibble.
-    return jnp.stack([scaled(hi), scaled(lo)], axis=-1).reshape(r, bk)
+    return scaled(hi), scaled(lo)
+
+
+def _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, **kw):
+    """The same tile in K order, [R, bk]: element 2j is byte j's high nibble, 2j+1 its low one.
+    (Scaled and rounded before the interleave, so that the shuffle moves 16-bit values.)"""
+    even, odd = _weight_tile_halves(w_ref, scale_refs, rows, k0, bk, **kw)
+    return jnp.stack([even, odd], axis=-1).reshape(rows.shape[0], bk)
 
 
 def _weight_tile_flat(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_quant, decode, dtype):
@@ -216,29 +227,40 @@ def _dot_nn(a, b, dtype):
                                preferred_element_type=jnp.float32)
 
 
-def _reduce(body, steps, split, shape):
+def _reduce(body, steps, split, init):
     """Run this program's share of the reduction: `steps // split` iterations with a static trip
     count (Triton pipelines only counted loops), starting at its slice of the steps."""
     per = steps // split  # the launcher makes split divide steps
-    acc = jnp.zeros(shape, jnp.float32)
     if split == 1:
-        return jax.lax.fori_loop(0, per, body, acc)
+        return jax.lax.fori_loop(0, per, body, init)
     start = pl.program_id(1) * per
-    return jax.lax.fori_loop(0, per, lambda i, a: body(start + i, a), acc)
+    return jax.lax.fori_loop(0, per, lambda i, a: body(start + i, a), init)
 
 
-def _store(o_ref, acc, rows, c0, bc, c_total, split):
-    """Write the [rows, c0:c0+bc] tile; columns past the edge are clamped (identical duplicates)."""
-    if c_total % bc == 0:
-        cols = pl.ds(pl.multiple_of(c0, bc), bc)
-        idx = (rows, cols)
-    else:
-        cols = jnp.minimum(c0 + jnp.arange(bc, dtype=jnp.int32), c_total - 1)
-        idx = (rows[:, None], cols[None, :])
+def _zeros(*shape):
+    return jnp.zeros(shape, jnp.float32)
+
+
+def _store(o_ref, acc, rows, cols, split):
+    """Write acc to o[rows, cols] (cols: a pl.ds or an int32 index array); fp32 partials to the
+    program's own slice when the reduction is split."""
+    idx = (rows, cols) if not isinstance(cols, jax.Array) else (rows[:, None], cols[None, :])
     if split > 1:
         o_ref[(pl.program_id(1), *idx)] = acc
     else:
         o_ref[idx] = acc.astype(o_ref.dtype)
+
+
+def _tile_cols(c0, bc, c_total):
+    """The output columns c0..c0+bc; past the edge they are clamped (identical duplicate writes)."""
+    if c_total % bc == 0:
+        return pl.ds(pl.multiple_of(c0, bc), bc)
+    return jnp.minimum(c0 + jnp.arange(bc, dtype=jnp.int32), c_total - 1)
+
+
+def _halves_of(ref, rows, c0, width):
+    """ref[rows, c0 : c0+width] as its even and its odd columns (stride-2 slices)."""
+    return tuple(ref[rows, pl.ds(c0 + parity, width // 2, stride=2)] for parity in (0, 1))
 
 
 def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
@@ -248,26 +270,31 @@ def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
     tm, tn = _grouped_pid(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(n, bn), cfg.group_m)
     rows = jnp.minimum(tm * bm + jnp.arange(bm, dtype=jnp.int32), m - 1)
     cols = jnp.minimum(tn * bn + jnp.arange(bn, dtype=jnp.int32), n - 1)
-    tile = _weight_tile_rows if aligned else _weight_tile_flat
-    even_k = k % bk == 0
+    decode = dict(bs=bs, k_total=k, double_quant=double_quant, decode=cfg.decode, dtype=dtype)
+
+    def product(wt, xt):
+        if cfg.weight_lhs:  # (x W^T)^T = W x^T, [bn, bm]
+            return _dot(wt, xt, dtype)
+        return _dot(xt, wt, dtype)
 
     def body(kt, acc):
         k0 = pl.multiple_of(kt * bk, bk)
-        if even_k:
+        if aligned and not cfg.interleave:  # even K columns of W against even ones of x, odd with odd
+            w_halves = _weight_tile_halves(w_ref, scale_refs, cols, k0, bk, **decode)
+            for wt, xt in zip(w_halves, _halves_of(x_ref, rows, k0, bk)):
+                acc = acc + product(wt, xt)
+            return acc
+        if k % bk == 0:
             xt = x_ref[rows, pl.ds(k0, bk)]
         else:  # ragged reduction edge: clamp the load, zero the columns past K
             kk = k0 + jnp.arange(bk, dtype=jnp.int32)
             xt = x_ref[rows[:, None], jnp.minimum(kk, k - 1)[None, :]]
             xt = jnp.where((kk < k)[None, :], xt, 0).astype(dtype)
-        wt = tile(w_ref, scale_refs, cols, k0, bk, bs=bs, k_total=k,
-                  double_quant=double_quant, decode=cfg.decode, dtype=dtype)
-        if cfg.weight_lhs:  # acc = (x W^T)^T = W x^T, [bn, bm]
-            return acc + _dot(wt, xt, dtype)
-        return acc + _dot(xt, wt, dtype)
+        tile = _weight_tile_rows if aligned else _weight_tile_flat
+        return acc + product(tile(w_ref, scale_refs, cols, k0, bk, **decode), xt)
 
-    shape = (bn, bm) if cfg.weight_lhs else (bm, bn)
-    acc = _reduce(body, pl.cdiv(k, bk), cfg.split_k, shape)
-    _store(o_ref, acc.T if cfg.weight_lhs else acc, rows, tn * bn, bn, n, cfg.split_k)
+    acc = _reduce(body, pl.cdiv(k, bk), cfg.split_k, _zeros(bn, bm) if cfg.weight_lhs else _zeros(bm, bn))
+    _store(o_ref, acc.T if cfg.weight_lhs else acc, rows, _tile_cols(tn * bn, bn, n), cfg.split_k)
 
 
 def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
@@ -277,27 +304,39 @@ def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
     tm, tk = _grouped_pid(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(k, bk), cfg.group_m)
     rows = jnp.minimum(tm * bm + jnp.arange(bm, dtype=jnp.int32), m - 1)
     k0 = pl.multiple_of(tk * bk, bk)
-    tile = _weight_tile_rows if aligned else _weight_tile_flat
-    even_n = n % bn == 0
+    decode = dict(bs=bs, k_total=k, double_quant=double_quant, decode=cfg.decode, dtype=dtype)
+    halves = aligned and not cfg.interleave  # one accumulator for the even output columns, one for the odd
+    width = bk // 2 if halves else bk
 
-    def body(nt, acc):
+    def product(wt, dyt):
+        if cfg.weight_lhs:  # (dy W)^T = W^T dy^T, [width, bm]
+            return _dot_tn(wt, dyt, dtype)
+        return _dot_nn(dyt, wt, dtype)
+
+    def body(nt, accs):
         n0 = pl.multiple_of(nt * bn, bn)
-        if even_n:
+        if n % bn == 0:
             wrows = n0 + jnp.arange(bn, dtype=jnp.int32)
             dyt = dy_ref[rows, pl.ds(n0, bn)]
         else:  # ragged reduction edge: clamp rows of W, zero the matching dy columns
             nn = n0 + jnp.arange(bn, dtype=jnp.int32)
             wrows = jnp.minimum(nn, n - 1)
             dyt = jnp.where((nn < n)[None, :], dy_ref[rows[:, None], wrows[None, :]], 0).astype(dtype)
-        wt = tile(w_ref, scale_refs, wrows, k0, bk, bs=bs, k_total=k,
-                  double_quant=double_quant, decode=cfg.decode, dtype=dtype)
-        if cfg.weight_lhs:  # acc = (dy W)^T = W^T dy^T, [bk, bm]
-            return acc + _dot_tn(wt, dyt, dtype)
-        return acc + _dot_nn(dyt, wt, dtype)
+        if halves:
+            w_parts = _weight_tile_halves(w_ref, scale_refs, wrows, k0, bk, **decode)
+        else:
+            w_parts = ((_weight_tile_rows if aligned else _weight_tile_flat)(
+                w_ref, scale_refs, wrows, k0, bk, **decode),)
+        return tuple(acc + product(wt, dyt) for acc, wt in zip(accs, w_parts))
 
-    shape = (bk, bm) if cfg.weight_lhs else (bm, bk)
-    acc = _reduce(body, pl.cdiv(n, bn), cfg.split_k, shape)
-    _store(o_ref, acc.T if cfg.weight_lhs else acc, rows, k0, bk, k, cfg.split_k)
+    init = _zeros(width, bm) if cfg.weight_lhs else _zeros(bm, width)
+    accs = _reduce(body, pl.cdiv(n, bn), cfg.split_k, (init, init) if halves else (init,))
+    if halves:
+        col_parts = [pl.ds(k0 + parity, width, stride=2) for parity in (0, 1)]
+    else:
+        col_parts = [_tile_cols(k0, bk, k)]
+    for acc, cols in zip(accs, col_parts):
+        _store(o_ref, acc.T if cfg.weight_lhs else acc, rows, cols, cfg.split_k)
 
 
 # ---- launch ----------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ CASES = [
     (5, 33, 96, jnp.float32, True, T(16, 16, 64, 4, 2, 1, 2, "select", False)),  # blocks straddle rows
     (17, 48, 256, jnp.bfloat16, True, T(16, 16, 128, 4, 2, 2, 2, "select")),   # split-K, 2 blocks a tile
     (3, 48, 192, jnp.float32, False, T(16, 16, 64, 4, 2, 1, 2, "prmt")),     # fp32 absmax
+    # nibbles kept apart (even/odd K columns): both operand sides, split-K, ragged M and N
+    (20, 40, 256, jnp.float32, True, T(16, 16, 128, 4, 2, 1, 2, "select", True, False)),
+    (5, 33, 256, jnp.bfloat16, True, T(16, 16, 128, 4, 2, 2, 2, "select", False, False)),
+    (3, 24, 128, jnp.float32, False, T(16, 16, 64, 4, 2, 1, 2, "prmt", False, False)),
 ]
 
 

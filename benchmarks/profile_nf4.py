@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Run one NF4 matmul a few times, for a profiler (ncu) to look at. Not a timing.
+
+    ncu --clock-control none -k regex:nf4 python3 benchmarks/profile_nf4.py --m 1 --shape 14336x4096 \\
+        --dir fwd --cfg '[16,64,128,4,4,0,8,"prmt",true,false]'
+"""
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import nf4_matmul as K
+from unsloth_jax.quant import quantize_nf4
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--m", type=int, default=1)
+    p.add_argument("--shape", default="14336x4096", help="out x in")
+    p.add_argument("--dir", choices=("fwd", "dx"), default="fwd")
+    p.add_argument("--cfg", action="append", default=[],
+                   help="TileConfig fields as a JSON list (repeatable); none: default_config")
+    p.add_argument("--calls", type=int, default=3)
+    a = p.parse_args()
+    n, k = (int(v) for v in a.shape.split("x"))
+    w = jax.random.normal(jax.random.PRNGKey(0), (n, k), jnp.float32) * 0.02
+    q = jax.block_until_ready(quantize_nf4(w, record_dtype="bfloat16"))
+    cfgs = [K.TileConfig(*json.loads(c)) for c in a.cfg] or [None]
+    for cfg in cfgs:
+        if a.dir == "fwd":
+            x = jnp.ones((a.m, k), jnp.bfloat16)
+            f = jax.jit(lambda x, q: K.nf4_matmul(x, q, fwd_config=cfg))
+        else:
+            x = jnp.ones((a.m, n), jnp.bfloat16)
+            f = jax.jit(lambda x, q: K._backward_dx(x, q, False, cfg, x.dtype))
+        for _ in range(a.calls):
+            jax.block_until_ready(f(x, q))
+        print("ran", a.dir, a.m, a.shape, cfg, flush=True)
+
+
+if __name__ == "__main__":
+    main()
