@@ -255,13 +255,11 @@ def sweep_configs(m, direction):
     interleave."""
     T = K.TileConfig
     if m <= 16:
-        return [T(16, 64, 128, 4, 4, 0, 8, "prmt", True), T(16, 64, 128, 4, 4, 0, 8, "prmt", True, False),
-                T(16, 64, 256, 4, 4, 0, 8, "prmt", True, False), T(16, 64, 256, 4, 3, 0, 8, "prmt", True),
-                T(16, 32, 256, 4, 4, 0, 8, "prmt", True, False), T(16, 64, 128, 4, 6, 0, 8, "prmt", True, False),
-                T(16, 64, 128, 4, 4, 4, 8, "prmt", True, False), T(16, 128, 128, 8, 4, 0, 8, "prmt", True, False),
-                T(16, 64, 128, 8, 4, 0, 8, "prmt", True, False), T(16, 64, 128, 2, 4, 0, 8, "prmt", True, False),
-                T(16, 32, 128, 2, 4, 0, 8, "prmt", True, False), T(16, 64, 512, 8, 3, 0, 8, "prmt", True, False),
-                T(16, 64, 128, 4, 4, 0, 8, "prmt", False, False), T(16, 32, 512, 4, 3, 0, 8, "prmt", True, False)]
+        both = [T(16, 64, 128, 4, 4, 0, 8, dec, lhs, il) for dec in ("prmt", "prmt1")
+                for lhs in (True, False) for il in (True, False)]
+        return both + [T(16, 32, 128, 2, 4, 0, 8, "prmt", False, False), T(16, 64, 256, 4, 4, 0, 8, "prmt", False, False),
+                       T(16, 64, 128, 4, 6, 0, 8, "prmt", False, False), T(16, 64, 128, 4, 4, 4, 8, "prmt", False, False),
+                       T(16, 64, 128, 2, 4, 0, 8, "prmt", True, False)]
     return [T(256, 128, 64, 8, 3, 1, 8, "prmt", True), T(256, 64, 64, 4, 3, 1, 8, "prmt", False),
             T(256, 64, 64, 4, 3, 1, 8, "prmt", False, False), T(256, 128, 64, 8, 3, 1, 8, "prmt", True, False),
             T(256, 128, 128, 8, 3, 1, 8, "prmt", True, False)]
