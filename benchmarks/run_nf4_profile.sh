@@ -1,21 +1,18 @@
 #!/usr/bin/env bash
-# Few-rows NF4 kernel on the GPU: check, tile/decode sweeps on two shapes, the M<=16 table with
-# the first sweep's best tiles, then Nsight Compute (metrics + SASS) on the M=1 forward kernel.
+# Few-rows NF4 kernel on the GPU: check, tile/decode sweep, the M<=16 table with the sweep's best
+# tiles, then Nsight Compute (metrics + SASS) on the M=1 forward kernel of chosen configs.
 #   bash benchmarks/run_nf4_profile.sh   (device tool; writes under $OUT)
 set -u
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/nf4prof}; mkdir -p "$OUT"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
-quiet() { grep -v "cuda_timer\|^W1\|^I1"; }
 python3 benchmarks/bench_nf4.py --out "$OUT/bench" --phases ${PHASES:-check,sweep,table} --sweep-ms 1,16 --ms 1,16 \
-  --budget ${BENCH_S:-300} 2>&1 | quiet
-python3 benchmarks/bench_nf4.py --out "$OUT/bench_small" --phases sweep --sweep-shape 1024x4096 --sweep-ms 1,16 \
-  --budget ${SMALL_S:-110} 2>&1 | quiet
+  --budget ${BENCH_S:-300} 2>&1 | grep -v "cuda_timer\|^W1\|^I1"
 SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
   --section WarpStateStats --section SchedulerStats --section InstructionStats --section SourceCounters"
 i=0
-for cfg in ${NCU_CFGS:-'[16,64,128,4,4,0,8,"prmt",false,true]'}; do
+for cfg in ${NCU_CFGS:-'[16,64,128,4,4,0,8,"prmt",true,true]' '[16,64,128,4,4,0,8,"prmt",false,false]'}; do
   i=$((i+1))
   $NCU --clock-control none -k regex:nf4 --launch-count 1 $SECTIONS -o "$OUT/fwd$i" -f \
     python3 benchmarks/profile_nf4.py --m 1 --shape 14336x4096 --calls 2 --dir fwd --cfg "$cfg" > "$OUT/ncu_fwd$i.log" 2>&1

@@ -129,18 +129,19 @@ PRMT_DECODE_ASM = {nibble: _prmt_decode_asm(nibble) for nibble in ("hi", "lo")}
 
 def _prmt_pair_decode_asm() -> str:
     """PTX that turns 4 packed bytes ($8) into the exact fp32 NF4 values of their high nibbles
-    ($0-$3, byte i -> $i) and of their low nibbles ($4-$7) in one block. The 16 table words
-    (`NF4_PRMT_TABLE`) come in as operands $9, $13, ... (each input is packed 4 x 32-bit, one
-    register per element; the 4 are copies): loaded once per program, they stay in registers
-    across the loop, where immediates were re-materialized by ptxas in every block.
+    ($0-$3, byte i -> $i) and of their low nibbles ($4-$7) in one block.
 
     The same byte-plane lookup as `_prmt_decode_asm`, but each lookup takes two whole bytes: the
     low 16 bits of the word already hold 4 codes in prmt's selector order (lo0, hi0, lo1, hi1),
     and the high 16 bits the next 4, so no nibble compaction is needed and the 16 table words are
     shared by both nibbles: about 47 instructions for 8 values, against 2 x 31 (+ the table
     moves, which ptxas re-issues per block) for the two single-nibble blocks."""
+    bits = NF4_CODE.astype("<f4").view(np.uint8).reshape(16, 4)  # [code, byte plane]
     lines = ["{", ".reg .b32 t<16>, s, m, w, p<4>, x, y;"]
-    lines += [f"mov.b32 t{j}, ${9 + 4 * j};" for j in range(16)]
+    for plane in range(4):
+        for quad in range(4):
+            word = sum(int(bits[quad * 4 + i, plane]) << (8 * i) for i in range(4))
+            lines.append(f"mov.b32 t{plane * 4 + quad}, {word:#010x};")
     # value order within a half word: (lo of byte 2h, hi of byte 2h, lo of byte 2h+1, hi of byte 2h+1)
     for half, outs in ((0, ("$4", "$0", "$5", "$1")), (1, ("$6", "$2", "$7", "$3"))):
         lines += [f"shr.b32 w, $8, {16 * half};", "and.b32 s, w, 0x7777;",
@@ -157,10 +158,6 @@ def _prmt_pair_decode_asm() -> str:
 
 
 PRMT_PAIR_DECODE_ASM = _prmt_pair_decode_asm()
-# Word 4 * plane + quad holds byte `plane` of the fp32 NF4 values of codes 4 * quad .. 4 * quad + 3.
-NF4_PRMT_TABLE = np.array([
-    sum(int(b) << (8 * i) for i, b in enumerate(NF4_CODE.astype("<f4").view(np.uint8).reshape(16, 4)[4 * quad:4 * quad + 4, plane]))
-    for plane in range(4) for quad in range(4)], np.uint32)
 
 
 @functools.cache
@@ -189,39 +186,24 @@ def _inline_asm_primitive():
     return prim
 
 
-def _decoder(name, table_ref):
-    """The tile decoder `_weight_tile_halves` calls: uint8 [R, C] packed codes -> fp32 NF4 values
-    of the high and of the low nibbles, [R, C] each. "prmt" loads its table here, before the loop."""
-    if name == "prmt":
-        table = [table_ref[j] for j in range(16)]
-        return functools.partial(_decode_prmt, table=table)
-    if name == "prmt1":
-        return _decode_prmt1
-    return _decode_select
+def _decode_packed(packed_u8, decode):
+    """uint8 [R, C] packed codes -> fp32 NF4 values of the high and of the low nibbles, [R, C] each."""
+    r, c = packed_u8.shape
+    f32 = jax.ShapeDtypeStruct((r, c), jnp.float32)
+    if decode == "prmt":
+        hi, lo = _inline_asm_primitive().bind(
+            packed_u8, asm=PRMT_PAIR_DECODE_ASM, constraints=",".join(["=r"] * 8 + ["r"]), pack=4,
+            result_shape_dtypes=(f32, f32))
+    elif decode == "prmt1":  # one block per nibble (the single-result path)
+        from jax.experimental.pallas import triton as plt
 
-
-def _decode_prmt(packed_u8, table):
-    f32 = jax.ShapeDtypeStruct(packed_u8.shape, jnp.float32)
-    words = [jnp.full(packed_u8.shape, t, jnp.uint32) for t in table]
-    hi, lo = _inline_asm_primitive().bind(
-        packed_u8, *words, asm=PRMT_PAIR_DECODE_ASM, constraints=",".join(["=r"] * 8 + ["r"] * 65),
-        pack=4, result_shape_dtypes=(f32, f32))
+        hi, lo = (plt.elementwise_inline_asm(
+            PRMT_DECODE_ASM[nibble], args=[packed_u8], constraints="=r,=r,=r,=r,r", pack=4,
+            result_shape_dtypes=[f32])[0] for nibble in ("hi", "lo"))
+    else:
+        packed = packed_u8.astype(jnp.int32)
+        hi, lo = _lookup_nf4(packed >> 4), _lookup_nf4(packed & 15)
     return hi, lo
-
-
-def _decode_prmt1(packed_u8):
-    """One asm block per nibble (the built-in single-result path), immediates for the table."""
-    from jax.experimental.pallas import triton as plt
-
-    f32 = jax.ShapeDtypeStruct(packed_u8.shape, jnp.float32)
-    return tuple(plt.elementwise_inline_asm(
-        PRMT_DECODE_ASM[nibble], args=[packed_u8], constraints="=r,=r,=r,=r,r", pack=4,
-        result_shape_dtypes=[f32])[0] for nibble in ("hi", "lo"))
-
-
-def _decode_select(packed_u8):
-    packed = packed_u8.astype(jnp.int32)
-    return _lookup_nf4(packed >> 4), _lookup_nf4(packed & 15)
 
 
 def _block_absmax(scale_refs, blk, double_quant):
@@ -241,7 +223,7 @@ def _weight_tile_halves(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_
     Fast path (k_total % bs == 0): w_ref is the packed weight viewed [N, K/2], the absmax refs
     [N, K/bs]; bk is a multiple of bs so a tile holds whole blocks of each row."""
     packed = w_ref[rows, pl.ds(pl.multiple_of(k0 // 2, bk // 2), bk // 2)]  # uint8 [R, bk/2]
-    hi, lo = decode(packed)
+    hi, lo = _decode_packed(packed, decode)
     per_row = bk // bs
     if double_quant:
         qabs_ref, nested_ref, code_ref, offset_ref = scale_refs
@@ -347,12 +329,12 @@ def _halves_of(ref, rows, c0, width):
 
 def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
     """o[rows, cols] = sum_k x[rows, k] * W[cols, k] over this program's reduction slice."""
-    *scale_refs, table_ref, o_ref = refs
+    *scale_refs, o_ref = refs
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     tm, tn = _grouped_pid(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(n, bn), cfg.group_m)
     rows = jnp.minimum(tm * bm + jnp.arange(bm, dtype=jnp.int32), m - 1)
     cols = jnp.minimum(tn * bn + jnp.arange(bn, dtype=jnp.int32), n - 1)
-    decode = dict(bs=bs, k_total=k, double_quant=double_quant, decode=_decoder(cfg.decode, table_ref), dtype=dtype)
+    decode = dict(bs=bs, k_total=k, double_quant=double_quant, decode=cfg.decode, dtype=dtype)
 
     def product(wt, xt):
         if cfg.weight_lhs:  # (x W^T)^T = W x^T, [bn, bm]
@@ -381,12 +363,12 @@ def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
 
 def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
     """dx[rows, ks] = sum_n dy[rows, n] * W[n, ks] over this program's slice of N."""
-    *scale_refs, table_ref, o_ref = refs
+    *scale_refs, o_ref = refs
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     tm, tk = _grouped_pid(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(k, bk), cfg.group_m)
     rows = jnp.minimum(tm * bm + jnp.arange(bm, dtype=jnp.int32), m - 1)
     k0 = pl.multiple_of(tk * bk, bk)
-    decode = dict(bs=bs, k_total=k, double_quant=double_quant, decode=_decoder(cfg.decode, table_ref), dtype=dtype)
+    decode = dict(bs=bs, k_total=k, double_quant=double_quant, decode=cfg.decode, dtype=dtype)
     halves = aligned and not cfg.interleave  # one accumulator for the even output columns, one for the odd
     width = bk // 2 if halves else bk
 
@@ -475,16 +457,13 @@ def _runnable_decode(cfg: TileConfig, interpret: bool) -> TileConfig:
     return cfg
 
 
-def _decode_operands(q: NF4Tensor, aligned: bool, k: int):
-    """What the kernels read besides the packed codes: the absmax refs, then the prmt table."""
+def _scale_operands(q: NF4Tensor, aligned: bool, k: int):
     bs = q.blocksize
     if q.double_quant:
         qabs = q.absmax.reshape(-1, k // bs) if aligned else q.absmax
-        scales = [qabs, q.nested_scale, q.nested_code, q.offset.reshape(1).astype(jnp.float32)]
-    else:
-        absmax = q.absmax.astype(jnp.float32)
-        scales = [absmax.reshape(-1, k // bs) if aligned else absmax]
-    return [*scales, jnp.asarray(NF4_PRMT_TABLE)]
+        return [qabs, q.nested_scale, q.nested_code, q.offset.reshape(1).astype(jnp.float32)]
+    absmax = q.absmax.astype(jnp.float32)
+    return [absmax.reshape(-1, k // bs) if aligned else absmax]
 
 
 def _check(q, x, who):
@@ -514,7 +493,7 @@ def _launch(kernel, a, q, out_cols, red, cfg, interpret, out_dtype):
         cfg = dataclasses.replace(cfg, split_k=split)
     cfg = _runnable_decode(cfg, interpret)
     w = q.packed.reshape(n, k // 2) if aligned else q.packed
-    operands = [a, w, *_decode_operands(q, aligned, k)]
+    operands = [a, w, *_scale_operands(q, aligned, k)]
     grid = (pl.cdiv(m, cfg.block_m) * pl.cdiv(out_cols, out_tile), cfg.split_k)
     if cfg.split_k > 1:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, out_cols), jnp.float32)
@@ -594,11 +573,11 @@ def nf4_matmul(x, q: NF4Tensor, *, interpret: bool = False, fwd_config: Optional
 # ---- dequantize, then a cuBLAS matmul (many rows) --------------------------------------------------
 
 def _dequant_kernel(w_ref, *refs, n, k, bs, bn, bk, double_quant, decode, dtype, transpose):
-    *scale_refs, table_ref, o_ref = refs
+    *scale_refs, o_ref = refs
     rows = jnp.minimum(pl.program_id(0) * bn + jnp.arange(bn, dtype=jnp.int32), n - 1)
     k0 = pl.multiple_of(pl.program_id(1) * bk, bk)
-    tile = _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, bs=bs, k_total=k, double_quant=double_quant,
-                             decode=_decoder(decode, table_ref), dtype=dtype)
+    tile = _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, bs=bs, k_total=k,
+                             double_quant=double_quant, decode=decode, dtype=dtype)
     if transpose:
         cols = k0 + jnp.arange(bk, dtype=jnp.int32)
         o_ref[cols[:, None], rows[None, :]] = tile.T
@@ -627,7 +606,7 @@ def nf4_dequantize(q: NF4Tensor, dtype=jnp.bfloat16, *, transpose: bool = False,
         interpret=interpret, name="nf4_dequantize",
         compiler_params=None if interpret else compat.triton_compiler_params(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-    )(q.packed.reshape(n, k // 2), *_decode_operands(q, True, k))
+    )(q.packed.reshape(n, k // 2), *_scale_operands(q, True, k))
 
 
 def _dense_product(a, w, spec, dtype):

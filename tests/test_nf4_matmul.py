@@ -143,8 +143,7 @@ def test_prmt_decode_gives_exact_nf4_values():
     rng = np.random.default_rng(0)
     words = np.concatenate([rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32),
                             np.arange(256, dtype=np.uint32) * np.uint32(0x01010101)])  # each byte value in every slot
-    table = {f"${9 + 4 * j}": np.full_like(words, w) for j, w in enumerate(K.NF4_PRMT_TABLE)}
-    paired = _run_ptx(K.PRMT_PAIR_DECODE_ASM, {"$8": words, **table})  # hi -> $0-$3, lo -> $4-$7
+    paired = _run_ptx(K.PRMT_PAIR_DECODE_ASM, {"$8": words})  # hi nibbles -> $0-$3, lo -> $4-$7
     for nibble, shift in (("hi", 4), ("lo", 0)):
         regs = _run_ptx(K.PRMT_DECODE_ASM[nibble], {"$4": words})
         for i in range(4):  # byte i of the word is element i of the pack
