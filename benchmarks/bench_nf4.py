@@ -255,11 +255,9 @@ def sweep_configs(m, direction):
     interleave."""
     T = K.TileConfig
     if m <= 16:
-        both = [T(16, 64, 128, 4, 4, 0, 8, dec, lhs, il) for dec in ("prmt", "prmt1")
-                for lhs in (True, False) for il in (True, False)]
-        return both + [T(16, 32, 128, 2, 4, 0, 8, "prmt", False, False), T(16, 64, 256, 4, 4, 0, 8, "prmt", False, False),
-                       T(16, 64, 128, 4, 6, 0, 8, "prmt", False, False), T(16, 64, 128, 4, 4, 4, 8, "prmt", False, False),
-                       T(16, 64, 128, 2, 4, 0, 8, "prmt", True, False)]
+        return [T(16, 64, 128, 4, 4, 0, 8, "prmt", lhs, il) for lhs in (True, False) for il in (True, False)] + [
+            T(16, 64, 128, 4, 6, 0, 8, "prmt", False, False), T(16, 32, 128, 2, 4, 0, 8, "prmt", False, False),
+            T(16, 64, 128, 4, 4, 4, 8, "prmt", False, False), T(16, 32, 128, 4, 4, 0, 8, "prmt", False, True)]
     return [T(256, 128, 64, 8, 3, 1, 8, "prmt", True), T(256, 64, 64, 4, 3, 1, 8, "prmt", False),
             T(256, 64, 64, 4, 3, 1, 8, "prmt", False, False), T(256, 128, 64, 8, 3, 1, 8, "prmt", True, False),
             T(256, 128, 128, 8, 3, 1, 8, "prmt", True, False)]

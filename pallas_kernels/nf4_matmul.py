@@ -49,9 +49,9 @@ class TileConfig:
     split_k: programs sharing one output tile's reduction (fp32 partials, summed after);
       0 = automatic: split only while there are fewer than two output tiles per SM.
     group_m: output-row tiles visited together, so neighbouring programs share weight tiles in L2.
-    decode: how a 4-bit code becomes its NF4 value: "prmt" (byte permutes in inline PTX, four
-      codes per ~31 instructions, see `PRMT_DECODE_ASM`; GPU only, the interpreter falls back to
-      "select") or "select" (a 4-level select tree, ~50 instructions per code; any backend).
+    decode: how a 4-bit code becomes its NF4 value: "prmt" (byte permutes in inline PTX, eight
+      codes per ~47 instructions, see `PRMT_PAIR_DECODE_ASM`; GPU only, the interpreter falls back
+      to "select") or "select" (a 4-level select tree, ~50 instructions per code; any backend).
     weight_lhs: make the decoded weight tile the left MMA operand and accumulate the transposed
       product (a Hopper left operand may come from registers); measured within 10% either way.
     interleave: put the high- and low-nibble values back in K order before one product (a
@@ -91,51 +91,18 @@ def _lookup_nf4(codes):
     return level[0]
 
 
-def _prmt_decode_asm(nibble: str) -> str:
-    """PTX that turns the `nibble` ("hi" or "lo") codes of 4 packed bytes (one 32-bit register,
-    $4) into their exact fp32 NF4 values ($0-$3, byte i -> $i).
+def _prmt_pair_decode_asm() -> str:
+    """PTX that turns 4 packed bytes ($8) into the exact fp32 NF4 values of their high nibbles
+    ($0-$3, byte i -> $i) and of their low nibbles ($4-$7).
 
     `prmt d, a, b, sel` picks each byte of d from the 8 bytes of (a, b) by a 3-bit index (a
     selector nibble). The 16 fp32 values are held as 4 byte planes x 16 entries = 4 x 4 registers.
-    With the 4 codes compacted into the low 16 bits, `& 0x7777` indexes entries 0-7 (one prmt) and
-    8-15 (another); a third prmt picks per byte by the code's bit 3. That is one byte plane of the
-    4 values; eight more prmts transpose 4 planes x 4 values into 4 fp32 registers. About 31
-    instructions for 4 values, against ~50 per value for the select tree. (Two calls, one per
-    nibble, because Pallas lowers only single-result inline assembly.)"""
-    bits = NF4_CODE.astype("<f4").view(np.uint8).reshape(16, 4)  # [code, byte plane]
-    lines = ["{", ".reg .b32 t<16>, c, s, m, l, h, p<4>, x, y;"]
-    for plane in range(4):
-        for quad in range(4):
-            word = sum(int(bits[quad * 4 + i, plane]) << (8 * i) for i in range(4))
-            lines.append(f"mov.b32 t{plane * 4 + quad}, {word:#010x};")
-    lines += [f"shr.b32 c, $4, {4 if nibble == 'hi' else 0};", "and.b32 c, c, 0x0f0f0f0f;",
-              # nibbles at 0, 2, 4, 6 -> 0, 1, 2, 3
-              "shr.b32 x, c, 4;", "or.b32 c, c, x;", "and.b32 x, c, 0xff;",
-              "shr.b32 y, c, 8;", "and.b32 y, y, 0xff00;", "or.b32 c, x, y;",
-              "and.b32 s, c, 0x7777;", "shr.b32 m, c, 1;", "and.b32 m, m, 0x4444;", "or.b32 m, m, 0x3210;"]
-    for plane in range(4):
-        t = plane * 4
-        lines += [f"prmt.b32 l, t{t}, t{t + 1}, s;", f"prmt.b32 h, t{t + 2}, t{t + 3}, s;",
-                  f"prmt.b32 p{plane}, l, h, m;"]
-    for pair_sel, outs in (("0x5140", (0, 1)), ("0x7362", (2, 3))):  # values (0, 1), then (2, 3)
-        lines += [f"prmt.b32 x, p0, p1, {pair_sel};", f"prmt.b32 y, p2, p3, {pair_sel};",
-                  f"prmt.b32 ${outs[0]}, x, y, 0x5410;", f"prmt.b32 ${outs[1]}, x, y, 0x7632;"]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-PRMT_DECODE_ASM = {nibble: _prmt_decode_asm(nibble) for nibble in ("hi", "lo")}
-
-
-def _prmt_pair_decode_asm() -> str:
-    """PTX that turns 4 packed bytes ($8) into the exact fp32 NF4 values of their high nibbles
-    ($0-$3, byte i -> $i) and of their low nibbles ($4-$7) in one block.
-
-    The same byte-plane lookup as `_prmt_decode_asm`, but each lookup takes two whole bytes: the
-    low 16 bits of the word already hold 4 codes in prmt's selector order (lo0, hi0, lo1, hi1),
-    and the high 16 bits the next 4, so no nibble compaction is needed and the 16 table words are
-    shared by both nibbles: about 47 instructions for 8 values, against 2 x 31 (+ the table
-    moves, which ptxas re-issues per block) for the two single-nibble blocks."""
+    The low 16 bits of the word already are 4 codes in selector order (lo0, hi0, lo1, hi1), the
+    high 16 bits the next 4: `& 0x7777` indexes entries 0-7 (one prmt) and 8-15 (another), a third
+    prmt picks per byte by the code's bit 3. That gives one byte plane of 4 values; eight more
+    prmts transpose 4 planes x 4 values into 4 fp32 registers. About 47 instructions for 8 values
+    (the select tree: ~50 per value). On the H100 this block ran 5-10% faster than one block per
+    nibble, which had to compact the nibbles first (benchmarks/nf4_NOTES.md, session 3)."""
     bits = NF4_CODE.astype("<f4").view(np.uint8).reshape(16, 4)  # [code, byte plane]
     lines = ["{", ".reg .b32 t<16>, s, m, w, p<4>, x, y;"]
     for plane in range(4):
@@ -194,12 +161,6 @@ def _decode_packed(packed_u8, decode):
         hi, lo = _inline_asm_primitive().bind(
             packed_u8, asm=PRMT_PAIR_DECODE_ASM, constraints=",".join(["=r"] * 8 + ["r"]), pack=4,
             result_shape_dtypes=(f32, f32))
-    elif decode == "prmt1":  # one block per nibble (the single-result path)
-        from jax.experimental.pallas import triton as plt
-
-        hi, lo = (plt.elementwise_inline_asm(
-            PRMT_DECODE_ASM[nibble], args=[packed_u8], constraints="=r,=r,=r,=r,r", pack=4,
-            result_shape_dtypes=[f32])[0] for nibble in ("hi", "lo"))
     else:
         packed = packed_u8.astype(jnp.int32)
         hi, lo = _lookup_nf4(packed >> 4), _lookup_nf4(packed & 15)
@@ -421,8 +382,8 @@ def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: in
     n_out=K, n_red=N). Chosen from the H100 sweeps in benchmarks/nf4_NOTES.md: few rows get a
     thin tile plus split-K to fill the SMs; many rows the largest tile that fit in shared memory
     (each decoded weight tile then serves 256 rows)."""
-    if m <= 16:
-        return TileConfig(16, 64, 128, 4, 4, 0, 8, "prmt", True)
+    if m <= 16:  # weight as right operand, nibbles kept apart: the best fwd + dx sum (session 3 sweep)
+        return TileConfig(16, 64, 128, 4, 4, 0, 8, "prmt", False, False)
     if m <= 128 or dtype == jnp.float32:  # fp32 operands take twice the registers and SRAM
         return TileConfig(_pow2_at_most(m, 64), min(64, _pow2_at_most(n_out, 64)), 64, 4, 3, 0, 8,
                           "prmt", True)
@@ -452,7 +413,7 @@ def _fit_block_k(cfg: TileConfig, k: int, bs: int, aligned: bool) -> TileConfig:
 
 def _runnable_decode(cfg: TileConfig, interpret: bool) -> TileConfig:
     """The Pallas interpreter cannot run PTX: it decodes with the select tree (same values)."""
-    if interpret and cfg.decode.startswith("prmt"):
+    if interpret and cfg.decode == "prmt":
         return dataclasses.replace(cfg, decode="select")
     return cfg
 
