@@ -184,6 +184,14 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
             return jattn.mha(q, k, v, None, sm_scale=D ** -0.5, causal=True)
         return f, (qr, kk, vv)
 
+    def jax_mosaic():
+        # JAX's Mosaic GPU (wgmma/TMA) flash attention, for scale: forward only (its backward has no
+        # causal mask yet), pre-rotated q/k, GQA native.
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+
+        cfg = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+        return (lambda q, k, v: mgpu.attention(q, k, v, cfg)), (qr, kr, v)
+
     table = {
         "ours (RoPE inside)": (ours, (q, k, v)),
         "ours (no RoPE)": (ours_norope, (q, k, v)),
@@ -191,6 +199,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),
         "jax pallas mha (pre-rot, K/V repeated)": "jax_mha",
+        "jax mosaic gpu (pre-rot, fwd only)": "jax_mosaic",
     }
     for name, spec in table.items():
         if impls is not None and name not in impls:
@@ -199,12 +208,16 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
             log(f"  (budget reached, skipping {name} T={T})")
             continue
         try:
-            fn, args = jax_mha() if spec == "jax_mha" else spec
+            fn, args = {"jax_mha": jax_mha, "jax_mosaic": jax_mosaic}[spec]() if isinstance(spec, str) else spec
             f_ms = timeit(jax.jit(fn), *args)
-            fb_ms = timeit(fwd_bwd(fn), *args, do)
         except Exception as e:
             record_error(f"time_{name}_T{T}", e)
             continue
+        try:
+            fb_ms = timeit(fwd_bwd(fn), *args, do)
+        except Exception as e:  # a forward-only baseline
+            record_error(f"time_bwd_{name}_T{T}", e)
+            fb_ms = float("nan")
         row = dict(impl=name, T=T, B=B, D=D, Hq=Hq, Hkv=Hkv, fwd_ms=f_ms, fwdbwd_ms=fb_ms,
                    fwd_tflops=fl / f_ms / 1e9, fwdbwd_tflops=3.5 * fl / fb_ms / 1e9)
         rows.append(row)
@@ -274,6 +287,10 @@ def main():
             log(f"correctness: {'ALL PASS' if ok else 'FAILURES'}")
             bench_shape(8192, 2, Hq=16, Hkv=8, D=256, impls=["ours (RoPE inside)", "cudnn (pre-rotated)"])
             return
+        if ARGS.timing_only:  # D=128 at 2k and 8k, chosen implementations, no checks
+            for T, B in [(2048, 8), (8192, 2)]:
+                bench_shape(T, B, impls=ARGS.impls.split(";") if ARGS.impls else None)
+            return
         ok = check_correctness()
         log(f"correctness: {'ALL PASS' if ok else 'FAILURES'} ({time.time() - T0:.0f}s)")
         for T, B in [(2048, 8), (8192, 2)]:
@@ -303,5 +320,7 @@ if __name__ == "__main__":
     p.add_argument("--no-sweep", dest="sweep", action="store_false")
     p.add_argument("--skip-32k", action="store_true")
     p.add_argument("--d256-only", action="store_true", help="only the D=256 check and timing")
+    p.add_argument("--timing-only", action="store_true", help="only D=128 timings at 2k and 8k")
+    p.add_argument("--impls", default="", help="with --timing-only: ';'-separated implementation names")
     ARGS = p.parse_args()
     main()
