@@ -190,7 +190,8 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
 
         cfg = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
-        return (lambda q, k, v: mgpu.attention(q, k, v, cfg)), (qr, kr, v)
+        f16 = lambda x: x.astype(jnp.float16)  # noqa: E731 - its kernel is float16-only inside
+        return (lambda q, k, v: mgpu.attention(q, k, v, cfg)), (f16(qr), f16(kr), f16(v))
 
     table = {
         "ours (RoPE inside)": (ours, (q, k, v)),
