@@ -243,12 +243,10 @@ def sweep_variants(D):
                  "bwd dq128x32 w8 dkv64x32 w8 s2": replace(base, dq_q=128, dq_warps=8, dkv_k=64,
                                                           dkv_warps=8),
                  "bwd dq64x32 w4 dkv64x64 w8 s2": replace(base, dkv_k=64, dkv_q=64, dkv_warps=8)})
-    # D=128 with RoPE inside. Session 3: thinner tiles (fewer registers; the old default spills
-    # in dq and dk/dv) all ran slower (attention_NOTES.md); here the rotation's arithmetic.
     base = Tuning()
-    bf16_rope = replace(base, rope_math="input")
-    return ({"fwd 128x64 w8 s3 (default)": base, "fwd 128x64 w8 s3 rope bf16": bf16_rope},
-            {"bwd dq128x64 dkv128x64 w8 s3 (default)": base, "bwd dq128x64 dkv128x64 w8 s3 rope bf16": bf16_rope})
+    return ({"fwd 128x64 w8 s3 (default)": base, "fwd 128x64 w8 s4": Tuning(fwd_stages=4)},
+            {"bwd dq128x64 dkv128x64 w8 s3 (default)": base,
+             "bwd dq128x64 dkv128x32 w8 s3": Tuning(dkv_q=32)})
 
 
 def sweep(T=8192, B=2, Hq=32, Hkv=8, D=128):
@@ -290,10 +288,6 @@ def main():
             log(f"correctness: {'ALL PASS' if ok else 'FAILURES'}")
             bench_shape(8192, 2, Hq=16, Hkv=8, D=256, impls=["ours (RoPE inside)", "cudnn (pre-rotated)"])
             return
-        if ARGS.sweep_only:  # the D=128 (RoPE inside) tile sweep at 8k and 2k, no checks
-            sweep(T=8192, B=2)
-            sweep(T=2048, B=8)
-            return
         if ARGS.timing_only:  # D=128 at 2k and 8k, chosen implementations, no checks
             for T, B in [(2048, 8), (8192, 2)]:
                 bench_shape(T, B, impls=ARGS.impls.split(";") if ARGS.impls else None)
@@ -328,7 +322,6 @@ if __name__ == "__main__":
     p.add_argument("--skip-32k", action="store_true")
     p.add_argument("--d256-only", action="store_true", help="only the D=256 check and timing")
     p.add_argument("--timing-only", action="store_true", help="only D=128 timings at 2k and 8k")
-    p.add_argument("--sweep-only", action="store_true", help="only the D=128 tile sweep at 8k and 2k")
     p.add_argument("--impls", default="", help="with --timing-only: ';'-separated implementation names")
     ARGS = p.parse_args()
     main()

@@ -140,10 +140,6 @@ class Tuning:
     # with every K (or Q) tile, so float16 halves those bytes; its rounding (2^-12 absolute)
     # is far below the bf16 rounding of the rotated q/k. float32 inputs always use float32.
     rope_table_dtype: str = "float16"
-    # Arithmetic of the in-kernel rotation of 16-bit Q/K tiles: "float32" (the reference's) or
-    # "input" (the input dtype, as HF's apply_rotary_pos_emb does, with tables in that dtype:
-    # half the registers of the cos/sin tiles).
-    rope_math: str = "float32"
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -226,8 +222,8 @@ def _load_parts(read, cos, sin, cfg, dtype):
     """
     if not cfg.rope:
         return (_flat(read(slice(None))),)
-    x1 = read(pl.ds(0, cfg.half)).astype(cos.dtype)  # cos/sin carry the rotation's dtype
-    x2 = read(pl.ds(cfg.half, cfg.half)).astype(cos.dtype)
+    x1 = read(pl.ds(0, cfg.half)).astype(jnp.float32)
+    x2 = read(pl.ds(cfg.half, cfg.half)).astype(jnp.float32)
     if x1.ndim == 3:
         cos, sin = cos[:, None, :], sin[:, None, :]
     return (_flat((x1 * cos - x2 * sin).astype(dtype)), _flat((x2 * cos + x1 * sin).astype(dtype)))
@@ -321,9 +317,8 @@ class _Tile:
     def __init__(self, r, start, n, cfg, pack=1):
         rows = pl.ds(pl.multiple_of(start, n), n)
         self.rows = rows
-        work = r["cos"].dtype if cfg.tuning.rope_math == "input" else jnp.float32
-        self.cos = r["cos"][rows, :].astype(work) if cfg.rope else None
-        self.sin = r["sin"][rows, :].astype(work) if cfg.rope else None
+        self.cos = r["cos"][rows, :].astype(jnp.float32) if cfg.rope else None
+        self.sin = r["sin"][rows, :].astype(jnp.float32) if cfg.rope else None
         self.idx = _per_row(start + jnp.arange(n), pack)
         self.seg = _per_row(r["seg"][rows], pack) if cfg.has_segments else None
 
@@ -764,8 +759,7 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
         pos = _pad_rows(pos, cfg)
         freq = jnp.pad(inv_freq.astype(jnp.float32), (0, P // 2 - D // 2))
         angles = pos.astype(jnp.float32)[..., None] * freq  # same arithmetic as rope_cos_sin
-        table = jnp.float32 if jnp.dtype(q.dtype).itemsize > 2 else jnp.dtype(
-            q.dtype if tn.rope_math == "input" else tn.rope_table_dtype)
+        table = jnp.float32 if jnp.dtype(q.dtype).itemsize > 2 else jnp.dtype(tn.rope_table_dtype)
         aux["cos"], aux["sin"] = jnp.cos(angles).astype(table), jnp.sin(angles).astype(table)
     if cfg.has_segments:
         aux["seg"] = _pad_rows(segment_ids.astype(jnp.int32), cfg, _PAD_SEGMENT)

@@ -129,11 +129,6 @@ CASES = {
     "gqa8_pack2_bf16": (1, 40, 8, 1, 64, jnp.bfloat16,
                         dict(rope=True, sliding_window=11, tuning=attn.Tuning(
                             fwd_q=32, fwd_k=16, dq_q=16, dq_k=32, dkv_k=32, dkv_q=16, pack=2))),
-    # RoPE rotated in bf16 arithmetic with bf16 tables (HF's way) instead of float32
-    "rope_math_input_bf16": (2, 40, 8, 2, 64, jnp.bfloat16,
-                             dict(rope=True, segments=True, tuning=attn.Tuning(
-                                 fwd_q=16, fwd_k=16, dq_q=16, dq_k=16, dkv_k=16, dkv_q=16,
-                                 rope_math="input"))),
 }
 
 
