@@ -132,7 +132,8 @@ def _inline_asm_primitive():
     """Pallas' `elementwise_inline_asm` lowers only single-result assembly (it wraps the op's
     results in one more list), so the paired decode binds this primitive instead: the same
     Triton op, every result returned. Triton orders the outputs result-major: result r's
-    `pack` registers, then result r+1's; the inputs follow."""
+    `pack` registers, then result r+1's; the inputs follow. It uses JAX internals (`jax._src`),
+    checked on 0.10.2 and 0.11.2; tests/test_nf4_matmul.py lowers it for CUDA on the CPU."""
     from jax._src import core as jax_core
     from jax._src.lib.triton import dialect as tt_dialect
     from jax._src.pallas.triton import lowering as triton_lowering

@@ -169,3 +169,19 @@ def test_pallas_dequantize_and_dequant_matmul_match_reference():
         assert rel_err(y, y_ref) < 1e-5
         dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
         assert rel_err(vjp(dy)[0], vjp_ref(dy)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("m", [1, 300])
+def test_gpu_kernels_lower_for_cuda_on_cpu(m):
+    """The compiled path (prmt decode through our multi-result asm primitive, both nibble layouts,
+    split-K, the dequantize pass) must lower to Triton for CUDA; no GPU is needed to check that."""
+    q = quantize_nf4(np.random.default_rng(1).standard_normal((256, 512)).astype(np.float32))
+    x = jax.ShapeDtypeStruct((m, 512), jnp.bfloat16)
+    for cfg in (None, T(16, 64, 128, 4, 4, 2, 8, "prmt", True, True)):
+        def f(a, cfg=cfg):
+            y, vjp = jax.vjp(lambda b: K.nf4_matmul(b, q, fwd_config=cfg, dx_config=cfg), a)
+            return y, vjp(jnp.ones_like(y))
+        text = jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+        assert "nf4_fwd" in text and "nf4_dx" in text
+    text = jax.jit(lambda: K.nf4_dequantize(q, jnp.bfloat16)).trace().lower(lowering_platforms=("cuda",)).as_text()
+    assert "nf4_dequantize" in text
