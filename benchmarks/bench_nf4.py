@@ -255,8 +255,9 @@ def sweep_configs(m, direction):
     interleave."""
     T = K.TileConfig
     if m <= 16:
-        return [T(16, 64, 128, 4, 4, 0, 8, dec, lhs, il) for dec in ("prmt", "prmt8")
-                for lhs, il in ((False, False), (False, True), (True, True))]
+        return [T(16, 64, 128, 4, 4, 0, 8, "prmt", lhs, il) for lhs in (True, False) for il in (True, False)] + [
+            T(16, 64, 128, 4, 6, 0, 8, "prmt", False, False), T(16, 32, 128, 2, 4, 0, 8, "prmt", False, False),
+            T(16, 64, 128, 4, 4, 4, 8, "prmt", False, False), T(16, 32, 128, 4, 4, 0, 8, "prmt", False, True)]
     return [T(256, 128, 64, 8, 3, 1, 8, "prmt", True), T(256, 64, 64, 4, 3, 1, 8, "prmt", False),
             T(256, 64, 64, 4, 3, 1, 8, "prmt", False, False), T(256, 128, 64, 8, 3, 1, 8, "prmt", True, False),
             T(256, 128, 128, 8, 3, 1, 8, "prmt", True, False)]
@@ -313,7 +314,8 @@ def phase_dequant(budget, results, n=14336, k=4096):
         n, k = 256, 512
     """nf4_dequantize alone (the first half of the many-rows path): tiles, both output layouts."""
     T = K.TileConfig
-    tiles = [T(32, 32, 256, 4, 1, 1, 1), T(32, 32, 256, 4, 1, 1, 1, "prmt8"), T(64, 32, 256, 4, 1, 1, 1, "prmt8")]
+    tiles = [T(64, 32, 256, 4, 1, 1, 1), T(32, 32, 256, 4, 1, 1, 1), T(64, 32, 128, 4, 1, 1, 1),
+             T(128, 32, 256, 8, 1, 1, 1), T(64, 32, 512, 8, 1, 1, 1), T(16, 32, 1024, 4, 1, 1, 1)]
     jobs = {}
     copies = n_copies(nf4_nbytes_est(n, k), 1)
     for i, t in enumerate(tiles):
@@ -335,7 +337,7 @@ def phase_dequant(budget, results, n=14336, k=4096):
             ms = time_exe(exe, a, qs) * 1e3
             row.update(ms=ms, gbs=(nf4_nbytes(qs[0]) + 2 * n * k) / ms / 1e6)
         rows.append(row)
-        log(f"dequant {n}x{k} transpose={tr} {tiles[i].block_m}x{tiles[i].block_k} w{tiles[i].num_warps} {tiles[i].decode}: "
+        log(f"dequant {n}x{k} transpose={tr} {tiles[i].block_m}x{tiles[i].block_k} w{tiles[i].num_warps}: "
             f"{row.get('ms', float('nan')):.3f} ms {row.get('gbs', 0):.0f} GB/s {row.get('error', '')}")
     results["dequant"] = rows
 

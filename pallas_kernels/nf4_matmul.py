@@ -91,9 +91,9 @@ def _lookup_nf4(codes):
     return level[0]
 
 
-def _prmt_pair_decode_asm(words: int = 1) -> str:
-    """PTX that turns 4 * `words` packed bytes (registers $8w ...) into the exact fp32 NF4 values
-    of their high nibbles ($0 ..., byte i -> $i) and of their low nibbles ($4w ..., byte i -> $4w+i).
+def _prmt_pair_decode_asm() -> str:
+    """PTX that turns 4 packed bytes ($8) into the exact fp32 NF4 values of their high nibbles
+    ($0-$3, byte i -> $i) and of their low nibbles ($4-$7).
 
     `prmt d, a, b, sel` picks each byte of d from the 8 bytes of (a, b) by a 3-bit index (a
     selector nibble). The 16 fp32 values are held as 4 byte planes x 16 entries = 4 x 4 registers.
@@ -110,10 +110,8 @@ def _prmt_pair_decode_asm(words: int = 1) -> str:
             word = sum(int(bits[quad * 4 + i, plane]) << (8 * i) for i in range(4))
             lines.append(f"mov.b32 t{plane * 4 + quad}, {word:#010x};")
     # value order within a half word: (lo of byte 2h, hi of byte 2h, lo of byte 2h+1, hi of byte 2h+1)
-    for word, half in [(wd, h) for wd in range(words) for h in (0, 1)]:
-        b0 = 4 * word + 2 * half  # the half word's first byte in the pack
-        outs = (f"${4 * words + b0}", f"${b0}", f"${4 * words + b0 + 1}", f"${b0 + 1}")
-        lines += [f"shr.b32 w, ${8 * words + word}, {16 * half};", "and.b32 s, w, 0x7777;",
+    for half, outs in ((0, ("$4", "$0", "$5", "$1")), (1, ("$6", "$2", "$7", "$3"))):
+        lines += [f"shr.b32 w, $8, {16 * half};", "and.b32 s, w, 0x7777;",
                   "shr.b32 m, w, 1;", "and.b32 m, m, 0x4444;", "or.b32 m, m, 0x3210;"]
         for plane in range(4):
             t = plane * 4
@@ -126,7 +124,7 @@ def _prmt_pair_decode_asm(words: int = 1) -> str:
     return "\n".join(lines)
 
 
-PRMT_PAIR_DECODE_ASM = {words: _prmt_pair_decode_asm(words) for words in (1, 2)}
+PRMT_PAIR_DECODE_ASM = _prmt_pair_decode_asm()
 
 
 @functools.cache
@@ -160,11 +158,10 @@ def _decode_packed(packed_u8, decode):
     """uint8 [R, C] packed codes -> fp32 NF4 values of the high and of the low nibbles, [R, C] each."""
     r, c = packed_u8.shape
     f32 = jax.ShapeDtypeStruct((r, c), jnp.float32)
-    if decode.startswith("prmt"):
-        words = 2 if decode == "prmt8" else 1
+    if decode == "prmt":
         hi, lo = _inline_asm_primitive().bind(
-            packed_u8, asm=PRMT_PAIR_DECODE_ASM[words], constraints=",".join(["=r"] * 8 * words + ["r"] * words),
-            pack=4 * words, result_shape_dtypes=(f32, f32))
+            packed_u8, asm=PRMT_PAIR_DECODE_ASM, constraints=",".join(["=r"] * 8 + ["r"]), pack=4,
+            result_shape_dtypes=(f32, f32))
     else:
         packed = packed_u8.astype(jnp.int32)
         hi, lo = _lookup_nf4(packed >> 4), _lookup_nf4(packed & 15)
@@ -417,7 +414,7 @@ def _fit_block_k(cfg: TileConfig, k: int, bs: int, aligned: bool) -> TileConfig:
 
 def _runnable_decode(cfg: TileConfig, interpret: bool) -> TileConfig:
     """The Pallas interpreter cannot run PTX: it decodes with the select tree (same values)."""
-    if interpret and cfg.decode.startswith("prmt"):
+    if interpret and cfg.decode == "prmt":
         return dataclasses.replace(cfg, decode="select")
     return cfg
 

@@ -143,14 +143,12 @@ def test_prmt_decode_gives_exact_nf4_values():
     rng = np.random.default_rng(0)
     words = np.concatenate([rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32),
                             np.arange(256, dtype=np.uint32) * np.uint32(0x01010101)])  # each byte value in every slot
-    for n_words in (1, 2):  # 4 or 8 bytes per block: hi nibbles -> $0 ..., lo -> $4w ..., inputs $8w ...
-        regs = _run_ptx(K.PRMT_PAIR_DECODE_ASM[n_words],
-                        {f"${8 * n_words + j}": np.roll(words, j) for j in range(n_words)})
-        for nibble, shift in (("hi", 4), ("lo", 0)):
-            for i in range(4 * n_words):  # byte i of the pack: byte i % 4 of word i // 4
-                codes = (np.roll(words, i // 4) >> np.uint32(8 * (i % 4) + shift)) & np.uint32(15)
-                out = f"${i if nibble == 'hi' else 4 * n_words + i}"
-                np.testing.assert_array_equal(regs[out].view(np.float32), NF4_CODE[codes])
+    regs = _run_ptx(K.PRMT_PAIR_DECODE_ASM, {"$8": words})  # hi nibbles -> $0-$3, lo -> $4-$7
+    for nibble, shift in (("hi", 4), ("lo", 0)):
+        for i in range(4):  # byte i of the word is element i of the pack
+            codes = (words >> np.uint32(8 * i + shift)) & np.uint32(15)
+            out = f"${i if nibble == 'hi' else 4 + i}"
+            np.testing.assert_array_equal(regs[out].view(np.float32), NF4_CODE[codes])
 
 
 def test_pallas_dequantize_and_dequant_matmul_match_reference():
