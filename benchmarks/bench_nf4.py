@@ -388,7 +388,7 @@ def phase_table(budget, results, shapes, ms, tuned):
                     log("table: budget exhausted"); break
                 fwd = direction == "fwd"
                 out, red = (n, k) if fwd else (k, n)
-                cfg = cfg_for(m, direction) or K.default_config(m, out, red)
+                cfg = cfg_for(m, direction) or K.default_config(m, out, red, dx=not fwd)
                 row = dict(m=m, n=n, k=k, dir=direction, cfg=str(cfg))
                 a = rand((m, k if fwd else n), m + n + k)
                 try:

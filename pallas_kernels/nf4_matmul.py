@@ -378,13 +378,14 @@ def _pow2_at_most(v: int, cap: int) -> int:
     return max(16, min(cap, 1 << max(0, (int(v) - 1)).bit_length()))
 
 
-def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: int = 64) -> TileConfig:
-    """Tiles for an [m, n_red] x [n_red, n_out] product (forward: n_out=N, n_red=K; backward:
-    n_out=K, n_red=N). Chosen from the H100 sweeps in benchmarks/nf4_NOTES.md: few rows get a
-    thin tile plus split-K to fill the SMs; many rows the largest tile that fit in shared memory
-    (each decoded weight tile then serves 256 rows)."""
-    if m <= 16:  # weight as right operand, nibbles kept apart: the best fwd + dx sum (session 3 sweep)
-        return TileConfig(16, 64, 128, 4, 4, 0, 8, "prmt", False, False)
+def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: int = 64,
+                   dx: bool = False) -> TileConfig:
+    """Tiles for an [m, n_red] x [n_red, n_out] product (forward: n_out=N, n_red=K; backward,
+    `dx=True`: n_out=K, n_red=N). Chosen from the H100 sweeps in benchmarks/nf4_NOTES.md: few rows
+    get a thin tile plus split-K to fill the SMs; many rows the largest tile that fit in shared
+    memory (each decoded weight tile then serves 256 rows)."""
+    if m <= 16:  # weight as right operand; nibbles interleaved for the forward, apart for dx (two sweeps)
+        return TileConfig(16, 64, 128, 4, 4, 0, 8, "prmt", False, interleave=not dx)
     if m <= 128 or dtype == jnp.float32:  # fp32 operands take twice the registers and SRAM
         return TileConfig(_pow2_at_most(m, 64), min(64, _pow2_at_most(n_out, 64)), 64, 4, 3, 0, 8,
                           "prmt", True)
@@ -491,7 +492,7 @@ def _backward_dx(dy, q, interpret, cfg, x_dtype):
     dy2 = dy.reshape(-1, n).astype(x_dtype)
     if dy2.shape[0] == 0:
         return jnp.zeros((*lead, k), x_dtype)
-    cfg = cfg or default_config(dy2.shape[0], k, n, dtype=x_dtype, bs=q.blocksize)
+    cfg = cfg or default_config(dy2.shape[0], k, n, dtype=x_dtype, bs=q.blocksize, dx=True)
     dx = _launch(_dx_kernel, dy2, q, k, n, cfg, interpret, x_dtype)
     return dx.reshape(*lead, k)
 

@@ -94,8 +94,8 @@ def test_dispatch_modes(monkeypatch):
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (16, 1024, 4096), (2048, 14336, 4096),
                                    (8192, 4096, 14336), (7, 40, 96)])
 def test_default_config_is_valid(m, n, k):
-    for out, red in ((n, k), (k, n)):
-        cfg = K.default_config(m, out, red)
+    for out, red, dx in ((n, k, False), (k, n, True)):
+        cfg = K.default_config(m, out, red, dx=dx)
         for b in (cfg.block_m, cfg.block_n, cfg.block_k):
             assert b >= 16 and b & (b - 1) == 0
         assert cfg.split_k >= 0 and cfg.decode in ("select", "prmt")
