@@ -7,21 +7,11 @@ at many rows, where our Triton kernels lose to dequantize + cuBLAS (benchmarks/n
     PYTHONPATH=$PWD python3 benchmarks/scope_mosaic.py
 """
 import itertools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
-
-def timeit(f, *args, reps=20):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+from bench_attention import timeit  # median ms of back-to-back calls (this folder is on sys.path)
 
 
 def main():
