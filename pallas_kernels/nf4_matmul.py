@@ -284,9 +284,9 @@ def _tile_cols(c0, bc, c_total):
     return jnp.minimum(c0 + jnp.arange(bc, dtype=jnp.int32), c_total - 1)
 
 
-def _halves_of(ref, rows, c0, width):
-    """ref[rows, c0 : c0+width] as its even and its odd columns (stride-2 slices)."""
-    return tuple(ref[rows, pl.ds(c0 + parity, width // 2, stride=2)] for parity in (0, 1))
+def _even_odd_cols(c0, width):
+    """The even and the odd columns of c0 .. c0+width, as two stride-2 slices."""
+    return tuple(pl.ds(c0 + parity, width // 2, stride=2) for parity in (0, 1))
 
 
 def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
@@ -307,8 +307,8 @@ def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
         k0 = pl.multiple_of(kt * bk, bk)
         if aligned and not cfg.interleave:  # even K columns of W against even ones of x, odd with odd
             w_halves = _weight_tile_halves(w_ref, scale_refs, cols, k0, bk, **decode)
-            for wt, xt in zip(w_halves, _halves_of(x_ref, rows, k0, bk)):
-                acc = acc + product(wt, xt)
+            for wt, cols_x in zip(w_halves, _even_odd_cols(k0, bk)):
+                acc = acc + product(wt, x_ref[rows, cols_x])
             return acc
         if k % bk == 0:
             xt = x_ref[rows, pl.ds(k0, bk)]
@@ -358,7 +358,7 @@ def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
     init = _zeros(width, bm) if cfg.weight_lhs else _zeros(bm, width)
     accs = _reduce(body, pl.cdiv(n, bn), cfg.split_k, (init, init) if halves else (init,))
     if halves:
-        col_parts = [pl.ds(k0 + parity, width, stride=2) for parity in (0, 1)]
+        col_parts = _even_odd_cols(k0, bk)
     else:
         col_parts = [_tile_cols(k0, bk, k)]
     for acc, cols in zip(accs, col_parts):
