@@ -5,6 +5,8 @@ Phases (all by default, in this order; each stops early when the time budget run
   check  compiled kernel vs the jnp reference on the GPU, forward and dx, ragged and real shapes
   bnb    quantize_nf4(like="cuda") vs bitsandbytes' CUDA kernels, if bitsandbytes imports
   sweep  a few tile configs on one projection shape, forward and dx, small and large M
+  gemv   the CUDA-core few-rows kernels (nf4_gemv) at M = 1, 2, 4 on every shape: configs against
+         the MMA kernel's default and the bf16 matmul
   dequant  nf4_dequantize alone (Pallas, the many-rows path's first half): tiles and layouts
   table  Llama-3.1-8B projections (out x in) at M = 1, 16, 2048, 8192, forward and dx, against
          (a) XLA dequantize-then-matmul and (b) the plain bf16 matmul of the same shape
@@ -33,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import nf4_gemv as G
 from pallas_kernels import nf4_matmul as K
 from unsloth_jax.quant import dequantize_nf4, nf4_nbytes, quantize_nf4
 
@@ -171,6 +174,9 @@ def phase_check(budget, results):
         (2048, 4096, 4096, jnp.bfloat16, None),
         (2048, 4096, 4096, jnp.bfloat16, T(256, 128, 64, 8, 3, 1, 8, "select")),
         (1, 4096, 4096, jnp.bfloat16, T(16, 64, 128, 4, 4, 8, 8, "select")),
+        (3, 1000, 704, jnp.bfloat16, None),                       # CUDA-core kernels: ragged N, 11 blocks
+        (1, 4096, 14336, jnp.bfloat16, G.GemvConfig(16, 8, 4, 3, 4)),  # split reduction, both kernels
+        (4, 72, 128, jnp.float32, None),
         (37, 72, 96, jnp.float32, None),                          # K % 64 != 0: flat decode path
         (64, 256, 512, jnp.float32, None),
     ]
@@ -261,6 +267,81 @@ def sweep_configs(m, direction):
     return [T(256, 128, 64, 8, 3, 1, 8, "prmt", True), T(256, 64, 64, 4, 3, 1, 8, "prmt", False),
             T(256, 64, 64, 4, 3, 1, 8, "prmt", False, False), T(256, 128, 64, 8, 3, 1, 8, "prmt", True, False),
             T(256, 128, 128, 8, 3, 1, 8, "prmt", True, False)]
+
+def gemv_configs(direction):
+    """Candidates (block_rows, blocks, warps, stages, split) for the CUDA-core kernels."""
+    C = G.GemvConfig
+    if INTERPRET:  # a dry run of the phase, not a sweep
+        return [C(16, 2, 4, 3), C(16, 2, 4, 3, 2)]
+    if direction == "fwd":  # session-4 run 1: (128, 2, 4 warps) best on 3 of 4 shapes, (32, 4, 8) next
+        base = [C(128, 2, 4, 3), C(32, 4, 8, 3), C(128, 1, 4, 3), C(256, 1, 4, 3), C(256, 2, 8, 3),
+                C(64, 2, 4, 3), C(64, 2, 2, 3), C(128, 2, 8, 3), C(64, 4, 8, 3)]
+    else:  # run 1: (32, 4, 4 warps) best on 3 of 4, (16, 8, 4) next
+        base = [C(32, 4, 4, 3), C(16, 8, 4, 3), C(32, 8, 4, 3), C(64, 4, 4, 3), C(32, 4, 8, 3),
+                C(64, 2, 4, 3), C(32, 2, 2, 3), C(64, 4, 8, 3), C(128, 2, 4, 3)]
+    return base + [dataclasses.replace(c, decode="prmt16") for c in base[:5]]
+
+
+def phase_gemv(budget, results, shapes, ms=(1, 2, 4)):
+    """Every (shape, M, direction): each CUDA-core config, the MMA kernel's default, bf16."""
+    jobs = {}
+    for (n, k) in shapes:
+        for m in ms:
+            for direction in ("fwd", "dx"):
+                fwd = direction == "fwd"
+                a_spec = jax.ShapeDtypeStruct((m, k if fwd else n), jnp.bfloat16)
+                nf4s = [nf4_spec(n, k)] * n_copies(nf4_nbytes_est(n, k), m)
+                for i, cfg in enumerate(gemv_configs(direction)):
+                    jobs[(n, k, m, direction, i)] = (op_nf4_fwd(cfg) if fwd else op_nf4_dx(cfg), a_spec, nf4s)
+                mma = K.default_config(m, n if fwd else k, k if fwd else n, dx=not fwd)
+                jobs[(n, k, m, direction, "mma")] = (op_nf4_fwd(mma) if fwd else op_nf4_dx(mma), a_spec, nf4s)
+                jobs[(n, k, m, direction, "bf16")] = (op_bf16_fwd if fwd else op_bf16_dx, a_spec,
+                                                      [jax.ShapeDtypeStruct((n, k), jnp.bfloat16)] * n_copies(2 * n * k, m))
+                jobs[(n, k, m, direction, "ref")] = (op_xla_dq_fwd if fwd else op_xla_dq_dx, a_spec, nf4s[:1])
+    t0 = time.time()
+    exes = compile_all(jobs)
+    log(f"gemv: compiled {len(exes)} executables in {time.time() - t0:.1f}s")
+    rows = []
+    for (n, k) in shapes:
+        if not budget.ok(30):
+            log("gemv: budget exhausted"); break
+        qs = make_weights(n, k, "nf4", n_copies(nf4_nbytes_est(n, k), 1))
+        ws = make_weights(n, k, "bf16", n_copies(2 * n * k, 1))
+        for m in ms:
+            for direction in ("fwd", "dx"):
+                fwd = direction == "fwd"
+                a = rand((m, k if fwd else n), 11 + m)
+                ref = exes[(n, k, m, direction, "ref")](a, qs[:1])[0]
+                row = dict(m=m, n=n, k=k, dir=direction, configs=[])
+                for key in ["bf16", "mma", *range(len(gemv_configs(direction)))]:
+                    exe = exes[(n, k, m, direction, key)]
+                    weights = ws if key == "bf16" else qs
+                    try:
+                        if isinstance(exe, Exception):
+                            raise exe
+                        copies = n_copies(2 * n * k if key == "bf16" else nf4_nbytes_est(n, k), m)
+                        err = rel_err(exe(a, weights[:copies])[0], ref)
+                        ms_ = time_exe(exe, a, weights[:copies]) * 1e3
+                    except Exception as e:  # noqa: BLE001
+                        log(f"gemv {m} {n}x{k} {direction} {key} ERROR {repr(e)[:300]}")
+                        continue
+                    if key in ("bf16", "mma"):
+                        row[f"{key}_ms"] = ms_
+                    else:
+                        row["configs"].append(dict(cfg=dataclasses.asdict(gemv_configs(direction)[key]), ms=ms_,
+                                                   err=err, ok=bool(err < 2e-2 or key == "bf16")))
+                good = [c for c in row["configs"] if c["ok"]]
+                if good:
+                    best = min(good, key=lambda c: c["ms"])
+                    row.update(best=best, default_ms=row["configs"][0]["ms"])
+                    log(f"gemv M={m} {n:5d}x{k:<5d} {direction:3s} bf16 {row.get('bf16_ms', 0):.4f} "
+                        f"mma {row.get('mma_ms', 0):.4f} gemv default {row['default_ms']:.4f} "
+                        f"({row.get('bf16_ms', 0) / row['default_ms']:.2f}x bf16) best {best['ms']:.4f} "
+                        f"{tuple(best['cfg'].values())[:5]} err {best['err']:.1e}; "
+                        f"bad {len(row['configs']) - len(good)}")
+                rows.append(row)
+        del qs, ws
+    results["gemv"] = rows
 
 
 def nf4_nbytes_est(n, k):
@@ -437,6 +518,7 @@ def main():
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     p.add_argument("--sweep-shape", default="14336x4096")
     p.add_argument("--sweep-ms", default="1,2048")
+    p.add_argument("--gemv-ms", default="1,2,4")
     p.add_argument("--tuned", default="", help="JSON {'small-fwd': {TileConfig fields}, ...} to use in the table")
     p.add_argument("--interpret", action="store_true", help="CPU dry run through the Pallas interpreter")
     p.add_argument("--single-quant", action="store_true", help="weights without double quantization")
@@ -464,6 +546,9 @@ def main():
         phase_bnb(budget, results); save()
     if "dequant" in phases:
         phase_dequant(budget, results); save()
+    if "gemv" in phases:
+        phase_gemv(budget, results, [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")],
+                   [int(v) for v in args.gemv_ms.split(",")]); save()
     if "sweep" in phases:
         sn, sk = (int(v) for v in args.sweep_shape.split("x"))
         phase_sweep(budget, results, sn, sk, [int(v) for v in args.sweep_ms.split(",")]); save()

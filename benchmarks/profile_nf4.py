@@ -10,6 +10,7 @@ import json
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import nf4_gemv as G
 from pallas_kernels import nf4_matmul as K
 from unsloth_jax.quant import quantize_nf4
 
@@ -20,13 +21,15 @@ def main():
     p.add_argument("--shape", default="14336x4096", help="out x in")
     p.add_argument("--dir", choices=("fwd", "dx"), default="fwd")
     p.add_argument("--cfg", action="append", default=[],
-                   help="TileConfig fields as a JSON list (repeatable); none: default_config")
+                   help="TileConfig (10 fields) or nf4_gemv.GemvConfig (<= 6 fields) as a JSON list "
+                        "(repeatable); none: the default")
     p.add_argument("--calls", type=int, default=3)
     a = p.parse_args()
     n, k = (int(v) for v in a.shape.split("x"))
     w = jax.random.normal(jax.random.PRNGKey(0), (n, k), jnp.float32) * 0.02
     q = jax.block_until_ready(quantize_nf4(w, record_dtype="bfloat16"))
-    cfgs = [K.TileConfig(*json.loads(c)) for c in a.cfg] or [None]
+    fields = [json.loads(c) for c in a.cfg]
+    cfgs = [(G.GemvConfig if len(f) <= 6 else K.TileConfig)(*f) for f in fields] or [None]
     for cfg in cfgs:
         if a.dir == "fwd":
             x = jnp.ones((a.m, k), jnp.bfloat16)

@@ -7,7 +7,8 @@ its weight tile, splits the nibbles, looks the 16 NF4 values up, decodes the abs
 written out in 16 bits. The backward pass (`dx = dy @ dequantize(Wq)`) decodes the same tiles the
 same way; the frozen weight gets a zero cotangent.
 
-- `nf4_matmul(x, q, *, interpret=False)`: the `jax.custom_vjp`, Pallas (Triton lowering) both ways.
+- `nf4_matmul(x, q, *, interpret=False)`: the `jax.custom_vjp`, Pallas (Triton lowering) both ways;
+  up to 4 rows it runs the CUDA-core kernels of `pallas_kernels/nf4_gemv.py` instead of MMAs.
 - `nf4_matmul_reference(x, q)`: plain jnp (dequantize, then einsum); the definition to match.
 - `nf4_dequantize(q)` / `dequant_matmul(x, q)`: for many rows, one Pallas pass writes the 16-bit
   weight (same values as `dequantize_nf4`), cuBLAS multiplies; the backward dequantizes again.
@@ -34,6 +35,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax.experimental import pallas as pl
 
@@ -52,6 +54,8 @@ class TileConfig:
     decode: how a 4-bit code becomes its NF4 value: "prmt" (byte permutes in inline PTX, eight
       codes per ~47 instructions, see `PRMT_PAIR_DECODE_ASM`; GPU only, the interpreter falls back
       to "select") or "select" (a 4-level select tree, ~50 instructions per code; any backend).
+      ("prmt16"/"select16" decode to the bf16-rounded values: only for `nf4_gemv`, whose results
+      do not promise the reference's rounding.)
     weight_lhs: make the decoded weight tile the left MMA operand and accumulate the transposed
       product (a Hopper left operand may come from registers); measured within 10% either way.
     interleave: put the high- and low-nibble values back in K order before one product (a
@@ -82,18 +86,24 @@ def nf4_matmul_reference(x, q: NF4Tensor):
 
 # ---- decoding inside a tile --------------------------------------------------------------------
 
-def _lookup_nf4(codes):
-    """int32 codes (0..15) -> their fp32 NF4 values, by a select tree (any backend)."""
+# The NF4 values rounded to bf16 ("prmt16"/"select16" decodes): for kernels that do not promise
+# the reference's rounding (the CUDA-core few-rows kernels, `nf4_gemv`); half the table planes.
+NF4_CODE_BF16 = NF4_CODE.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def _lookup_nf4(codes, table=NF4_CODE):
+    """int32 codes (0..15) -> their fp32 values in `table`, by a select tree (any backend)."""
     bits = [(codes & (1 << b)) != 0 for b in range(4)]
-    level = [jnp.float32(v) for v in NF4_CODE]
+    level = [jnp.float32(v) for v in table]
     for bit in bits:  # pair up neighbours on the lowest remaining bit: 16 -> 8 -> 4 -> 2 -> 1
         level = [jnp.where(bit, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
     return level[0]
 
 
-def _prmt_pair_decode_asm() -> str:
-    """PTX that turns 4 packed bytes ($8) into the exact fp32 NF4 values of their high nibbles
-    ($0-$3, byte i -> $i) and of their low nibbles ($4-$7).
+def _prmt_pair_decode_asm(bf16_codes: bool = False) -> str:
+    """PTX that turns 4 packed bytes ($8) into the fp32 NF4 values of their high nibbles
+    ($0-$3, byte i -> $i) and of their low nibbles ($4-$7): exact, or (`bf16_codes`) the values
+    rounded to bf16, which need only two byte planes of table.
 
     `prmt d, a, b, sel` picks each byte of d from the 8 bytes of (a, b) by a 3-bit index (a
     selector nibble). The 16 fp32 values are held as 4 byte planes x 16 entries = 4 x 4 registers.
@@ -102,29 +112,38 @@ def _prmt_pair_decode_asm() -> str:
     prmt picks per byte by the code's bit 3. That gives one byte plane of 4 values; eight more
     prmts transpose 4 planes x 4 values into 4 fp32 registers. About 47 instructions for 8 values
     (the select tree: ~50 per value). On the H100 this block ran 5-10% faster than one block per
-    nibble, which had to compact the nibbles first (benchmarks/nf4_NOTES.md, session 3)."""
-    bits = NF4_CODE.astype("<f4").view(np.uint8).reshape(16, 4)  # [code, byte plane]
+    nibble, which had to compact the nibbles first (benchmarks/nf4_NOTES.md, session 3). With bf16
+    codes the two planes are the upper half of each fp32: a prmt pairs two values' planes, a shift
+    and a mask place them (~30 instructions for 8 values)."""
+    table = NF4_CODE_BF16 if bf16_codes else NF4_CODE
+    bits = table.astype("<f4").view(np.uint8).reshape(16, 4)  # [code, byte plane]
+    planes = (2, 3) if bf16_codes else (0, 1, 2, 3)  # bf16 values: planes 0, 1 are zero
     lines = ["{", ".reg .b32 t<16>, s, m, w, p<4>, x, y;"]
-    for plane in range(4):
+    for i, plane in enumerate(planes):
         for quad in range(4):
-            word = sum(int(bits[quad * 4 + i, plane]) << (8 * i) for i in range(4))
-            lines.append(f"mov.b32 t{plane * 4 + quad}, {word:#010x};")
+            word = sum(int(bits[quad * 4 + j, plane]) << (8 * j) for j in range(4))
+            lines.append(f"mov.b32 t{i * 4 + quad}, {word:#010x};")
     # value order within a half word: (lo of byte 2h, hi of byte 2h, lo of byte 2h+1, hi of byte 2h+1)
     for half, outs in ((0, ("$4", "$0", "$5", "$1")), (1, ("$6", "$2", "$7", "$3"))):
         lines += [f"shr.b32 w, $8, {16 * half};", "and.b32 s, w, 0x7777;",
                   "shr.b32 m, w, 1;", "and.b32 m, m, 0x4444;", "or.b32 m, m, 0x3210;"]
-        for plane in range(4):
-            t = plane * 4
+        for i in range(len(planes)):
+            t = i * 4
             lines += [f"prmt.b32 x, t{t}, t{t + 1}, s;", f"prmt.b32 y, t{t + 2}, t{t + 3}, s;",
-                      f"prmt.b32 p{plane}, x, y, m;"]
+                      f"prmt.b32 p{i}, x, y, m;"]
         for pair_sel, (o1, o2) in (("0x5140", outs[:2]), ("0x7362", outs[2:])):
-            lines += [f"prmt.b32 x, p0, p1, {pair_sel};", f"prmt.b32 y, p2, p3, {pair_sel};",
-                      f"prmt.b32 {o1}, x, y, 0x5410;", f"prmt.b32 {o2}, x, y, 0x7632;"]
+            if bf16_codes:  # x = two bf16 values (planes 2, 3 of each): low half, high half
+                lines += [f"prmt.b32 x, p0, p1, {pair_sel};", f"shl.b32 {o1}, x, 16;",
+                          f"and.b32 {o2}, x, 0xffff0000;"]
+            else:
+                lines += [f"prmt.b32 x, p0, p1, {pair_sel};", f"prmt.b32 y, p2, p3, {pair_sel};",
+                          f"prmt.b32 {o1}, x, y, 0x5410;", f"prmt.b32 {o2}, x, y, 0x7632;"]
     lines.append("}")
     return "\n".join(lines)
 
 
 PRMT_PAIR_DECODE_ASM = _prmt_pair_decode_asm()
+PRMT_PAIR_DECODE_BF16_ASM = _prmt_pair_decode_asm(bf16_codes=True)
 
 
 @functools.cache
@@ -155,16 +174,16 @@ def _inline_asm_primitive():
 
 
 def _decode_packed(packed_u8, decode):
-    """uint8 [R, C] packed codes -> fp32 NF4 values of the high and of the low nibbles, [R, C] each."""
-    r, c = packed_u8.shape
-    f32 = jax.ShapeDtypeStruct((r, c), jnp.float32)
-    if decode == "prmt":
+    """uint8 packed codes (any shape) -> fp32 NF4 values of the high and of the low nibbles."""
+    f32 = jax.ShapeDtypeStruct(packed_u8.shape, jnp.float32)
+    if decode in ("prmt", "prmt16"):
         hi, lo = _inline_asm_primitive().bind(
-            packed_u8, asm=PRMT_PAIR_DECODE_ASM, constraints=",".join(["=r"] * 8 + ["r"]), pack=4,
-            result_shape_dtypes=(f32, f32))
+            packed_u8, asm=PRMT_PAIR_DECODE_ASM if decode == "prmt" else PRMT_PAIR_DECODE_BF16_ASM,
+            constraints=",".join(["=r"] * 8 + ["r"]), pack=4, result_shape_dtypes=(f32, f32))
     else:
         packed = packed_u8.astype(jnp.int32)
-        hi, lo = _lookup_nf4(packed >> 4), _lookup_nf4(packed & 15)
+        table = NF4_CODE_BF16 if decode == "select16" else NF4_CODE
+        hi, lo = _lookup_nf4(packed >> 4, table), _lookup_nf4(packed & 15, table)
     return hi, lo
 
 
@@ -178,6 +197,17 @@ def _block_absmax(scale_refs, blk, double_quant):
     return no_fma(code_ref[codes] * nested_ref[blk // NESTED_BLOCKSIZE]) + offset_ref[0]  # as bnb
 
 
+def _tile_absmax(scale_refs, rows, b0, nb, blocks_per_row, double_quant):
+    """fp32 absmax of 64-blocks b0..b0+nb of weight rows `rows` (int32 [R]): [R, nb]. Fast-path
+    layout: the absmax (codes) viewed [N, K/bs]."""
+    if not double_quant:
+        return scale_refs[0][rows, pl.ds(b0, nb)]
+    qabs_ref, nested_ref, code_ref, offset_ref = scale_refs
+    qabs = qabs_ref[rows, pl.ds(b0, nb)].astype(jnp.int32)
+    blk = rows[:, None] * blocks_per_row + (b0 + jnp.arange(nb, dtype=jnp.int32))[None, :]
+    return no_fma(code_ref[qabs] * nested_ref[blk // NESTED_BLOCKSIZE]) + offset_ref[0]  # as bnb
+
+
 def _weight_tile_halves(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_quant, decode, dtype):
     """Decoded weight rows `rows` (int32 [R]), columns k0..k0+bk, as its even and its odd columns
     (the high and the low nibbles of the packed bytes): two [R, bk/2] arrays in `dtype`.
@@ -187,13 +217,7 @@ def _weight_tile_halves(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_
     packed = w_ref[rows, pl.ds(pl.multiple_of(k0 // 2, bk // 2), bk // 2)]  # uint8 [R, bk/2]
     hi, lo = _decode_packed(packed, decode)
     per_row = bk // bs
-    if double_quant:
-        qabs_ref, nested_ref, code_ref, offset_ref = scale_refs
-        qabs = qabs_ref[rows, pl.ds(k0 // bs, per_row)].astype(jnp.int32)  # [R, bk/bs]
-        blk = rows[:, None] * (k_total // bs) + (k0 // bs + jnp.arange(per_row, dtype=jnp.int32))[None, :]
-        absmax = no_fma(code_ref[qabs] * nested_ref[blk // NESTED_BLOCKSIZE]) + offset_ref[0]
-    else:
-        absmax = scale_refs[0][rows, pl.ds(k0 // bs, per_row)]
+    absmax = _tile_absmax(scale_refs, rows, k0 // bs, per_row, k_total // bs, double_quant)
     r = rows.shape[0]
 
     def scaled(vals):  # [R, bk/2] packed columns: bs/2 of them per block
@@ -413,10 +437,14 @@ def _fit_block_k(cfg: TileConfig, k: int, bs: int, aligned: bool) -> TileConfig:
     return dataclasses.replace(cfg, block_k=bk) if bk != cfg.block_k else cfg
 
 
-def _runnable_decode(cfg: TileConfig, interpret: bool) -> TileConfig:
-    """The Pallas interpreter cannot run PTX: it decodes with the select tree (same values)."""
-    if interpret and cfg.decode == "prmt":
-        return dataclasses.replace(cfg, decode="select")
+_SELECT_TWIN = {"prmt": "select", "prmt16": "select16"}
+
+
+def _runnable_decode(cfg, interpret: bool):
+    """The Pallas interpreter cannot run PTX: it decodes with the select tree (same values).
+    `cfg`: a TileConfig or an nf4_gemv.GemvConfig."""
+    if interpret and cfg.decode in _SELECT_TWIN:
+        return dataclasses.replace(cfg, decode=_SELECT_TWIN[cfg.decode])
     return cfg
 
 
@@ -475,14 +503,30 @@ def _launch(kernel, a, q, out_cols, red, cfg, interpret, out_dtype):
     return out
 
 
+def _few_rows_kernels(m, q, cfg):
+    """The CUDA-core kernels module (`nf4_gemv`) when they take this product: asked for by a
+    `GemvConfig`, or by default for at most `GEMV_MAX_ROWS` rows of whole 64-blocks."""
+    from pallas_kernels import nf4_gemv
+
+    if isinstance(cfg, nf4_gemv.GemvConfig):
+        return nf4_gemv
+    if cfg is None and m <= nf4_gemv.GEMV_MAX_ROWS and nf4_gemv.supports(q):
+        return nf4_gemv
+    return None
+
+
 def _forward(x, q, interpret, cfg):
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     n = q.shape[0]
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), x.dtype)
-    cfg = cfg or default_config(x2.shape[0], n, k, dtype=x.dtype, bs=q.blocksize)
-    y = _launch(_fwd_kernel, x2, q, n, k, cfg, interpret, x.dtype)
+    gemv = _few_rows_kernels(x2.shape[0], q, cfg)
+    if gemv:
+        y = gemv.gemv_forward(x2, q, interpret=interpret, cfg=cfg)
+    else:
+        cfg = cfg or default_config(x2.shape[0], n, k, dtype=x.dtype, bs=q.blocksize)
+        y = _launch(_fwd_kernel, x2, q, n, k, cfg, interpret, x.dtype)
     return y.reshape(*lead, n)
 
 
@@ -492,8 +536,12 @@ def _backward_dx(dy, q, interpret, cfg, x_dtype):
     dy2 = dy.reshape(-1, n).astype(x_dtype)
     if dy2.shape[0] == 0:
         return jnp.zeros((*lead, k), x_dtype)
-    cfg = cfg or default_config(dy2.shape[0], k, n, dtype=x_dtype, bs=q.blocksize, dx=True)
-    dx = _launch(_dx_kernel, dy2, q, k, n, cfg, interpret, x_dtype)
+    gemv = _few_rows_kernels(dy2.shape[0], q, cfg)
+    if gemv:
+        dx = gemv.gemv_dx(dy2, q, interpret=interpret, cfg=cfg)
+    else:
+        cfg = cfg or default_config(dy2.shape[0], k, n, dtype=x_dtype, bs=q.blocksize, dx=True)
+        dx = _launch(_dx_kernel, dy2, q, k, n, cfg, interpret, x_dtype)
     return dx.reshape(*lead, k)
 
 
@@ -528,7 +576,9 @@ def nf4_matmul(x, q: NF4Tensor, *, interpret: bool = False, fwd_config: Optional
     """x [..., in] @ dequantize(q).T -> [..., out] in x's dtype, dequantization fused (Pallas).
 
     Differentiable in x (dx = dy @ dequantize(q), fused the same way); q gets a zero cotangent.
-    `fwd_config` / `dx_config` override the tiles `default_config` picks per shape."""
+    Up to `nf4_gemv.GEMV_MAX_ROWS` rows (decoding) run the CUDA-core kernels of `nf4_gemv`, more
+    rows the MMA kernels here. `fwd_config` / `dx_config` override the choice and the tiles: a
+    `TileConfig` forces the MMA kernels, an `nf4_gemv.GemvConfig` the CUDA-core ones."""
     _check(q, x, "nf4_matmul")
     return _nf4_matmul(x, q, interpret, fwd_config, dx_config)
 

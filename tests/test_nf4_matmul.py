@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import nf4_gemv as G
 from pallas_kernels import nf4_matmul as K
 from unsloth_jax.quant import quantize_nf4, stack_nf4
 
@@ -134,21 +135,28 @@ def _run_ptx(asm, operands):
         a = [val(t) for t in src]
         regs[dst] = {"mov.b32": lambda: a[0], "and.b32": lambda: a[0] & a[1],
                      "or.b32": lambda: a[0] | a[1], "shr.b32": lambda: a[0] >> a[1],
+                     "shl.b32": lambda: a[0] << a[1],
                      "prmt.b32": lambda: _prmt(*a)}[op]()
     return regs
 
 
-def test_prmt_decode_gives_exact_nf4_values():
+@pytest.mark.parametrize("bf16_codes", [False, True])
+def test_prmt_decode_gives_exact_nf4_values(bf16_codes):
+    import ml_dtypes
     from unsloth_jax.quant import NF4_CODE
+    # independent of the kernel module's table: NF4 rounded to bf16 by ml_dtypes here
+    table = NF4_CODE.astype(ml_dtypes.bfloat16).astype(np.float32) if bf16_codes else NF4_CODE
+    assert bf16_codes == (not np.array_equal(table, NF4_CODE))
     rng = np.random.default_rng(0)
     words = np.concatenate([rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32),
                             np.arange(256, dtype=np.uint32) * np.uint32(0x01010101)])  # each byte value in every slot
-    regs = _run_ptx(K.PRMT_PAIR_DECODE_ASM, {"$8": words})  # hi nibbles -> $0-$3, lo -> $4-$7
+    asm = K.PRMT_PAIR_DECODE_BF16_ASM if bf16_codes else K.PRMT_PAIR_DECODE_ASM
+    regs = _run_ptx(asm, {"$8": words})  # hi nibbles -> $0-$3, lo -> $4-$7
     for nibble, shift in (("hi", 4), ("lo", 0)):
         for i in range(4):  # byte i of the word is element i of the pack
             codes = (words >> np.uint32(8 * i + shift)) & np.uint32(15)
             out = f"${i if nibble == 'hi' else 4 + i}"
-            np.testing.assert_array_equal(regs[out].view(np.float32), NF4_CODE[codes])
+            np.testing.assert_array_equal(regs[out].view(np.float32), table[codes])
 
 
 def test_pallas_dequantize_and_dequant_matmul_match_reference():
@@ -171,6 +179,50 @@ def test_pallas_dequantize_and_dequant_matmul_match_reference():
         assert rel_err(vjp(dy)[0], vjp_ref(dy)[0]) < 1e-5
 
 
+# ---- the CUDA-core few-rows kernels (pallas_kernels/nf4_gemv.py) -----------------------------------
+
+GEMV_CASES = [
+    # (M, N, K, dtype, double_quant, config): ragged N (clamped rows), odd block counts, split
+    # reductions (fp32 partials), several rows, both decoders' interpreter twins
+    (1, 40, 256, jnp.float32, True, G.GemvConfig(16, 2, 4, 2, 0, "prmt")),
+    (1, 33, 192, jnp.bfloat16, False, G.GemvConfig(16, 4, 4, 2, 2, "prmt16")),
+    (3, 70, 512, jnp.float32, True, G.GemvConfig(32, 4, 4, 2, 3, "prmt")),
+    (2, 48, 1024, jnp.bfloat16, True, G.GemvConfig(16, 2, 4, 2, 4, "prmt16")),
+    (4, 24, 704, jnp.float32, False, None),  # 11 blocks a row; the default config
+]
+
+
+@pytest.mark.parametrize("case", range(len(GEMV_CASES)))
+def test_gemv_kernels_match_reference_fwd_and_dx(case):
+    m, n, k, dtype, dq, cfg = GEMV_CASES[case]
+    rng = np.random.default_rng(40 + case)
+    q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.05, double_quant=dq)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    dy = jnp.asarray(rng.standard_normal((m, n)), dtype)
+    cfg = cfg or G.default_gemv_config(n, k)
+    y, vjp = jax.vjp(lambda a: K.nf4_matmul(a, q, interpret=True, fwd_config=cfg, dx_config=cfg), x)
+    y_ref, vjp_ref = jax.vjp(lambda a: K.nf4_matmul_reference(a, q), x)
+    (dx,), (dx_ref,) = vjp(dy), vjp_ref(dy)
+    assert y.dtype == dtype and y.shape == (m, n) and dx.dtype == dtype and dx.shape == (m, k)
+    # The weight is not rounded to x's dtype here (exact fp32, or bf16-rounded NF4 values times an
+    # fp32 absmax): fp32 exact decoding agrees to summation order, the bf16 one to bf16 rounding.
+    tol = 1e-5 if dtype == jnp.float32 and cfg.decode == "prmt" else 1e-2
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(dx, dx_ref) < tol
+
+
+def test_default_dispatch_takes_the_gemv_kernels_for_one_row(monkeypatch):
+    """nf4_matmul's default goes to nf4_gemv for up to GEMV_MAX_ROWS rows (and in % 64 == 0), to
+    the MMA kernels otherwise: seen in the lowered kernel names."""
+    q = quantize_nf4(np.random.default_rng(2).standard_normal((64, 128)).astype(np.float32))
+    q_odd = quantize_nf4(np.random.default_rng(2).standard_normal((64, 96)).astype(np.float32))
+    for m, qq, want in ((G.GEMV_MAX_ROWS, q, "nf4_gemv_fwd"), (G.GEMV_MAX_ROWS + 1, q, "nf4_fwd"),
+                        (1, q_odd, "nf4_fwd")):
+        x = jax.ShapeDtypeStruct((m, qq.shape[1]), jnp.bfloat16)
+        text = jax.jit(lambda a: K.nf4_matmul(a, qq)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+        assert want in text
+
+
 @pytest.mark.parametrize("m", [1, 300])
 def test_gpu_kernels_lower_for_cuda_on_cpu(m):
     """The compiled path (prmt decode through our multi-result asm primitive, both nibble layouts,
@@ -182,6 +234,14 @@ def test_gpu_kernels_lower_for_cuda_on_cpu(m):
             y, vjp = jax.vjp(lambda b: K.nf4_matmul(b, q, fwd_config=cfg, dx_config=cfg), a)
             return y, vjp(jnp.ones_like(y))
         text = jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
-        assert "nf4_fwd" in text and "nf4_dx" in text
+        prefix = "nf4_gemv" if cfg is None and m <= G.GEMV_MAX_ROWS else "nf4"
+        assert f"{prefix}_fwd" in text and f"{prefix}_dx" in text
     text = jax.jit(lambda: K.nf4_dequantize(q, jnp.bfloat16)).trace().lower(lowering_platforms=("cuda",)).as_text()
     assert "nf4_dequantize" in text
+    for cfg in (G.GemvConfig(32, 4, 4, 3, 2, "prmt16"), G.GemvConfig(16, 8, 4, 3, 1, "prmt")):
+        def g(a, cfg=cfg):
+            y, vjp = jax.vjp(lambda b: K.nf4_matmul(b, q, fwd_config=cfg, dx_config=cfg), a)
+            return y, vjp(jnp.ones_like(y))
+        text = jax.jit(g).trace(jax.ShapeDtypeStruct((min(m, 4), 512), jnp.bfloat16)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "nf4_gemv_fwd" in text and "nf4_gemv_dx" in text
