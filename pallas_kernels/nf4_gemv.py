@@ -39,8 +39,9 @@ from unsloth_jax.quant import NF4Tensor
 
 from pallas_kernels import nf4_matmul as mm
 
-# Most rows the CUDA-core kernels take: each row costs one FMA per weight value, the decode ~6.
-GEMV_MAX_ROWS = 4
+# Most rows the CUDA-core kernels take: each row costs one FMA per weight value on top of the
+# decode. At M = 2 the MMA kernels were already as fast (benchmarks/nf4_NOTES.md, session 4).
+GEMV_MAX_ROWS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +63,11 @@ class GemvConfig:
 
 
 def default_gemv_config(n_out: int, n_red: int, *, dx: bool = False) -> GemvConfig:
-    """Tiles from the H100 sweep (benchmarks/nf4_NOTES.md, session 4)."""
+    """Tiles from the H100 sweeps (benchmarks/nf4_NOTES.md, session 4): the forward wants tall
+    tiles (128 weight rows, 2 blocks: 112 programs for 14336 rows), dx 32 rows x 4 blocks."""
     if dx:
-        return GemvConfig(block_rows=16, blocks=4, num_warps=4, num_stages=3)
-    return GemvConfig(block_rows=32, blocks=4, num_warps=4, num_stages=3)
+        return GemvConfig(block_rows=32, blocks=4, num_warps=4, num_stages=3)
+    return GemvConfig(block_rows=128, blocks=2, num_warps=4, num_stages=3)
 
 
 def supports(q: NF4Tensor) -> bool:
