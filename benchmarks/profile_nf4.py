@@ -24,12 +24,21 @@ def main():
                    help="TileConfig (10 fields) or nf4_gemv.GemvConfig (<= 6 fields) as a JSON list "
                         "(repeatable); none: the default")
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--bf16", action="store_true", help="run the plain bf16 matmul of the shape instead")
     a = p.parse_args()
     n, k = (int(v) for v in a.shape.split("x"))
     w = jax.random.normal(jax.random.PRNGKey(0), (n, k), jnp.float32) * 0.02
     q = jax.block_until_ready(quantize_nf4(w, record_dtype="bfloat16"))
     fields = [json.loads(c) for c in a.cfg]
     cfgs = [(G.GemvConfig if len(f) <= 6 else K.TileConfig)(*f) for f in fields] or [None]
+    if a.bf16:
+        wb = w.astype(jnp.bfloat16)
+        x = jnp.ones((a.m, k if a.dir == "fwd" else n), jnp.bfloat16)
+        f = jax.jit(lambda x, w: x @ w.T if a.dir == "fwd" else x @ w)
+        for _ in range(a.calls):
+            jax.block_until_ready(f(x, wb))
+        print("ran bf16", a.dir, a.m, a.shape, flush=True)
+        return
     for cfg in cfgs:
         if a.dir == "fwd":
             x = jnp.ones((a.m, k), jnp.bfloat16)

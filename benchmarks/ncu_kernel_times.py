@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Kernel-only durations (Nsight Compute's gpu__time_duration) of NF4 kernel configs and of the
+bf16 matmul, for comparisons that the machine's run-to-run noise in wall-clock timings hides.
+
+One `ncu` process per (shape, direction) runs every config (`profile_nf4.py --calls 2`); the
+second launch of each is kept. Prints one line per config, sorted, with the ratio to bf16.
+
+    PYTHONPATH=$PWD python3 benchmarks/ncu_kernel_times.py --shapes 14336x4096,1024x4096 \\
+        --fwd '[128,2,4,3,0,"prmt16"]' --dx '[16,8,4,3,0,"prmt16"]'
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def ncu_path():
+    found = shutil.which("ncu")
+    if found:
+        return found
+    import glob
+    hits = sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"))
+    return hits[-1] if hits else "ncu"
+
+
+def kernel_times(args, kernel_regex):
+    """[(kernel name, microseconds)] of the launches matching kernel_regex, in launch order."""
+    cmd = [ncu_path(), "--clock-control", "none", "-k", f"regex:{kernel_regex}", "--metrics",
+           "gpu__time_duration.sum", "--csv", sys.executable, os.path.join(HERE, "profile_nf4.py"), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
+    rows = [r for r in csv.reader(io.StringIO(out[out.find('"ID"'):]))]
+    if not rows:
+        return []
+    head = rows[0]
+    name_i, unit_i, val_i = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
+    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}
+    return [(r[name_i], float(r[val_i].replace(",", "")) * scale.get(r[unit_i], 1.0)) for r in rows[1:] if len(r) > val_i]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="14336x4096,4096x14336,4096x4096,1024x4096")
+    p.add_argument("--m", type=int, default=1)
+    p.add_argument("--fwd", action="append", default=[], help="config JSON list (repeatable)")
+    p.add_argument("--dx", action="append", default=[], help="config JSON list (repeatable)")
+    a = p.parse_args()
+    for shape in a.shapes.split(","):
+        for direction, cfgs in (("fwd", a.fwd), ("dx", a.dx)):
+            if not cfgs:
+                continue
+            common = ["--m", str(a.m), "--shape", shape, "--dir", direction, "--calls", "2"]
+            bf16 = kernel_times(common + ["--bf16"], "gemv|gemm|xmma|cutlass|sm90|dot")
+            t_bf16 = bf16[-1][1] if bf16 else float("nan")
+            nf4 = [t for t in kernel_times(common + sum((["--cfg", c] for c in cfgs), []), "nf4") ]
+            per_cfg = [nf4[2 * i + 1][1] if 2 * i + 1 < len(nf4) else float("nan") for i in range(len(cfgs))]
+            print(f"{shape:>11} {direction:3s} bf16 {t_bf16:7.2f} us ({bf16[-1][0][:40] if bf16 else '-'})", flush=True)
+            for c, t in sorted(zip(cfgs, per_cfg), key=lambda z: z[1]):
+                print(f"{'':>15} {t:7.2f} us  {t_bf16 / t:5.2f}x bf16  {c}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
