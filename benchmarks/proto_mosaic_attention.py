@@ -18,9 +18,22 @@ def _tiles():
 
 
 def mosaic_forward(q, k, v, cos, sin, *, scale, bk=64, stages=2, interpret=None, rot_rows=64,
-                   regs=None):
+                   regs=None, p_in_smem=False, rotate_k=True, rotate_q=True, reuse_q_smem=False,
+                   skip_waits=True):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0), cos/sin [B|1, T, D/2] float16.
-    Returns o [B, T, Hq, D] and lse [B, Hq, T] (base 2 of the scaled logits)."""
+    Returns o [B, T, Hq, D] and lse [B, Hq, T] (base 2 of the scaled logits).
+
+    Debug switches (for bisecting on the GPU):
+      regs: None, or (consumer, producer) registers per thread for setmaxnreg; the two must satisfy
+        2*128*c + 128*p <= 65536 (64512 = 168 * 384 is what the JAX FA3 kernel uses: 232/40).
+      p_in_smem: P goes through shared memory (the path the interpreter verifies) instead of
+        registers as the wgmma A operand. Forced under the interpreter.
+      rotate_k / rotate_q: False skips the RoPE rotation of K (producer) / Q (consumers): the
+        caller passes pre-rotated k / q then, so the result is still checkable.
+      reuse_q_smem: the output tile goes out through the consumer's Q buffer instead of its own
+        buffer (32 KB less shared memory: room for stages=3).
+      skip_waits: the lower-row consumer waits on the K/V barriers of the steps it skips (the
+        interpreter requires every phase observed); False = JAX FA3 style, it only arrives."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -28,6 +41,10 @@ def mosaic_forward(q, k, v, cos, sin, *, scale, bk=64, stages=2, interpret=None,
     assert D == 128 and T % cta_q == 0 and T % bk == 0
     table_b = cos.shape[0]
     interp = interpret is not None
+    p_smem = p_in_smem or interp
+    if regs is not None:
+        assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
+        assert 256 * regs[0] + 128 * regs[1] <= 65536, regs
 
     def cast(x, layout):
         return x if interp else plgpu.layout_cast(x, layout)
@@ -66,8 +83,9 @@ def mosaic_forward(q, k, v, cos, sin, *, scale, bk=64, stages=2, interpret=None,
             plgpu.copy_gmem_to_smem(cos_ref.at[tb, pl.ds(q0, bq)], my_cq, my_bar)
             plgpu.copy_gmem_to_smem(sin_ref.at[tb, pl.ds(q0, bq)], my_sq, my_bar)
             plgpu.barrier_wait(my_bar)
-            rotate(my_q, my_cq, my_sq, bq, bq)
-            plgpu.commit_smem()
+            if rotate_q:
+                rotate(my_q, my_cq, my_sq, bq, bq)
+                plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
             kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
 
             def step(j, carry, masked):
@@ -94,8 +112,9 @@ def mosaic_forward(q, k, v, cos, sin, *, scale, bk=64, stages=2, interpret=None,
                 p16 = p16.astype(q.dtype)
                 o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
                 plgpu.barrier_wait(vbar.at[slot])
-                if interp:
+                if p_smem:
                     ps.at[wg][...] = p16
+                    plgpu.commit_smem()  # generic-proxy writes of P -> visible to wgmma
 
                     def pv(acc):
                         plgpu.wgmma(acc, ps.at[wg], vs.at[slot])
@@ -117,15 +136,25 @@ def mosaic_forward(q, k, v, cos, sin, *, scale, bk=64, stages=2, interpret=None,
 
             def skip(j, _):  # steps the other consumer still needs: keep the barriers' phases in step
                 slot = lax.rem(j, jnp.int32(stages))
-                plgpu.barrier_wait(kready.at[slot])
-                plgpu.barrier_wait(vbar.at[slot])
+                if skip_waits:
+                    plgpu.barrier_wait(kready.at[slot])
+                    plgpu.barrier_wait(vbar.at[slot])
                 plgpu.barrier_arrive(consumed.at[slot])
             lax.fori_loop(kv_steps, kv_max, skip, None)
 
-            os_.at[wg][...] = (o / lax.broadcast_in_dim(l, o.shape, [0])).astype(q.dtype)
+            o = (o / lax.broadcast_in_dim(l, o.shape, [0])).astype(q.dtype)
+            if reuse_q_smem:  # all wgmmas reading this consumer's Q are complete (waited)
+                for part in range(2):
+                    my_q.at[part][...] = o[:, part * half:(part + 1) * half]
+            else:
+                os_.at[wg][...] = o
             lses.at[wg][...] = m + jnp.log2(l)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(os_.at[wg], o_ref.at[b, pl.ds(q0, bq), h])
+            if reuse_q_smem:
+                for part in range(2):
+                    plgpu.copy_smem_to_gmem(my_q.at[part], o_ref.at[b, pl.ds(q0, bq), h, pl.ds(part * half, half)])
+            else:
+                plgpu.copy_smem_to_gmem(os_.at[wg], o_ref.at[b, pl.ds(q0, bq), h])
             plgpu.copy_smem_to_gmem(lses.at[wg], lse_ref.at[b, h, pl.ds(q0, bq)])
             plgpu.wait_smem_to_gmem(0)
 
@@ -150,8 +179,9 @@ def mosaic_forward(q, k, v, cos, sin, *, scale, bk=64, stages=2, interpret=None,
             def body(j, _):
                 slot = lax.rem(j, jnp.int32(stages))
                 plgpu.barrier_wait(kraw.at[slot])
-                rotate(kh.at[slot], ck.at[slot], sk.at[slot], bk, rot_rows)
-                plgpu.commit_smem()
+                if rotate_k:
+                    rotate(kh.at[slot], ck.at[slot], sk.at[slot], bk, rot_rows)
+                    plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
                 plgpu.barrier_arrive(kready.at[slot])
                 refill = j - 1 + stages  # the step that goes where step j - 1 was
 
@@ -171,7 +201,8 @@ def mosaic_forward(q, k, v, cos, sin, *, scale, bk=64, stages=2, interpret=None,
         buffers = (smem((2, 2, bq, half), q.dtype), smem((2, bq, half), cos.dtype), smem((2, bq, half), sin.dtype),
                    smem((stages, 2, bk, half), k.dtype), smem((stages, bk, half), cos.dtype),
                    smem((stages, bk, half), sin.dtype), smem((stages, bk, D), v.dtype),
-                   smem((2, bq, bk), q.dtype) if interp else None, smem((2, bq, D), q.dtype),
+                   smem((2, bq, bk), q.dtype) if p_smem else None,
+                   None if reuse_q_smem else smem((2, bq, D), q.dtype),
                    plgpu.SMEM((2, bq), jnp.float32))
         barriers = (plgpu.Barrier(num_arrivals=4, num_barriers=2), plgpu.Barrier(num_arrivals=4, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=stages),
@@ -187,3 +218,21 @@ def mosaic_forward(q, k, v, cos, sin, *, scale, bk=64, stages=2, interpret=None,
         interpret=interpret,
     )
     return f(q, k, v, cos, sin)
+
+
+def example_inputs(B, T, Hq, Hkv, D=128, *, rotate_q=True, rotate_k=True, seed=0, dtype=jnp.bfloat16):
+    """Random q/k/v, the float16 cos/sin tables the kernel takes, inv_freq for the reference, and
+    the kernel's q/k arguments: pre-rotated (on the host, float32 math) where the kernel is told not
+    to rotate, so every flag combination is checked against the same RoPE reference."""
+    from pallas_kernels.attention import apply_rope, rope_cos_sin
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (B, T, Hq, D), dtype)
+    k = jax.random.normal(ks[1], (B, T, Hkv, D), dtype)
+    v = jax.random.normal(ks[2], (B, T, Hkv, D), dtype)
+    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    ang = jnp.arange(T, dtype=jnp.float32)[None, :, None] * inv_freq
+    cos, sin = jnp.cos(ang).astype(jnp.float16), jnp.sin(ang).astype(jnp.float16)
+    c32, s32 = rope_cos_sin(jnp.broadcast_to(jnp.arange(T), (1, T)), inv_freq)
+    qk = q if rotate_q else apply_rope(q, c32, s32)
+    kk = k if rotate_k else apply_rope(k, c32, s32)
+    return dict(q=q, k=k, v=v, cos=cos, sin=sin, inv_freq=inv_freq, q_in=qk, k_in=kk)

@@ -188,7 +188,8 @@ GEMV_CASES = [
     (1, 33, 192, jnp.bfloat16, False, G.GemvConfig(16, 4, 4, 2, 2, "prmt16")),
     (3, 70, 512, jnp.float32, True, G.GemvConfig(32, 4, 4, 2, 3, "prmt")),
     (2, 48, 1024, jnp.bfloat16, True, G.GemvConfig(16, 2, 4, 2, 4, "prmt16")),
-    (4, 24, 704, jnp.float32, False, None),  # 11 blocks a row; the default config
+    (4, 24, 704, jnp.float32, False, None),  # 11 blocks a row; the default config (exact for fp32)
+    (1, 24, 128, jnp.bfloat16, True, None),
 ]
 
 
@@ -199,7 +200,7 @@ def test_gemv_kernels_match_reference_fwd_and_dx(case):
     q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.05, double_quant=dq)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     dy = jnp.asarray(rng.standard_normal((m, n)), dtype)
-    cfg = cfg or G.default_gemv_config(n, k)
+    cfg = cfg or G.default_gemv_config(n, k, dtype=dtype)
     y, vjp = jax.vjp(lambda a: K.nf4_matmul(a, q, interpret=True, fwd_config=cfg, dx_config=cfg), x)
     y_ref, vjp_ref = jax.vjp(lambda a: K.nf4_matmul_reference(a, q), x)
     (dx,), (dx_ref,) = vjp(dy), vjp_ref(dy)
