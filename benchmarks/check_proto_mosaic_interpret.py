@@ -1,7 +1,12 @@
 """CPU check of benchmarks/proto_mosaic_attention.py under the Mosaic GPU interpreter.
 Usage: python benchmarks/check_proto_mosaic_interpret.py [flag=value ...]
-(e.g. rotate_k=0 reuse_q_smem=1 stages=3 skip_waits=0; values are Python literals)."""
+(e.g. rotate_k=False reuse_q_smem=True stages=3; values are Python literals). skip_waits=False is
+GPU-only: the interpreter requires every barrier phase to be observed by every waiting thread."""
 import ast, os, sys, time
+# The interpreter runs the 3 warpgroups as 3 threads whose barrier waits block inside XLA CPU
+# callbacks; on a 2-core machine XLA's CPU pool has 2 threads and the third warpgroup never starts
+# (a deadlock of the interpreter, not of the kernel: seen with stages=3). NPROC sizes that pool.
+os.environ.setdefault("NPROC", "8")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__))); sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax, jax.numpy as jnp
 from proto_mosaic_attention import mosaic_forward, example_inputs

@@ -171,7 +171,7 @@ def mosaic_forward(q, k, v, cos, sin, *, scale, bk=64, stages=2, interpret=None,
                 plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sk.at[slot], kraw.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], vs.at[slot], vbar.at[slot])
 
-            for s_ in range(stages):
+            for s_ in range(min(stages, T // bk)):  # static bound: no out-of-range slice is traced
                 @pl.when(s_ < kv_max)
                 def _():
                     issue(s_, s_)
