@@ -97,6 +97,10 @@ def check_correctness(only=None):
         ("noncausal_d80_bf16", (1, 200, 4, 4, 80, jnp.bfloat16), dict(rope=True, causal=False)),
         ("softcap_d256_bf16", (1, 160, 8, 4, 256, jnp.bfloat16), dict(rope=True, logit_softcap=50.0)),
         ("segments_d96_f32", (1, 130, 4, 2, 96, jnp.float32), dict(rope=True, segments=True)),
+        # T % 128 == 0, D = 128, causal, 16-bit: the Mosaic GPU forward on sm_90 (its lse feeds
+        # the Triton backward)
+        ("mosaic_fwd_causal_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16), dict(rope=True)),
+        ("mosaic_fwd_causal_mha_d128_bf16", (1, 256, 4, 4, 128, jnp.bfloat16), dict()),
     ]
     ok = True
     for name, (B, T, Hq, Hkv, D, dtype), opts in cases:
@@ -171,6 +175,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_norope(q, k, v):
         return flash_attention(q, k, v)
 
+    def ours_triton(q, k, v):  # the Triton forward even where the Mosaic one applies
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd=False))
+
     def reference(q, k, v):
         return flash_attention_reference(q, k, v, inv_freq=freq)
 
@@ -196,6 +203,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     table = {
         "ours (RoPE inside)": (ours, (q, k, v)),
         "ours (no RoPE)": (ours_norope, (q, k, v)),
+        "ours, Triton fwd (RoPE inside)": (ours_triton, (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),
@@ -295,7 +303,7 @@ def main():
         ok = check_correctness()
         log(f"correctness: {'ALL PASS' if ok else 'FAILURES'} ({time.time() - T0:.0f}s)")
         for T, B in [(2048, 8), (8192, 2)]:
-            bench_shape(T, B)
+            bench_shape(T, B, impls=ARGS.impls.split(";") if ARGS.impls else None)
         if ARGS.sweep:
             sweep(Hq=16, Hkv=8, D=256)
         if not ARGS.skip_32k:
@@ -322,6 +330,6 @@ if __name__ == "__main__":
     p.add_argument("--skip-32k", action="store_true")
     p.add_argument("--d256-only", action="store_true", help="only the D=256 check and timing")
     p.add_argument("--timing-only", action="store_true", help="only D=128 timings at 2k and 8k")
-    p.add_argument("--impls", default="", help="with --timing-only: ';'-separated implementation names")
+    p.add_argument("--impls", default="", help="';'-separated implementation names for the D=128 2k/8k timings")
     ARGS = p.parse_args()
     main()

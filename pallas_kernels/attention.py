@@ -26,6 +26,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import attention_mosaic
+
 NEG_INF = -1e30
 
 
@@ -140,6 +142,9 @@ class Tuning:
     # with every K (or Q) tile, so float16 halves those bytes; its rounding (2^-12 absolute)
     # is far below the bf16 rounding of the rotated q/k. float32 inputs always use float32.
     rope_table_dtype: str = "float16"
+    # The forward as the Mosaic GPU kernel (attention_mosaic.py) where it applies on an sm_90
+    # GPU: None = yes when available, False = always the Triton forward.
+    mosaic_fwd: bool | None = None
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -176,6 +181,7 @@ class _Cfg:
     scale: float
     tuning: Tuning
     interpret: bool
+    mosaic_fwd: bool = False  # forward by attention_mosaic (the backward stays Triton)
 
     @property
     def mask_kv_pad(self) -> bool:
@@ -672,6 +678,9 @@ def _flash(cfg, q, k, v, aux):
 
 
 def _flash_fwd(cfg, q, k, v, aux):
+    if cfg.mosaic_fwd:  # unpadded shapes by construction (supported(): D = 128, T % 128 == 0)
+        out, lse = attention_mosaic.mosaic_forward(q, k, v, aux.get("cos"), aux.get("sin"), scale=cfg.scale)
+        return out, (q, k, v, aux, out, jnp.swapaxes(lse, 1, 2))
     out, lse = _forward(cfg, _pad(q, cfg), _pad(k, cfg), _pad(v, cfg), aux)
     out = _unpad(out, cfg)
     return out, (q, k, v, aux, out, lse)
@@ -728,6 +737,19 @@ def _resolve_tuning(T, P, G, itemsize, tuning, block_q, block_k):
     return tn, -(-T // step) * step
 
 
+def _use_mosaic_forward(cfg, dtype) -> bool:
+    """The Mosaic GPU forward where it computes the same thing and the device is sm_90 (it measured
+    1.4x the Triton forward on the H100: attention_NOTES.md session 4)."""
+    from unsloth_jax.compat import is_sm90
+
+    return (cfg.tuning.mosaic_fwd is not False and not cfg.interpret and cfg.seq_pad == cfg.seq_len
+            and (not cfg.rope or cfg.tuning.rope_table_dtype == "float16")
+            and attention_mosaic.supported(head_dim=cfg.head_dim, seq_len=cfg.seq_len, dtype=dtype,
+                                           causal=cfg.causal, has_window=cfg.has_window,
+                                           has_segments=cfg.has_segments, softcap=cfg.softcap)
+            and is_sm90())
+
+
 def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None, causal=True,
                     sliding_window=None, logit_softcap=None, scale=None, interpret=False,
                     block_q=None, block_k=None, tuning=None):
@@ -751,6 +773,7 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
                softcap=None if logit_softcap is None else float(logit_softcap),
                scale=float(D ** -0.5 if scale is None else scale), tuning=tn,
                interpret=bool(interpret))
+    cfg = dataclasses.replace(cfg, mosaic_fwd=_use_mosaic_forward(cfg, q.dtype))
     aux = {}
     if cfg.has_window:
         aux["window"] = jnp.asarray(sliding_window, jnp.int32).reshape(1)

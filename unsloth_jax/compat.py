@@ -48,3 +48,12 @@ def triton_compiler_params(**kwargs):
 def has_host_memory_space() -> bool:
     """True where XLA can offload activations to pinned host memory (GPU/TPU)."""
     return default_backend() in ("gpu", "tpu")
+
+
+def is_sm90() -> bool:
+    """True on an NVIDIA Hopper GPU (compute capability 9.x): where the Mosaic GPU kernels run."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")

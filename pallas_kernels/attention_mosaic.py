@@ -1,0 +1,239 @@
+"""Causal GQA flash-attention forward with RoPE inside, as a Mosaic GPU kernel (Hopper: wgmma, TMA,
+warp specialization). `flash_attention` uses it for the forward where it applies (`supported`) on
+an sm_90 GPU; the backward stays the Triton kernels of `attention.py`, which take its lse as is.
+
+Why: the Triton lowering of Pallas reaches ~0.7x cuDNN's forward without RoPE and ~0.5x with it
+(benchmarks/attention_NOTES.md). This kernel runs three warpgroups per CTA (128 query rows of one
+head): a producer brings K halves, cos/sin and V in by TMA over `stages` slots and rotates each K
+tile once in shared memory (so the 4-8 query heads of a GQA group do not each rotate it), two
+consumers (64 rows each) rotate their Q tile once, run QK^T and PV on wgmma with P kept in
+registers, and hand each slot back on a "consumed" barrier. Causal: key tiles past the diagonal
+are never loaded; the consumer of the lower rows runs fewer steps and only keeps the barriers'
+phases in step for the rest.
+
+Developed against JAX's Mosaic GPU interpreter on the CPU (tests/test_attention_mosaic.py), which
+has no `layout_cast`, transposed wgmma operand or register A operand: under it P goes through
+shared memory and QK^T is a jnp dot. The compiled path was checked on the H100 against the Triton
+kernels and the reference (benchmarks/run_proto_mosaic.py, attention_NOTES.md session 4).
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+HEAD_DIM = 128
+BLOCK_Q = 128  # query rows per CTA (two consumer warpgroups of 64)
+BLOCK_K = 64
+
+
+def supported(*, head_dim, seq_len, dtype, causal, has_window, has_segments, softcap) -> bool:
+    """Whether this kernel computes the same thing as the Triton forward for the call."""
+    return (head_dim == HEAD_DIM and seq_len % BLOCK_Q == 0 and causal and not has_window
+            and not has_segments and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+
+
+def _tiles():
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def mosaic_forward(q, k, v, cos=None, sin=None, *, scale, stages=3, regs=(200, 104), interpret=None):
+    """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
+    (float16; None: no RoPE). Returns o [B, T, Hq, D] and lse [B, Hq, T] (log2-sum-exp2 of the
+    scores times scale * log2(e), as the Triton kernels keep it).
+
+    stages: K/V slots in flight (3 fits shared memory because the output leaves through the
+      consumer's Q buffer). regs: (consumer, producer) registers per thread for setmaxnreg
+      (2*128*c + 128*p <= 65536), or None. interpret: InterpretGPUParams to run on the CPU.
+    Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest)."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, BLOCK_K
+    assert D == HEAD_DIM and T % cta_q == 0, (q.shape, "see supported()")
+    rope = cos is not None
+    table_b = cos.shape[0] if rope else 1
+    interp = interpret is not None
+    p_smem = interp  # the interpreter has no register A operand for wgmma
+    if regs is not None:
+        assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
+        assert 256 * regs[0] + 128 * regs[1] <= 65536, regs
+
+    def cast(x, layout):
+        return x if interp else plgpu.layout_cast(x, layout)
+
+    def iota(dim):
+        if interp:
+            return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
+        return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=plgpu.Layout.WGMMA)
+
+    def rotate(x_parts, c_ref, s_ref, rows, chunk):
+        for r0 in range(0, rows, chunk):
+            sl = pl.ds(r0, chunk)
+            x1 = x_parts.at[0, sl][...].astype(jnp.float32)
+            x2 = x_parts.at[1, sl][...].astype(jnp.float32)
+            c = c_ref.at[sl][...].astype(jnp.float32)
+            s = s_ref.at[sl][...].astype(jnp.float32)
+            x_parts.at[0, sl][...] = (x1 * c - x2 * s).astype(x_parts.dtype)
+            x_parts.at[1, sl][...] = (x2 * c + x1 * s).astype(x_parts.dtype)
+
+    def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, o_ref, lse_ref, scratch):
+        # cos_ref / sin_ref (and their buffers) are None without RoPE
+        (qh, cq, sq, kh, ck, sk, vs, ps, lses), (qbar, kraw, kready, vbar, consumed) = scratch
+        h, qi, b = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
+        wg = lax.axis_index("wg")
+        kvh = lax.div(h, jnp.int32(G))
+        tb = b if table_b > 1 else 0
+        kv_max = lax.div(qi * cta_q + cta_q + bk - 1, jnp.int32(bk))
+
+        @pl.when(wg < 2)
+        def _consumer():
+            if regs and not interp:
+                plgpu.set_max_registers(regs[0], action="increase")
+            q0 = qi * cta_q + wg * bq
+            my_q, my_bar = qh.at[wg], qbar.at[wg]
+            my_cq, my_sq = (cq.at[wg], sq.at[wg]) if rope else (None, None)
+            for part in range(2):
+                plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h, pl.ds(part * half, half)], my_q.at[part], my_bar)
+            if rope:
+                plgpu.copy_gmem_to_smem(cos_ref.at[tb, pl.ds(q0, bq)], my_cq, my_bar)
+                plgpu.copy_gmem_to_smem(sin_ref.at[tb, pl.ds(q0, bq)], my_sq, my_bar)
+            plgpu.barrier_wait(my_bar)
+            if rope:
+                rotate(my_q, my_cq, my_sq, bq, bq)
+                plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
+            kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
+
+            def step(j, carry, masked):
+                o, m, l = carry
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(kready.at[slot])
+                if interp:  # the interpreter's wgmma takes no transposed operand
+                    s = sum(lax.dot_general(my_q.at[p][...], kh.at[slot, p][...], (((1,), (1,)), ((), ())),
+                                            preferred_element_type=jnp.float32) for p in range(2))
+                else:
+                    def qk(acc):
+                        for p in range(2):
+                            plgpu.wgmma(acc, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
+                        plgpu.wgmma_wait(0)
+                        return acc[...]
+                    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                s = s * (scale * LOG2E)
+                if masked:
+                    s = jnp.where(iota(0) + q0 >= iota(1) + j * bk, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p16 = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                l = l * alpha + p16.sum(axis=1)
+                p16 = p16.astype(q.dtype)
+                o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+                plgpu.barrier_wait(vbar.at[slot])
+                if p_smem:
+                    ps.at[wg][...] = p16
+                    plgpu.commit_smem()  # generic-proxy writes of P -> visible to wgmma
+
+                    def pv(acc):
+                        plgpu.wgmma(acc, ps.at[wg], vs.at[slot])
+                        return acc[...]
+                    o = o + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
+                else:
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, vs.at[slot])
+                    o = pl.run_state(pv)(plgpu.ACC.init(o))
+                plgpu.barrier_arrive(consumed.at[slot])
+                return o, m_new, l
+
+            o = cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
+            m = cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l = cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            first_masked = lax.div(q0, jnp.int32(bk))
+            carry = lax.fori_loop(0, first_masked, functools.partial(step, masked=False), (o, m, l))
+            o, m, l = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
+
+            def skip(j, _):  # steps the other consumer still needs: keep the barriers' phases in step
+                slot = lax.rem(j, jnp.int32(stages))
+                # waiting too (not only arriving, as JAX's own kernel does) measured 15% faster at 2k
+                # and is what the interpreter requires (every waiter observes every phase)
+                plgpu.barrier_wait(kready.at[slot])
+                plgpu.barrier_wait(vbar.at[slot])
+                plgpu.barrier_arrive(consumed.at[slot])
+            lax.fori_loop(kv_steps, kv_max, skip, None)
+
+            o = (o / lax.broadcast_in_dim(l, o.shape, [0])).astype(q.dtype)
+            for part in range(2):  # out through the Q buffer: every wgmma reading it was waited for
+                my_q.at[part][...] = o[:, part * half:(part + 1) * half]
+            lses.at[wg][...] = m + jnp.log2(l)
+            plgpu.commit_smem()
+            for part in range(2):
+                plgpu.copy_smem_to_gmem(my_q.at[part], o_ref.at[b, pl.ds(q0, bq), h, pl.ds(part * half, half)])
+            plgpu.copy_smem_to_gmem(lses.at[wg], lse_ref.at[b, h, pl.ds(q0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            if regs and not interp:
+                plgpu.set_max_registers(regs[1], action="decrease")
+
+            def issue(step, slot):
+                rows = pl.ds(step * bk, bk)
+                for part in range(2):
+                    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh, pl.ds(part * half, half)], kh.at[slot, part], kraw.at[slot])
+                if rope:
+                    plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], ck.at[slot], kraw.at[slot])
+                    plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sk.at[slot], kraw.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], vs.at[slot], vbar.at[slot])
+
+            for s_ in range(min(stages, T // bk)):  # static bound: no out-of-range slice is traced
+                @pl.when(s_ < kv_max)
+                def _():
+                    issue(s_, s_)
+
+            def body(j, _):
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(kraw.at[slot])
+                if rope:  # 64-row chunks: the smallest the WGMMA register layout tiles
+                    rotate(kh.at[slot], ck.at[slot], sk.at[slot], bk, 64)
+                    plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
+                plgpu.barrier_arrive(kready.at[slot])
+                refill = j - 1 + stages  # the step that goes where step j - 1 was
+
+                @pl.when((j >= 1) & (refill < kv_max))
+                def _():
+                    prev = lax.rem(j - 1, jnp.int32(stages))
+                    plgpu.barrier_wait(consumed.at[prev])
+                    issue(refill, prev)
+            lax.fori_loop(0, kv_max, body, None)
+
+            def drain(j, _):  # the last steps' slots are not refilled: observe their release anyway
+                plgpu.barrier_wait(consumed.at[lax.rem(j, jnp.int32(stages))])
+            lax.fori_loop(jnp.maximum(kv_max - stages, 0), kv_max, drain, None)
+
+    def entry(q_ref, k_ref, v_ref, *refs):
+        cos_ref, sin_ref, o_ref, lse_ref = refs if rope else (None, None, *refs)
+        smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=_tiles())  # noqa: E731
+        table = (lambda shape: smem(shape, cos.dtype)) if rope else (lambda shape: None)
+        buffers = (smem((2, 2, bq, half), q.dtype), table((2, bq, half)), table((2, bq, half)),
+                   smem((stages, 2, bk, half), k.dtype), table((stages, bk, half)),
+                   table((stages, bk, half)), smem((stages, bk, D), v.dtype),
+                   smem((2, bq, bk), q.dtype) if p_smem else None,
+                   plgpu.SMEM((2, bq), jnp.float32))
+        loads = 4 if rope else 2  # TMA copies that complete a Q (or raw K) barrier: two halves (+ cos, sin)
+        barriers = (plgpu.Barrier(num_arrivals=loads, num_barriers=2),
+                    plgpu.Barrier(num_arrivals=loads, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=1, num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+        pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, o_ref, lse_ref, scr),
+                      buffers, barriers, collective_axes="wg")
+
+    f = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)),
+        grid=(Hq, T // cta_q, B), grid_names=("h", "q", "b"), num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )
+    return f(q, k, v, cos, sin) if rope else f(q, k, v)

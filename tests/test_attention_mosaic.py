@@ -1,0 +1,85 @@
+"""The Mosaic GPU attention forward (pallas_kernels/attention_mosaic.py) under JAX's Mosaic GPU
+interpreter on the CPU, against the jnp reference; and its wiring into flash_attention, checked by
+lowering for CUDA on the CPU (no GPU needed)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import attention as attn
+from pallas_kernels import attention_mosaic as M
+from pallas_kernels.attention import apply_rope, flash_attention_reference, rope_cos_sin
+
+
+def _interpret_params():
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()
+
+
+def _inputs(B, T, Hq, Hkv, seed):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    D = M.HEAD_DIM
+    q = jax.random.normal(ks[0], (B, T, Hq, D), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, Hkv, D), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, Hkv, D), jnp.bfloat16)
+    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    return q, k, v, inv_freq
+
+
+def _reference_lse(q, k, inv_freq, scale):
+    """log2-sum-exp2 of the causal scores times scale*log2(e), [B, Hq, T] (the kernels' lse)."""
+    T, G = q.shape[1], q.shape[2] // k.shape[2]
+    if inv_freq is not None:
+        cos, sin = rope_cos_sin(jnp.arange(T)[None], inv_freq)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k = jnp.repeat(k, G, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale * math.log2(math.e)
+    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+    return jax.nn.logsumexp(s * math.log(2), axis=-1) / math.log(2)
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,rope", [(1, 256, 4, 2, True), (2, 128, 2, 2, False)])
+def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope):
+    q, k, v, inv_freq = _inputs(B, T, Hq, Hkv, seed=T + Hq)
+    inv_freq = inv_freq if rope else None
+    scale = M.HEAD_DIM ** -0.5
+    tables = ()
+    if rope:  # float16 tables, as flash_attention builds them
+        ang = jnp.arange(T, dtype=jnp.float32)[None, :, None] * inv_freq
+        tables = (jnp.cos(ang).astype(jnp.float16), jnp.sin(ang).astype(jnp.float16))
+    o, lse = M.mosaic_forward(q, k, v, *tables, scale=scale, stages=2, interpret=_interpret_params())
+    ref = flash_attention_reference(q, k, v, inv_freq=inv_freq)
+    err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
+    assert o.shape == q.shape and o.dtype == q.dtype
+    assert err < 2e-2
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(_reference_lse(q, k, inv_freq, scale)), atol=3e-2)
+
+
+def test_supported_covers_only_what_the_kernel_computes():
+    ok = dict(head_dim=128, seq_len=2048, dtype=jnp.bfloat16, causal=True, has_window=False,
+              has_segments=False, softcap=None)
+    assert M.supported(**ok)
+    for change in (dict(head_dim=64), dict(seq_len=2000), dict(dtype=jnp.float32), dict(causal=False),
+                   dict(has_window=True), dict(has_segments=True), dict(softcap=30.0)):
+        assert not M.supported(**{**ok, **change})
+
+
+@pytest.mark.parametrize("window", [None, 64])
+def test_flash_attention_takes_the_mosaic_forward_on_sm90(monkeypatch, window):
+    """With an sm_90 device (pretended), flash_attention's forward is the Mosaic kernel and its
+    backward the Triton dq / dk-dv kernels fed with the Mosaic lse; a call it does not cover (a
+    sliding window) stays on the Triton forward. Lowered for CUDA on the CPU."""
+    from unsloth_jax import compat
+    monkeypatch.setattr(compat, "is_sm90", lambda: True)
+    q, k, v, inv_freq = _inputs(1, 256, 4, 2, seed=3)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=window), q, k, v)
+        return out, vjp(jnp.ones_like(out))
+
+    text = jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert "flash_attention_dq" in text and "flash_attention_dkv" in text
+    assert ("mosaic_gpu" in text) == (window is None)
+    assert ("flash_attention_fwd" in text) == (window is not None)
