@@ -14,7 +14,7 @@ phases in step for the rest.
 Developed against JAX's Mosaic GPU interpreter on the CPU (tests/test_attention_mosaic.py), which
 has no `layout_cast`, transposed wgmma operand or register A operand: under it P goes through
 shared memory and QK^T is a jnp dot. The compiled path was checked on the H100 against the Triton
-kernels and the reference (benchmarks/run_proto_mosaic.py, attention_NOTES.md session 4).
+kernels and the reference (benchmarks/run_mosaic_attention.py, attention_NOTES.md session 4).
 """
 import functools
 import math

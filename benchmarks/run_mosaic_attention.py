@@ -1,4 +1,6 @@
-"""GPU runner for the v2 Mosaic GPU attention prototype (benchmarks/proto_mosaic_attention.py).
+"""GPU runner for the Mosaic GPU attention forward (pallas_kernels/attention_mosaic.py): its launch
+settings as variants. (The debug switches the kernel was bisected with, P in shared memory, no K
+rotation, JAX-style barrier skipping, are in this script's and the prototype's history, 31cf9f9.)
 
 One call is informative even if some variants hang: every variant runs in its own subprocess with
 a timeout (compile included), first at a tiny shape checked against flash_attention_reference
@@ -6,10 +8,10 @@ a timeout (compile included), first at a tiny shape checked against flash_attent
 D=128 bf16 next to cuDNN (pre-rotated q/k) measured in the same process. A first subprocess times
 our Triton forward and cuDNN. Phase markers tell where a timeout hit (lower / compile / run).
 
-  PYTHONPATH=$PWD python benchmarks/run_proto_mosaic.py                 # all variants, --budget 400
-  PYTHONPATH=$PWD python benchmarks/run_proto_mosaic.py --only p_smem,p_reg
-  PYTHONPATH=$PWD python benchmarks/run_proto_mosaic.py --lower         # CPU: lower every variant for CUDA
-  PYTHONPATH=$PWD python benchmarks/run_proto_mosaic.py --sanitize p_reg_regs --tool synccheck
+  PYTHONPATH=$PWD python benchmarks/run_mosaic_attention.py                 # all variants, --budget 400
+  PYTHONPATH=$PWD python benchmarks/run_mosaic_attention.py --only s3_regs,s2
+  PYTHONPATH=$PWD python benchmarks/run_mosaic_attention.py --lower         # CPU: lower every variant for CUDA
+  PYTHONPATH=$PWD python benchmarks/run_mosaic_attention.py --sanitize s3_regs --tool synccheck
 """
 import argparse
 import json
@@ -26,24 +28,50 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 REGS = (200, 104)  # 2*128*200 + 128*104 = 64512 = 168 * 384, the JAX FA3 kernel's total (232/40)
 
-# Most likely to work first: P through shared memory (the interpreter-verified path), no register
-# limits; then P in registers; then setmaxnreg (the 1102dec run hung there); then 3 stages.
+# The library default first (3 stages, setmaxnreg 200/104: fastest in session 4), then the others.
 VARIANTS = {
-    "p_smem": dict(p_in_smem=True),
-    "p_smem_norotk": dict(p_in_smem=True, rotate_k=False),
-    "p_smem_norot": dict(p_in_smem=True, rotate_k=False, rotate_q=False),
-    "p_reg": dict(),
-    "p_reg_norotk": dict(rotate_k=False),
-    "p_smem_regs": dict(p_in_smem=True, regs=REGS),
-    "p_reg_regs": dict(regs=REGS),
-    "p_reg_regs_norotk": dict(regs=REGS, rotate_k=False),
-    "p_reg_regs_noskipwait": dict(regs=REGS, skip_waits=False),
-    "p_reg_3st": dict(stages=3, reuse_q_smem=True),
-    "p_reg_regs_3st": dict(stages=3, reuse_q_smem=True, regs=REGS),
+    "s3_regs": dict(stages=3, regs=REGS),
+    "s3": dict(stages=3, regs=None),
+    "s2_regs": dict(stages=2, regs=REGS),
+    "s2": dict(stages=2, regs=None),
+    "s3_regs_norope": dict(stages=3, regs=REGS, rope=False),  # q/k pre-rotated outside (timing the rotation)
 }
 TINY = (1, 256, 4, 2, 128)
 BIG = [(8, 2048, 32, 8, 128), (2, 8192, 32, 8, 128)]
 TOL = 2e-2
+
+
+def example_inputs(B, T, Hq, Hkv, D=128, *, rope=True, seed=0, dtype=None):
+    """Random q/k/v, the float16 cos/sin tables the kernel takes, inv_freq for the reference, and
+    the kernel's q/k: pre-rotated (float32 math, outside) when the kernel is run without RoPE, so
+    every variant is checked against the same RoPE reference."""
+    import jax
+    import jax.numpy as jnp
+    from pallas_kernels.attention import apply_rope, rope_cos_sin
+    dtype = dtype or jnp.bfloat16
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (B, T, Hq, D), dtype)
+    k = jax.random.normal(ks[1], (B, T, Hkv, D), dtype)
+    v = jax.random.normal(ks[2], (B, T, Hkv, D), dtype)
+    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    ang = jnp.arange(T, dtype=jnp.float32)[None, :, None] * inv_freq
+    cos, sin = jnp.cos(ang).astype(jnp.float16), jnp.sin(ang).astype(jnp.float16)
+    c32, s32 = rope_cos_sin(jnp.broadcast_to(jnp.arange(T), (1, T)), inv_freq)
+    x = dict(q=q, k=k, v=v, cos=cos, sin=sin, inv_freq=inv_freq, rope=rope)
+    if not rope:
+        x.update(q_in=apply_rope(q, c32, s32), k_in=apply_rope(k, c32, s32))
+    return x
+
+
+def kernel_args(x):
+    if x["rope"]:
+        return (x["q"], x["k"], x["v"], x["cos"], x["sin"])
+    return (x["q_in"], x["k_in"], x["v"])
+
+
+def launch(kw):
+    """The variant's keyword arguments of mosaic_forward (rope is decided by the arguments)."""
+    return {key: val for key, val in kw.items() if key != "rope"}
 
 
 # ----------------------------------------------------------------------------------------- child
@@ -84,7 +112,6 @@ def child_baseline():
     import jax
     import jax.numpy as jnp
     from pallas_kernels.attention import apply_rope, flash_attention, rope_cos_sin
-    from proto_mosaic_attention import example_inputs
     out = {}
     for B, T, Hq, Hkv, D in BIG:
         x = example_inputs(B, T, Hq, Hkv, D)
@@ -107,21 +134,21 @@ def child_variant(name, tiny_only=False, lower_only=False):
     import jax
     import jax.numpy as jnp
     from pallas_kernels.attention import apply_rope, flash_attention_reference, rope_cos_sin
-    from proto_mosaic_attention import example_inputs, mosaic_forward
+    from pallas_kernels.attention_mosaic import mosaic_forward
     kw = VARIANTS[name]
     _phase(f"start {name} {kw}")
     if lower_only:  # CPU: lower for CUDA only (Mosaic GPU lowering runs in Python; no compile)
-        x = example_inputs(*TINY, rotate_q=kw.get("rotate_q", True), rotate_k=kw.get("rotate_k", True))
-        f = jax.jit(functools.partial(mosaic_forward, scale=TINY[-1] ** -0.5, **kw))
-        f.trace(x["q_in"], x["k_in"], x["v"], x["cos"], x["sin"]).lower(lowering_platforms=("cuda",))
+        x = example_inputs(*TINY, rope=kw.get("rope", True))
+        f = jax.jit(functools.partial(mosaic_forward, scale=TINY[-1] ** -0.5, **launch(kw)))
+        f.trace(*kernel_args(x)).lower(lowering_platforms=("cuda",))
         return _result(status="ok", msg="lowers for cuda")
     if not _gpu_or_none():
         return _result(status="err", msg="no GPU backend")
     res = dict(status="ok")
     B, T, Hq, Hkv, D = TINY
-    x = example_inputs(B, T, Hq, Hkv, D, rotate_q=kw.get("rotate_q", True), rotate_k=kw.get("rotate_k", True))
-    f = jax.jit(functools.partial(mosaic_forward, scale=D ** -0.5, **kw))
-    args = (x["q_in"], x["k_in"], x["v"], x["cos"], x["sin"])
+    x = example_inputs(B, T, Hq, Hkv, D, rope=kw.get("rope", True))
+    f = jax.jit(functools.partial(mosaic_forward, scale=D ** -0.5, **launch(kw)))
+    args = kernel_args(x)
     lowered = f.trace(*args).lower(); _phase("lowered tiny")
     compiled = lowered.compile(); _phase("compiled tiny")
     o, lse = jax.block_until_ready(compiled(*args)); _phase("ran tiny")
@@ -134,9 +161,9 @@ def child_variant(name, tiny_only=False, lower_only=False):
     if tiny_only:
         return _result(**res)
     for B, T, Hq, Hkv, D in BIG:
-        x = example_inputs(B, T, Hq, Hkv, D, rotate_q=kw.get("rotate_q", True), rotate_k=kw.get("rotate_k", True))
-        args = (x["q_in"], x["k_in"], x["v"], x["cos"], x["sin"])
-        f = jax.jit(functools.partial(mosaic_forward, scale=D ** -0.5, **kw))
+        x = example_inputs(B, T, Hq, Hkv, D, rope=kw.get("rope", True))
+        args = kernel_args(x)
+        f = jax.jit(functools.partial(mosaic_forward, scale=D ** -0.5, **launch(kw)))
         t = _timeit(f, *args)
         _phase(f"timed T={T} {t:.3f}")
         c32, s32 = rope_cos_sin(jnp.broadcast_to(jnp.arange(T), (B, T)), x["inv_freq"])
