@@ -269,9 +269,14 @@ def sweep_configs(m, direction):
             T(256, 64, 64, 4, 3, 1, 8, "prmt", False, False), T(256, 128, 64, 8, 3, 1, 8, "prmt", True, False),
             T(256, 128, 128, 8, 3, 1, 8, "prmt", True, False)]
 
+GEMV_CFGS = {}  # --gemv-cfgs: {"fwd": [[fields...], ...], "dx": [...]} replaces the lists below
+
+
 def gemv_configs(direction):
-    """Candidates (block_rows, blocks, warps, stages, split) for the CUDA-core kernels."""
+    """Candidates (block_rows, blocks, warps, stages, split, decode) for the CUDA-core kernels."""
     C = G.GemvConfig
+    if direction in GEMV_CFGS:
+        return [C(*fields) for fields in GEMV_CFGS[direction]]
     if INTERPRET:  # a dry run of the phase, not a sweep
         return [C(16, 2, 4, 3), C(16, 2, 4, 3, 2)]
     if direction == "fwd":  # session-4 run 1: (128, 2, 4 warps) best on 3 of 4 shapes, (32, 4, 8) next
@@ -522,6 +527,7 @@ def main():
     p.add_argument("--sweep-shape", default="14336x4096")
     p.add_argument("--sweep-ms", default="1,2048")
     p.add_argument("--gemv-ms", default="1,2,4")
+    p.add_argument("--gemv-cfgs", default="", help='JSON {"fwd": [[GemvConfig fields], ...], "dx": [...]}')
     p.add_argument("--tuned", default="", help="JSON {'small-fwd': {TileConfig fields}, ...} to use in the table")
     p.add_argument("--interpret", action="store_true", help="CPU dry run through the Pallas interpreter")
     p.add_argument("--repeat", type=int, default=1, help="table: interleaved timing repeats, fastest kept")
@@ -530,6 +536,7 @@ def main():
     global INTERPRET, DOUBLE_QUANT, REPEAT
     INTERPRET = args.interpret
     REPEAT = args.repeat
+    GEMV_CFGS.update(json.loads(args.gemv_cfgs) if args.gemv_cfgs else {})
     DOUBLE_QUANT = not args.single_quant
     budget = Budget(args.budget)
     phases = args.phases.split(",")
