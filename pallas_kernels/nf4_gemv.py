@@ -168,11 +168,9 @@ def _fit(cfg: GemvConfig, nblk: int, interpret: bool) -> GemvConfig:
 
 
 def _split(cfg: GemvConfig, tiles: int, steps: int) -> int:
-    """Programs per output tile: cfg.split, or (0) powers of two until ~2 programs per SM; a
-    divisor of the loop's steps, each program keeping >= 2."""
-    split = min(cfg.split, steps) if cfg.split else 1
-    while not cfg.split and tiles * split < 2 * mm._num_sms() and split * 2 <= steps // 2:
-        split *= 2
+    """Programs per output tile: cfg.split, or (0) nf4_matmul's rule (powers of two until ~2
+    programs per SM); reduced to a divisor of the loop's steps."""
+    split = min(cfg.split, steps) if cfg.split else mm._auto_split(tiles, steps)
     while steps % split:
         split -= 1
     return split

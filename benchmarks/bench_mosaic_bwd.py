@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""The Mosaic GPU attention backward kernels (pallas_kernels/attention_mosaic_dq.py / _dkv.py) on the
+GPU: a correctness check against the reference's VJP at a small shape, then their times at the
+benchmark shapes next to our Triton backward (dq + dk/dv kernels) measured in the same process.
+
+    PYTHONPATH=$PWD timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel dq
+    PYTHONPATH=$PWD timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel dkv
+"""
+import argparse
+import importlib
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import attention as attn
+from pallas_kernels.attention import flash_attention_reference
+
+LOG2E = math.log2(math.e)
+
+
+def timeit(f, *a, reps=10):
+    jax.block_until_ready(f(*a)); jax.block_until_ready(f(*a))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter(); jax.block_until_ready(f(*a)); ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def inputs(B, T, Hq, Hkv, D=128, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (B, T, Hq, D), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, Hkv, D), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, Hkv, D), jnp.bfloat16)
+    do = jax.random.normal(ks[3], (B, T, Hq, D), jnp.bfloat16)
+    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    ang = jnp.arange(T, dtype=jnp.float32)[None, :, None] * inv_freq
+    cos, sin = jnp.cos(ang).astype(jnp.float16), jnp.sin(ang).astype(jnp.float16)
+    return q, k, v, do, inv_freq, cos, sin
+
+
+def stats(q, k, v, do, inv_freq):
+    """o, lse [B, Hq, T] (base 2, scaled), delta [B, Hq, T] from our forward (Mosaic on sm_90)."""
+    from pallas_kernels import attention_mosaic as M
+    ang = jnp.arange(q.shape[1], dtype=jnp.float32)[None, :, None] * inv_freq
+    cos, sin = jnp.cos(ang).astype(jnp.float16), jnp.sin(ang).astype(jnp.float16)
+    o, lse = M.mosaic_forward(q, k, v, cos, sin, scale=q.shape[-1] ** -0.5)
+    delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
+    return o, lse, delta
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", choices=("dq", "dkv"), required=True)
+    a = p.parse_args()
+    mod = importlib.import_module(f"pallas_kernels.attention_mosaic_{a.kernel}")
+    fn = getattr(mod, f"mosaic_{a.kernel}")
+    print(f"jax {jax.__version__} {jax.devices()[0].device_kind}", flush=True)
+    for B, T, Hq, Hkv, check in [(1, 256, 4, 2, True), (2, 1024, 8, 2, True), (8, 2048, 32, 8, False), (2, 8192, 32, 8, False)]:
+        q, k, v, do, inv_freq, cos, sin = inputs(B, T, Hq, Hkv)
+        scale = q.shape[-1] ** -0.5
+        o, lse, delta = jax.jit(stats)(q, k, v, do, inv_freq)
+        f = jax.jit(lambda q, k, v, do, lse, delta: fn(q, k, v, do, lse, delta, cos, sin, scale=scale))
+        t0 = time.time()
+        got = jax.block_until_ready(f(q, k, v, do, lse, delta))
+        got = got if isinstance(got, tuple) else (got,)
+        line = f"{a.kernel} B={B} T={T} Hq/Hkv={Hq}/{Hkv}: first call {time.time() - t0:.1f}s"
+        if check:
+            _, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, inv_freq=inv_freq), q, k, v)
+            dq, dk, dv = vjp(do)
+            want = (dq,) if a.kernel == "dq" else (dk, dv)
+            errs = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))) / jnp.max(jnp.abs(w.astype(jnp.float32))))
+                    for g, w in zip(got, want)]
+            line += " rel err " + " ".join(f"{e:.1e}" for e in errs) + (" PASS" if max(errs) < 2e-2 else " FAIL")
+        else:
+            ms = timeit(f, q, k, v, do, lse, delta)
+            tri = jax.jit(lambda q, k, v, do: jax.vjp(lambda *x: attn.flash_attention(*x, inv_freq=inv_freq), q, k, v)[1](do))
+            fwd = jax.jit(lambda q, k, v: attn.flash_attention(q, k, v, inv_freq=inv_freq))
+            t_bwd = timeit(tri, q, k, v, do) - timeit(fwd, q, k, v)
+            gemms = 3 if a.kernel == "dq" else 4  # dq: S, dP, dQ; dk/dv: S, dP, dV, dK (causal halves)
+            fl = gemms * 2 * B * Hq * T * T * 128 / 2
+            line += f" {ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s); our Triton backward (dq + dk/dv) {t_bwd:.3f} ms"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
