@@ -739,7 +739,7 @@ def _resolve_tuning(T, P, G, itemsize, tuning, block_q, block_k):
 
 def _use_mosaic_forward(cfg, dtype) -> bool:
     """The Mosaic GPU forward where it computes the same thing and the device is sm_90 (it measured
-    1.4x the Triton forward on the H100: attention_NOTES.md session 4)."""
+    1.5x the Triton forward on the H100: attention_NOTES.md session 4)."""
     from unsloth_jax.compat import is_sm90
 
     return (cfg.tuning.mosaic_fwd is not False and not cfg.interpret and cfg.seq_pad == cfg.seq_len
