@@ -1,0 +1,402 @@
+"""dK and dV of causal GQA flash attention with RoPE inside, as a Mosaic GPU kernel (Hopper: wgmma,
+TMA, warp specialization). Companion of the forward in attention_mosaic.py; the math is the Triton
+`_dkv_kernel`'s of attention.py. Not wired into `flash_attention` yet.
+
+Per (kv head, 128-key block, batch) CTA, computed transposed (keys x queries) per 64x64 tile:
+  S^T = K_rot Q_rot^T, P^T = exp2(S^T scale log2e - lse), dV += P^T dO, dP^T = V dO^T,
+  dS^T = P^T (dP^T - delta), dK_rot += dS^T Q_rot
+over the G query heads of the group and the query tiles from the diagonal to the end (the diagonal
+tile masked). dV and the two dK halves accumulate in wgmma accumulators (fp32, 64x128 per
+consumer); P^T and then dS^T go through one shared buffer per consumer (the A operand of the dV /
+dK wgmmas). At the end dK is scaled, un-rotated (the transpose of the rotation) and written with
+dV through the K / V buffers.
+
+pipelined=True (default): three warpgroups. Two consumers own 64 key rows each (they TMA-load and
+rotate their K once, and V); a producer TMA-loads per step one 64-row query tile (Q halves, cos/sin,
+dO, lse, delta rows) into `stages` slots, rotates Q once in shared memory for both consumers and
+releases it on a "ready" barrier; dO/lse/delta are waited on directly by the consumers, which hand
+each slot back on a "consumed" barrier. The consumer of the upper 64 keys has nothing to do on
+the first query tile of each head (entirely above its diagonal) and only keeps the barriers' phases
+in step there. pipelined=False: the two warpgroups work independently, single-buffered, each loading
+its own query tiles (the first version; kept as a fallback).
+p_regs=True (pipelined, compiled only): P^T / dS^T as register A operands and the accumulators as
+loop-carried values (as JAX's attention_mgpu backward does); checked only by lowering so far.
+Shared memory at stages=2 with RoPE: ~214 KB (stages=3 does not fit: 264 KB > 227 KB).
+
+Under JAX's Mosaic GPU interpreter (no transposed wgmma operand, no load with a layout), S^T and
+dP^T are jnp dots of the shared-memory tiles and lse/delta plain loads (tests/test_attention_mosaic_dkv.py).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+HEAD_DIM = 128
+BLOCK_K = 128  # key rows per CTA (two warpgroups of 64)
+TILE = 64      # key rows per consumer and query rows per step
+
+
+def supported(*, head_dim, seq_len, dtype, causal, has_window, has_segments, softcap) -> bool:
+    return (head_dim == HEAD_DIM and seq_len % BLOCK_K == 0 and causal and not has_window
+            and not has_segments and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+
+
+def _tiles():
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _rotate(x_parts, c_ref, s_ref):
+    """In-place RoPE of a [2, 64, 64] (halves) shared-memory tile by cos/sin [64, 64]."""
+    x1 = x_parts.at[0][...].astype(jnp.float32)
+    x2 = x_parts.at[1][...].astype(jnp.float32)
+    c = c_ref[...].astype(jnp.float32)
+    s = s_ref[...].astype(jnp.float32)
+    x_parts.at[0][...] = (x1 * c - x2 * s).astype(x_parts.dtype)
+    x_parts.at[1][...] = (x2 * c + x1 * s).astype(x_parts.dtype)
+
+
+def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=True, stages=2,
+               regs=(216, 80), p_regs=False, interpret=None):
+    """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
+    float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
+    rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE). Returns dk, dv (k's shape and
+    dtype), dk the gradient w.r.t. the un-rotated k.
+
+    stages: query-tile slots in flight (pipelined). regs: (consumer, producer) registers per thread
+    for setmaxnreg (2*128*c + 128*p <= 65536) or None; not tuned on a GPU yet. p_regs (pipelined,
+    compiled only): P^T / dS^T as register A operands of the dV / dK wgmmas instead of through
+    shared memory; only checked by lowering so far (the interpreter cannot run it)."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    half, t = D // 2, TILE
+    assert D == HEAD_DIM and T % BLOCK_K == 0 and Hq % Hkv == 0, (q.shape, k.shape)
+    rope = cos is not None
+    table_b = cos.shape[0] if rope else 1
+    interp = interpret is not None
+    nq = T // t
+    if regs is not None:
+        assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
+        assert 256 * regs[0] + 128 * regs[1] <= 65536, regs
+    use_regs = pipelined and regs is not None and not interp
+    assert not (p_regs and (interp or not pipelined)), "p_regs: the compiled pipelined kernel only"
+
+    def iota(dim):
+        if interp:
+            return lax.broadcasted_iota(jnp.int32, (t, t), dim)
+        return plgpu.broadcasted_iota(jnp.int32, (t, t), dim, layout=plgpu.Layout.WGMMA)
+
+    def col_vec(ref):  # [t] float32 along the columns (queries) of a [keys, queries] tile
+        if interp:
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+
+    def probs_t(my_k, q_parts, lse_t, k0, q0, masked):
+        """P^T [keys, queries] of one 64x64 tile, float32."""
+        if interp:  # no transposed wgmma operand in the interpreter
+            s_t = sum(lax.dot_general(my_k.at[p][...], q_parts.at[p][...], (((1,), (1,)), ((), ())),
+                                      preferred_element_type=jnp.float32) for p in range(2))
+        else:
+            def qk(acc):
+                for p in range(2):
+                    plgpu.wgmma(acc, my_k.at[p], plgpu.transpose_ref(q_parts.at[p], (1, 0)))
+                plgpu.wgmma_wait(0)
+                return acc[...]
+            s_t = pl.run_scoped(qk, plgpu.ACC((t, t), jnp.float32))
+        s_t = s_t * (scale * LOG2E)
+        if masked:  # key k0 + r sees query q0 + c iff k0 + r <= q0 + c
+            s_t = jnp.where(iota(0) + k0 <= iota(1) + q0, s_t, -jnp.inf)
+        return jnp.exp2(s_t - lax.broadcast_in_dim(col_vec(lse_t), (t, t), [1]))
+
+    def tile_math(accs, my_k, my_v, my_p, q_parts, do_t, lse_t, delta_t, k0, q0, masked):
+        """One 64x64 (keys x queries) tile: dV += P^T dO, dK_rot (halves) += dS^T Q_rot, with P^T
+        and dS^T through shared memory. Returns after every wgmma reading q_parts / do_t / my_p
+        completed."""
+        dv_acc, dk_accs = accs
+        p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked)
+        my_p[...] = p_t.astype(my_p.dtype)
+        plgpu.commit_smem()  # generic-proxy writes of P^T -> visible to wgmma
+        plgpu.wgmma(dv_acc, my_p, do_t)
+        if interp:
+            dp_t = lax.dot_general(my_v[...], do_t[...], (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+        else:
+            def vdo(acc):
+                plgpu.wgmma(acc, my_v, plgpu.transpose_ref(do_t, (1, 0)))
+                plgpu.wgmma_wait(0)  # the dV wgmma too: P^T's buffer is overwritten next
+                return acc[...]
+            dp_t = pl.run_scoped(vdo, plgpu.ACC((t, t), jnp.float32))
+        plgpu.wgmma_wait(0)
+        ds_t = p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1]))
+        my_p[...] = ds_t.astype(my_p.dtype)
+        plgpu.commit_smem()
+        for p in range(2):
+            plgpu.wgmma(dk_accs[p], my_p, q_parts.at[p])
+        plgpu.wgmma_wait(0)
+
+    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked):
+        """tile_math with P^T and dS^T as register A operands and the accumulators as values
+        (compiled path only: the interpreter has no register A operand nor run_state)."""
+        dv, dk0, dk1 = accs
+        p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked)
+
+        def dv_dp(refs):
+            dv_ref, dp_ref = refs
+            plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
+            plgpu.wgmma(dp_ref, my_v, plgpu.transpose_ref(do_t, (1, 0)))
+        zeros = plgpu.layout_cast(jnp.zeros((t, t), jnp.float32), plgpu.Layout.WGMMA)
+        dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
+        ds_t = (p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1]))).astype(q.dtype)
+
+        def dk(refs):
+            for p in range(2):
+                plgpu.wgmma(refs[p], ds_t, q_parts.at[p])
+        dk0, dk1 = pl.run_state(dk)((plgpu.ACC.init(dk0), plgpu.ACC.init(dk1)))
+        return dv, dk0, dk1
+
+    def load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, bar):
+        for part in range(2):
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh, pl.ds(part * half, half)], my_k.at[part], bar)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], my_v, bar)
+        if rope:
+            plgpu.copy_gmem_to_smem(cos_ref.at[tb, keys], my_c, bar)
+            plgpu.copy_gmem_to_smem(sin_ref.at[tb, keys], my_s, bar)
+        plgpu.barrier_wait(bar)
+        if rope:
+            _rotate(my_k, my_c, my_s)
+        plgpu.commit_smem()
+
+    def accumulate(loop):
+        """Runs loop(accs) with fresh dV / dK-halves accumulators; returns their values."""
+        def body(dv_acc, dk0, dk1):
+            loop((dv_acc, (dk0, dk1)))
+            return dv_acc[...], dk0[...], dk1[...]
+        return pl.run_scoped(body, plgpu.ACC((t, D), jnp.float32), plgpu.ACC((t, half), jnp.float32),
+                             plgpu.ACC((t, half), jnp.float32))
+
+    def finish(dv, dk0, dk1, my_k, my_v, my_c, my_s, dk_ref, dv_ref, b, keys, kvh, table_loads):
+        """Scale and un-rotate dK (cos/sin of the keys in my_c / my_s after table_loads()), write
+        dK, dV through the K / V buffers."""
+        dk0, dk1 = dk0 * scale, dk1 * scale
+        if rope:  # gradient w.r.t. the un-rotated k: the transpose of the rotation
+            table_loads()
+            c = my_c[...].astype(jnp.float32)
+            s = my_s[...].astype(jnp.float32)
+            dk0, dk1 = dk0 * c + dk1 * s, dk1 * c - dk0 * s
+        my_k.at[0][...] = dk0.astype(my_k.dtype)
+        my_k.at[1][...] = dk1.astype(my_k.dtype)
+        my_v[...] = dv.astype(my_v.dtype)
+        plgpu.commit_smem()
+        for part in range(2):
+            plgpu.copy_smem_to_gmem(my_k.at[part], dk_ref.at[b, keys, kvh, pl.ds(part * half, half)])
+        plgpu.copy_smem_to_gmem(my_v, dv_ref.at[b, keys, kvh])
+        plgpu.wait_smem_to_gmem(0)
+
+    # ------------------------------------------------------------------ simple (two independent wgs)
+    def simple_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, dk_ref, dv_ref, scratch):
+        (qh, dos, cs, sn, kh, vs, ps, lses, deltas), (qbar, kbar, tbar) = scratch
+        kvh, kb, b = lax.axis_index("h"), lax.axis_index("k"), lax.axis_index("b")
+        wg = lax.axis_index("wg")
+        tb = b if table_b > 1 else 0
+        k0 = kb * BLOCK_K + wg * t
+        keys = pl.ds(k0, t)
+        my_q, my_do, my_k, my_v, my_p = qh.at[wg], dos.at[wg], kh.at[wg], vs.at[wg], ps.at[wg]
+        my_c, my_s = (cs.at[wg], sn.at[wg]) if rope else (None, None)
+        my_lse, my_delta, my_qbar = lses.at[wg], deltas.at[wg], qbar.at[wg]
+        load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, kbar.at[wg])
+
+        def step(accs, g, i, masked):
+            h = kvh * G + g
+            q0 = i * t
+            rows = pl.ds(q0, t)
+            for part in range(2):
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(part * half, half)], my_q.at[part], my_qbar)
+            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, my_qbar)
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], my_lse, my_qbar)
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], my_delta, my_qbar)
+            if rope:
+                plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], my_c, my_qbar)
+                plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], my_s, my_qbar)
+            plgpu.barrier_wait(my_qbar)
+            if rope:
+                _rotate(my_q, my_c, my_s)
+                plgpu.commit_smem()
+            tile_math(accs, my_k, my_v, my_p, my_q, my_do, my_lse, my_delta, k0, q0, masked)
+
+        def loop(accs):
+            i_diag = lax.div(k0, jnp.int32(t))
+
+            def head(g, _):
+                step(accs, g, i_diag, masked=True)
+                lax.fori_loop(i_diag + 1, nq, lambda i, c: step(accs, g, i, masked=False), None)
+            lax.fori_loop(0, G, head, None)
+
+        dv, dk0, dk1 = accumulate(loop)
+
+        def table_loads():
+            # the cos/sin buffers held the query tiles' tables: load the keys' again
+            plgpu.copy_gmem_to_smem(cos_ref.at[tb, keys], my_c, tbar.at[wg])
+            plgpu.copy_gmem_to_smem(sin_ref.at[tb, keys], my_s, tbar.at[wg])
+            plgpu.barrier_wait(tbar.at[wg])
+        finish(dv, dk0, dk1, my_k, my_v, my_c, my_s, dk_ref, dv_ref, b, keys, kvh, table_loads)
+
+    # ------------------------------------------------------------------ pipelined (producer + 2 consumers)
+    def pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, dk_ref, dv_ref, scratch):
+        (qh, cq, sq, dos, lses, deltas, kh, vs, ck, sk, ps), (qraw, qready, dbar, consumed, kbar) = scratch
+        kvh, kb, b = lax.axis_index("h"), lax.axis_index("k"), lax.axis_index("b")
+        wg = lax.axis_index("wg")
+        tb = b if table_b > 1 else 0
+        i0 = kb * (BLOCK_K // t)       # first query tile of every head (the lower consumer's diagonal)
+        per_head = nq - i0             # query tiles per head
+        n_steps = G * per_head
+
+        def tile_of(j):  # step -> (query head, query tile)
+            return kvh * G + lax.div(j, jnp.int32(per_head)), i0 + lax.rem(j, jnp.int32(per_head))
+
+        @pl.when(wg < 2)
+        def _consumer():
+            if use_regs:
+                plgpu.set_max_registers(regs[0], action="increase")
+            k0 = kb * BLOCK_K + wg * t
+            keys = pl.ds(k0, t)
+            my_k, my_v, my_p = kh.at[wg], vs.at[wg], ps.at[wg]
+            my_c, my_s = (ck.at[wg], sk.at[wg]) if rope else (None, None)
+            load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, kbar.at[wg])
+
+            def step(accs, j, masked):
+                slot = lax.rem(j, jnp.int32(stages))
+                _, i = tile_of(j)
+                plgpu.barrier_wait(qready.at[slot])
+                plgpu.barrier_wait(dbar.at[slot])
+                tile_math(accs, my_k, my_v, my_p, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
+                          k0, i * t, masked)
+                plgpu.barrier_arrive(consumed.at[slot])
+
+            def skip(j):  # a tile above this consumer's diagonal: keep the barriers' phases in step
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(qready.at[slot])
+                plgpu.barrier_wait(dbar.at[slot])
+                plgpu.barrier_arrive(consumed.at[slot])
+
+            def loop(accs):
+                def head(g, _):
+                    j0 = g * per_head
+
+                    @pl.when(wg == 0)
+                    def _():
+                        step(accs, j0, masked=True)
+                        step(accs, j0 + 1, masked=False)
+
+                    @pl.when(wg == 1)
+                    def _():
+                        skip(j0)
+                        step(accs, j0 + 1, masked=True)
+                    lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: step(accs, j, masked=False), None)
+                lax.fori_loop(0, G, head, None)
+
+            def step_regs(accs, j, masked):
+                slot = lax.rem(j, jnp.int32(stages))
+                _, i = tile_of(j)
+                plgpu.barrier_wait(qready.at[slot])
+                plgpu.barrier_wait(dbar.at[slot])
+                accs = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot],
+                                      deltas.at[slot], k0, i * t, masked)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return accs
+
+            def head_regs(g, accs):  # no pl.when with values: both consumers run the first two
+                j0 = g * per_head    # tiles masked (the upper one's first is all masked: P = 0)
+                accs = step_regs(accs, j0, masked=True)
+                accs = step_regs(accs, j0 + 1, masked=True)
+                return lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: step_regs(c, j, masked=False), accs)
+
+            if p_regs:
+                wg_zeros = lambda n: plgpu.layout_cast(jnp.zeros((t, n), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
+                dv, dk0, dk1 = lax.fori_loop(0, G, head_regs, (wg_zeros(D), wg_zeros(half), wg_zeros(half)))
+            else:
+                dv, dk0, dk1 = accumulate(loop)
+            finish(dv, dk0, dk1, my_k, my_v, my_c, my_s, dk_ref, dv_ref, b, keys, kvh, lambda: None)
+
+        @pl.when(wg == 2)
+        def _producer():
+            if use_regs:
+                plgpu.set_max_registers(regs[1], action="decrease")
+
+            def issue(j, slot):
+                h, i = tile_of(j)
+                rows = pl.ds(i * t, t)
+                for part in range(2):
+                    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(part * half, half)], qh.at[slot, part], qraw.at[slot])
+                if rope:
+                    plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], cq.at[slot], qraw.at[slot])
+                    plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sq.at[slot], qraw.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], dos.at[slot], dbar.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lses.at[slot], dbar.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], deltas.at[slot], dbar.at[slot])
+
+            for s_ in range(stages):  # n_steps >= 2 * G >= 2
+                @pl.when(s_ < n_steps)
+                def _():
+                    issue(s_, s_)
+
+            def body(j, _):
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(qraw.at[slot])
+                if rope:
+                    _rotate(qh.at[slot], cq.at[slot], sq.at[slot])
+                    plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
+                plgpu.barrier_arrive(qready.at[slot])
+                refill = j - 1 + stages  # the step that goes where step j - 1 was
+
+                @pl.when((j >= 1) & (refill < n_steps))
+                def _():
+                    prev = lax.rem(j - 1, jnp.int32(stages))
+                    plgpu.barrier_wait(consumed.at[prev])
+                    issue(refill, prev)
+            lax.fori_loop(0, n_steps, body, None)
+
+            def drain(j, _):  # the last steps' slots are not refilled: observe their release anyway
+                plgpu.barrier_wait(consumed.at[lax.rem(j, jnp.int32(stages))])
+            lax.fori_loop(jnp.maximum(n_steps - stages, 0), n_steps, drain, None)
+
+    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        cos_ref, sin_ref, dk_ref, dv_ref = refs if rope else (None, None, *refs)
+        smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=_tiles())  # noqa: E731
+        table = (lambda n: smem((n, t, half), cos.dtype)) if rope else (lambda n: None)
+        k_loads = 3 + (2 if rope else 0)  # K halves, V (+ cos, sin)
+        kv_bufs = (smem((2, 2, t, half), k.dtype), smem((2, t, D), v.dtype))
+        p_buf = smem((2, t, t), q.dtype)
+        if pipelined:
+            buffers = (smem((stages, 2, t, half), q.dtype), table(stages), table(stages),
+                       smem((stages, t, D), do.dtype), plgpu.SMEM((stages, t), jnp.float32),
+                       plgpu.SMEM((stages, t), jnp.float32), *kv_bufs, table(2), table(2), p_buf)
+            barriers = (plgpu.Barrier(num_arrivals=2 + (2 if rope else 0), num_barriers=stages),
+                        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                        plgpu.Barrier(num_arrivals=3, num_barriers=stages),
+                        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                        plgpu.Barrier(num_arrivals=k_loads, num_barriers=2))
+            body = pipe_kernel
+        else:
+            buffers = (smem((2, 2, t, half), q.dtype), smem((2, t, D), do.dtype), table(2), table(2),
+                       *kv_bufs, p_buf, plgpu.SMEM((2, t), jnp.float32), plgpu.SMEM((2, t), jnp.float32))
+            barriers = (plgpu.Barrier(num_arrivals=5 + (2 if rope else 0), num_barriers=2),
+                        plgpu.Barrier(num_arrivals=k_loads, num_barriers=2),
+                        plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope else None)
+            body = simple_kernel
+        pl.run_scoped(lambda *scr: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
+                                        dk_ref, dv_ref, scr),
+                      buffers, barriers, collective_axes="wg")
+
+    f = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        grid=(Hkv, T // BLOCK_K, B), grid_names=("h", "k", "b"), num_threads=3 if pipelined else 2,
+        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )
+    args = (q, k, v, do, lse, delta) + ((cos, sin) if rope else ())
+    return f(*args)

@@ -1,0 +1,259 @@
+"""dQ of causal GQA flash attention with RoPE inside, as a Mosaic GPU kernel (Hopper: wgmma, TMA,
+warp specialization). Companion of the forward in attention_mosaic.py, with the same shape; the math
+is the Triton `_dq_kernel`'s of attention.py.
+
+Structure: grid (Hq, T/128, B), three warpgroups per CTA (128 query rows of one head).
+- The producer TMA-loads K halves (+ cos/sin) and V of each key tile (64 rows) up to the diagonal
+  into `stages` slots, rotates each K tile once in shared memory (64-row chunks) and releases it on
+  a "K ready" barrier; V has its own barrier. A slot is refilled once both consumers arrived on its
+  "consumed" barrier.
+- Two consumers (64 query rows each) TMA-load their Q halves, dO, lse, delta (+ cos/sin) once,
+  rotate Q in shared memory, then per key tile j:
+    S = Q_rot K_rot^T, P = exp2(S scale log2e - lse), dP = dO V^T, dS = P (dP - delta),
+    dQ_rot += dS K_rot   (two 64-column halves, fp32 in registers)
+  with dS (16-bit, registers) as the A operand of the dQ wgmmas. At the end dQ is scaled,
+  un-rotated (the transpose of the rotation) and written through the Q buffer.
+  Causal: only the last step (the diagonal 64x64 tile) is masked; the consumer of the lower rows
+  runs one step fewer and keeps the barriers' phases in step for the other.
+
+Under JAX's Mosaic GPU interpreter (no `layout_cast`, transposed wgmma operand, register A operand,
+`run_state` or load with a layout), S and dP are jnp dots of the shared-memory tiles, dS goes
+through shared memory and the dQ accumulators are plain values.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+HEAD_DIM = 128
+BLOCK_Q = 128  # query rows per CTA (two consumer warpgroups of 64)
+BLOCK_K = 64
+
+
+def _tiles():
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, stages=None, regs=None, interpret=None):
+    """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
+    float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
+    rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE). Returns dq in q's shape and
+    dtype (the gradient w.r.t. the un-rotated q).
+
+    stages: K/V slots in flight; None: 2 with RoPE (3 would need 248 KB of shared memory, over
+    the 227 KB limit), 3 without. regs: (consumer,
+    producer) registers per thread for setmaxnreg, or None. interpret: InterpretGPUParams to run
+    on the CPU."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, BLOCK_K
+    assert D == HEAD_DIM and T % cta_q == 0 and Hq % Hkv == 0, (q.shape, k.shape)
+    rope = cos is not None
+    if stages is None:
+        stages = 2 if rope else 3
+    table_b = cos.shape[0] if rope else 1
+    interp = interpret is not None
+    if regs is not None:
+        assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
+        assert 256 * regs[0] + 128 * regs[1] <= 65536, regs
+
+    def cast(x, layout):
+        return x if interp else plgpu.layout_cast(x, layout)
+
+    def iota(dim):
+        if interp:
+            return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
+        return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=plgpu.Layout.WGMMA)
+
+    def row_vec(ref):  # [bq] float32 laid out along the rows of a [queries, keys] tile
+        if interp:
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+    def rotate(x_parts, c_ref, s_ref, rows, chunk):
+        for r0 in range(0, rows, chunk):
+            sl = pl.ds(r0, chunk)
+            x1 = x_parts.at[0, sl][...].astype(jnp.float32)
+            x2 = x_parts.at[1, sl][...].astype(jnp.float32)
+            c = c_ref.at[sl][...].astype(jnp.float32)
+            s = s_ref.at[sl][...].astype(jnp.float32)
+            x_parts.at[0, sl][...] = (x1 * c - x2 * s).astype(x_parts.dtype)
+            x_parts.at[1, sl][...] = (x2 * c + x1 * s).astype(x_parts.dtype)
+
+    def dot_t(a, b):  # a [m, k] . b [n, k]^T, for the interpreter
+        return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, dq_ref, scratch):
+        # cos_ref / sin_ref (and their buffers) are None without RoPE
+        (qh, dos, cq, sq, kh, ck, sk, vs, dss, lses, deltas), (qbar, kraw, kready, vbar, consumed) = scratch
+        h, qi, b = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
+        wg = lax.axis_index("wg")
+        kvh = lax.div(h, jnp.int32(G))
+        tb = b if table_b > 1 else 0
+        kv_max = lax.div(qi * cta_q + cta_q + bk - 1, jnp.int32(bk))
+
+        @pl.when(wg < 2)
+        def _consumer():
+            if regs and not interp:
+                plgpu.set_max_registers(regs[0], action="increase")
+            q0 = qi * cta_q + wg * bq
+            rows = pl.ds(q0, bq)
+            my_q, my_do, my_bar = qh.at[wg], dos.at[wg], qbar.at[wg]
+            my_cq, my_sq = (cq.at[wg], sq.at[wg]) if rope else (None, None)
+            for part in range(2):
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(part * half, half)], my_q.at[part], my_bar)
+            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, my_bar)
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lses.at[wg], my_bar)
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], deltas.at[wg], my_bar)
+            if rope:
+                plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], my_cq, my_bar)
+                plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], my_sq, my_bar)
+            plgpu.barrier_wait(my_bar)
+            if rope:
+                rotate(my_q, my_cq, my_sq, bq, bq)
+                plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
+            lse_v = row_vec(lses.at[wg])
+            delta_v = row_vec(deltas.at[wg])
+            kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
+
+            def step(j, carry, masked):
+                dq0, dq1 = carry
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(kready.at[slot])
+                if interp:  # the interpreter's wgmma takes no transposed operand
+                    s = sum(dot_t(my_q.at[p][...], kh.at[slot, p][...]) for p in range(2))
+                else:
+                    def qk(acc):
+                        for p in range(2):
+                            plgpu.wgmma(acc, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
+                        return acc[...]
+                    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                s = s * (scale * LOG2E)
+                if masked:
+                    s = jnp.where(iota(0) + q0 >= iota(1) + j * bk, s, -jnp.inf)
+                p_ = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
+                plgpu.barrier_wait(vbar.at[slot])
+                if interp:
+                    dp = dot_t(my_do[...], vs.at[slot][...])
+                else:
+                    def dov(acc):
+                        plgpu.wgmma(acc, my_do, plgpu.transpose_ref(vs.at[slot], (1, 0)))
+                        return acc[...]
+                    dp = pl.run_scoped(dov, plgpu.ACC((bq, bk), jnp.float32))
+                ds = (p_ * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0]))).astype(k.dtype)
+                if interp:  # no register A operand: dS through shared memory
+                    dss.at[wg][...] = ds
+                    plgpu.commit_smem()  # generic-proxy writes of dS -> visible to wgmma
+
+                    def dsk(acc, p):
+                        plgpu.wgmma(acc, dss.at[wg], kh.at[slot, p])
+                        return acc[...]
+                    dq0 = dq0 + pl.run_scoped(functools.partial(dsk, p=0), plgpu.ACC((bq, half), jnp.float32))
+                    dq1 = dq1 + pl.run_scoped(functools.partial(dsk, p=1), plgpu.ACC((bq, half), jnp.float32))
+                else:
+                    def dsk(accs):
+                        for p in range(2):
+                            plgpu.wgmma(accs[p], ds, kh.at[slot, p])
+                    dq0, dq1 = pl.run_state(dsk)((plgpu.ACC.init(dq0), plgpu.ACC.init(dq1)))
+                plgpu.barrier_arrive(consumed.at[slot])
+                return dq0, dq1
+
+            zero = cast(jnp.zeros((bq, half), jnp.float32), plgpu.Layout.WGMMA)
+            first_masked = lax.div(q0, jnp.int32(bk))
+            carry = lax.fori_loop(0, first_masked, functools.partial(step, masked=False), (zero, zero))
+            dq0, dq1 = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
+
+            def skip(j, _):  # steps the other consumer still needs: keep the barriers' phases in step
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(kready.at[slot])
+                plgpu.barrier_wait(vbar.at[slot])
+                plgpu.barrier_arrive(consumed.at[slot])
+            lax.fori_loop(kv_steps, kv_max, skip, None)
+
+            dq0, dq1 = dq0 * scale, dq1 * scale
+            if rope:  # gradient w.r.t. the un-rotated q: the transpose of the rotation
+                c = my_cq[...].astype(jnp.float32)
+                s_ = my_sq[...].astype(jnp.float32)
+                dq0, dq1 = dq0 * c + dq1 * s_, dq1 * c - dq0 * s_
+            # out through the Q buffer: every wgmma reading it was waited for
+            my_q.at[0][...] = dq0.astype(my_q.dtype)
+            my_q.at[1][...] = dq1.astype(my_q.dtype)
+            plgpu.commit_smem()
+            for part in range(2):
+                plgpu.copy_smem_to_gmem(my_q.at[part], dq_ref.at[b, rows, h, pl.ds(part * half, half)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            if regs and not interp:
+                plgpu.set_max_registers(regs[1], action="decrease")
+
+            def issue(step, slot):
+                rows = pl.ds(step * bk, bk)
+                for part in range(2):
+                    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh, pl.ds(part * half, half)], kh.at[slot, part], kraw.at[slot])
+                if rope:
+                    plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], ck.at[slot], kraw.at[slot])
+                    plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sk.at[slot], kraw.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], vs.at[slot], vbar.at[slot])
+
+            for s_ in range(min(stages, T // bk)):  # static bound: no out-of-range slice is traced
+                @pl.when(s_ < kv_max)
+                def _():
+                    issue(s_, s_)
+
+            def body(j, _):
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(kraw.at[slot])
+                if rope:  # 64-row chunks: the smallest the WGMMA register layout tiles
+                    rotate(kh.at[slot], ck.at[slot], sk.at[slot], bk, 64)
+                    plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
+                plgpu.barrier_arrive(kready.at[slot])
+                refill = j - 1 + stages  # the step that goes where step j - 1 was
+
+                @pl.when((j >= 1) & (refill < kv_max))
+                def _():
+                    prev = lax.rem(j - 1, jnp.int32(stages))
+                    plgpu.barrier_wait(consumed.at[prev])
+                    issue(refill, prev)
+            lax.fori_loop(0, kv_max, body, None)
+
+            def drain(j, _):  # the last steps' slots are not refilled: observe their release anyway
+                plgpu.barrier_wait(consumed.at[lax.rem(j, jnp.int32(stages))])
+            lax.fori_loop(jnp.maximum(kv_max - stages, 0), kv_max, drain, None)
+
+    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        cos_ref, sin_ref, dq_ref = refs if rope else (None, None, *refs)
+        smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=_tiles())  # noqa: E731
+        table = (lambda shape: smem(shape, cos.dtype)) if rope else (lambda shape: None)
+        buffers = (smem((2, 2, bq, half), q.dtype), smem((2, bq, D), do.dtype),
+                   table((2, bq, half)), table((2, bq, half)),
+                   smem((stages, 2, bk, half), k.dtype), table((stages, bk, half)),
+                   table((stages, bk, half)), smem((stages, bk, D), v.dtype),
+                   smem((2, bq, bk), k.dtype) if interp else None,
+                   plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32))
+        q_loads = 5 + (2 if rope else 0)  # Q halves, dO, lse, delta (+ cos, sin)
+        k_loads = 2 + (2 if rope else 0)  # K halves (+ cos, sin)
+        barriers = (plgpu.Barrier(num_arrivals=q_loads, num_barriers=2),
+                    plgpu.Barrier(num_arrivals=k_loads, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=1, num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+        pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
+                                          dq_ref, scr),
+                      buffers, barriers, collective_axes="wg")
+
+    f = plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(Hq, T // cta_q, B), grid_names=("h", "q", "b"), num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )
+    args = (q, k, v, do, lse, delta) + ((cos, sin) if rope else ())
+    return f(*args)
