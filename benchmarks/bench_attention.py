@@ -97,10 +97,13 @@ def check_correctness(only=None):
         ("noncausal_d80_bf16", (1, 200, 4, 4, 80, jnp.bfloat16), dict(rope=True, causal=False)),
         ("softcap_d256_bf16", (1, 160, 8, 4, 256, jnp.bfloat16), dict(rope=True, logit_softcap=50.0)),
         ("segments_d96_f32", (1, 130, 4, 2, 96, jnp.float32), dict(rope=True, segments=True)),
-        # T % 128 == 0, D = 128, causal, 16-bit: the Mosaic GPU forward on sm_90 (its lse feeds
-        # the Triton backward)
-        ("mosaic_fwd_causal_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16), dict(rope=True)),
-        ("mosaic_fwd_causal_mha_d128_bf16", (1, 256, 4, 4, 128, jnp.bfloat16), dict()),
+        # T % 128 == 0, D = 128, causal, 16-bit: the Mosaic GPU forward and backward on sm_90
+        ("mosaic_causal_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16), dict(rope=True)),
+        ("mosaic_causal_mha_d128_bf16", (1, 256, 4, 4, 128, jnp.bfloat16), dict()),
+        ("mosaic_causal_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
+         dict(rope=True, positions=True)),
+        ("mosaic_fwd_triton_bwd_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, tuning=Tuning(mosaic_bwd=False))),
     ]
     ok = True
     for name, (B, T, Hq, Hkv, D, dtype), opts in cases:
@@ -108,13 +111,15 @@ def check_correctness(only=None):
             continue
         q, k, v, do = inputs(B, T, Hq, Hkv, D, dtype, seed=1)
         kw = {key: opts[key] for key in ("sliding_window", "logit_softcap", "causal") if key in opts}
+        if opts.get("positions"):  # per-row offsets: [B, T, D/2] RoPE tables
+            kw["positions"] = jnp.arange(T)[None] + 7 * jnp.arange(B)[:, None]
         if opts.get("rope"):
             kw["inv_freq"] = inv_freq(D, 10000.0)
         if opts.get("segments"):
             kw["segment_ids"] = segs(B, T)
         try:
             t = time.time()
-            got = fwd_bwd(lambda *a: flash_attention(*a, **kw))(q, k, v, do)
+            got = fwd_bwd(lambda *a: flash_attention(*a, **kw, tuning=opts.get("tuning")))(q, k, v, do)
             jax.block_until_ready(got)
             compile_s = time.time() - t
             with jax.default_matmul_precision("highest"):
@@ -178,6 +183,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_triton(q, k, v):  # the Triton forward even where the Mosaic one applies
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd=False))
 
+    def ours_triton_bwd(q, k, v):  # the Mosaic forward, the Triton backward
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_bwd=False))
+
     def reference(q, k, v):
         return flash_attention_reference(q, k, v, inv_freq=freq)
 
@@ -204,6 +212,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours (RoPE inside)": (ours, (q, k, v)),
         "ours (no RoPE)": (ours_norope, (q, k, v)),
         "ours, Triton fwd (RoPE inside)": (ours_triton, (q, k, v)),
+        "ours, Triton bwd (RoPE inside)": (ours_triton_bwd, (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

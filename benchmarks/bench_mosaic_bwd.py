@@ -4,8 +4,12 @@ GPU: a correctness check against the reference's VJP at a small shape, then thei
 benchmark shapes next to our Triton backward (dq + dk/dv kernels) measured in the same process.
 
     PYTHONPATH=$PWD timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel dq
-    PYTHONPATH=$PWD timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel dkv
+    PYTHONPATH=$PWD timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel dkv --kwargs '{"p_regs": true}' --no-baseline
+
+--kwargs: launch settings of the kernel (JSON, e.g. stages, regs, pipelined, p_regs); run each
+variant in its own process under `timeout`, so a hang costs one variant, not the call.
 """
+import json
 import argparse
 import importlib
 import math
@@ -54,7 +58,11 @@ def stats(q, k, v, do, inv_freq):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernel", choices=("dq", "dkv"), required=True)
+    p.add_argument("--kwargs", default="{}", help="JSON launch settings passed to the kernel")
+    p.add_argument("--no-baseline", action="store_true", help="skip timing our Triton backward")
     a = p.parse_args()
+    kw = json.loads(a.kwargs)
+    kw = {n: tuple(x) if isinstance(x, list) else x for n, x in kw.items()}
     mod = importlib.import_module(f"pallas_kernels.attention_mosaic_{a.kernel}")
     fn = getattr(mod, f"mosaic_{a.kernel}")
     print(f"jax {jax.__version__} {jax.devices()[0].device_kind}", flush=True)
@@ -62,11 +70,11 @@ def main():
         q, k, v, do, inv_freq, cos, sin = inputs(B, T, Hq, Hkv)
         scale = q.shape[-1] ** -0.5
         o, lse, delta = jax.jit(stats)(q, k, v, do, inv_freq)
-        f = jax.jit(lambda q, k, v, do, lse, delta: fn(q, k, v, do, lse, delta, cos, sin, scale=scale))
+        f = jax.jit(lambda q, k, v, do, lse, delta: fn(q, k, v, do, lse, delta, cos, sin, scale=scale, **kw))
         t0 = time.time()
         got = jax.block_until_ready(f(q, k, v, do, lse, delta))
         got = got if isinstance(got, tuple) else (got,)
-        line = f"{a.kernel} B={B} T={T} Hq/Hkv={Hq}/{Hkv}: first call {time.time() - t0:.1f}s"
+        line = f"{a.kernel} {a.kwargs} B={B} T={T} Hq/Hkv={Hq}/{Hkv}: first call {time.time() - t0:.1f}s"
         if check:
             _, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, inv_freq=inv_freq), q, k, v)
             dq, dk, dv = vjp(do)
@@ -76,12 +84,18 @@ def main():
             line += " rel err " + " ".join(f"{e:.1e}" for e in errs) + (" PASS" if max(errs) < 2e-2 else " FAIL")
         else:
             ms = timeit(f, q, k, v, do, lse, delta)
-            tri = jax.jit(lambda q, k, v, do: jax.vjp(lambda *x: attn.flash_attention(*x, inv_freq=inv_freq), q, k, v)[1](do))
-            fwd = jax.jit(lambda q, k, v: attn.flash_attention(q, k, v, inv_freq=inv_freq))
-            t_bwd = timeit(tri, q, k, v, do) - timeit(fwd, q, k, v)
             gemms = 3 if a.kernel == "dq" else 4  # dq: S, dP, dQ; dk/dv: S, dP, dV, dK (causal halves)
             fl = gemms * 2 * B * Hq * T * T * 128 / 2
-            line += f" {ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s); our Triton backward (dq + dk/dv) {t_bwd:.3f} ms"
+            line += f" {ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s)"
+            if a.no_baseline:
+                print(line, flush=True)
+                continue
+            triton_bwd = attn.Tuning(mosaic_bwd=False)  # Mosaic forward, Triton backward
+            tri = jax.jit(lambda q, k, v, do: jax.vjp(
+                lambda *x: attn.flash_attention(*x, inv_freq=inv_freq, tuning=triton_bwd), q, k, v)[1](do))
+            fwd = jax.jit(lambda q, k, v: attn.flash_attention(q, k, v, inv_freq=inv_freq, tuning=triton_bwd))
+            t_bwd = timeit(tri, q, k, v, do) - timeit(fwd, q, k, v)
+            line += f"; our Triton backward (dq + dk/dv) {t_bwd:.3f} ms"
         print(line, flush=True)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import attention_mosaic
+from pallas_kernels import attention_mosaic, attention_mosaic_dkv, attention_mosaic_dq
 
 NEG_INF = -1e30
 
@@ -145,6 +145,9 @@ class Tuning:
     # The forward as the Mosaic GPU kernel (attention_mosaic.py) where it applies on an sm_90
     # GPU: None = yes when available, False = always the Triton forward.
     mosaic_fwd: bool | None = None
+    # The backward as the Mosaic GPU dq and dk/dv kernels (attention_mosaic_dq.py, _dkv.py) where
+    # the Mosaic forward runs: None = yes, False = the Triton backward (fed the Mosaic lse).
+    mosaic_bwd: bool | None = None
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -181,7 +184,8 @@ class _Cfg:
     scale: float
     tuning: Tuning
     interpret: bool
-    mosaic_fwd: bool = False  # forward by attention_mosaic (the backward stays Triton)
+    mosaic_fwd: bool = False  # forward by attention_mosaic
+    mosaic_bwd: bool = False  # dq, dk/dv by attention_mosaic_dq / _dkv (implies mosaic_fwd)
 
     @property
     def mask_kv_pad(self) -> bool:
@@ -680,7 +684,8 @@ def _flash(cfg, q, k, v, aux):
 def _flash_fwd(cfg, q, k, v, aux):
     if cfg.mosaic_fwd:  # unpadded shapes by construction (supported(): D = 128, T % 128 == 0)
         out, lse = attention_mosaic.mosaic_forward(q, k, v, aux.get("cos"), aux.get("sin"), scale=cfg.scale)
-        return out, (q, k, v, aux, out, jnp.swapaxes(lse, 1, 2))
+        # lse [B, Hq, T] is the Mosaic kernels' layout; the Triton ones take [B, T, Hq]
+        return out, (q, k, v, aux, out, lse if cfg.mosaic_bwd else jnp.swapaxes(lse, 1, 2))
     out, lse = _forward(cfg, _pad(q, cfg), _pad(k, cfg), _pad(v, cfg), aux)
     out = _unpad(out, cfg)
     return out, (q, k, v, aux, out, lse)
@@ -688,11 +693,17 @@ def _flash_fwd(cfg, q, k, v, aux):
 
 def _flash_bwd(cfg, res, dout):
     q, k, v, aux, out, lse = res
-    # delta = rowsum(dO * O): the softmax-gradient row term, a cheap fused XLA reduction.
-    delta = _pad_rows(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), cfg)
-    dq, dk, dv = _backward(cfg, _pad(q, cfg), _pad(k, cfg), _pad(v, cfg), aux,
-                           _pad(dout.astype(q.dtype), cfg), lse, delta)
     aux_ct = jax.tree_util.tree_map(_zero_cotangent, aux)
+    dout = dout.astype(q.dtype)
+    # delta = rowsum(dO * O): the softmax-gradient row term, a cheap fused XLA reduction.
+    if cfg.mosaic_bwd:
+        delta = jnp.einsum("bthd,bthd->bht", dout, out, preferred_element_type=jnp.float32)
+        tables = aux.get("cos"), aux.get("sin")
+        dq = attention_mosaic_dq.mosaic_dq(q, k, v, dout, lse, delta, *tables, scale=cfg.scale)
+        dk, dv = attention_mosaic_dkv.mosaic_dkv(q, k, v, dout, lse, delta, *tables, scale=cfg.scale)
+        return dq, dk, dv, aux_ct
+    delta = _pad_rows(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), cfg)
+    dq, dk, dv = _backward(cfg, _pad(q, cfg), _pad(k, cfg), _pad(v, cfg), aux, _pad(dout, cfg), lse, delta)
     return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), aux_ct
 
 
@@ -773,7 +784,8 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
                softcap=None if logit_softcap is None else float(logit_softcap),
                scale=float(D ** -0.5 if scale is None else scale), tuning=tn,
                interpret=bool(interpret))
-    cfg = dataclasses.replace(cfg, mosaic_fwd=_use_mosaic_forward(cfg, q.dtype))
+    mosaic_fwd = _use_mosaic_forward(cfg, q.dtype)
+    cfg = dataclasses.replace(cfg, mosaic_fwd=mosaic_fwd, mosaic_bwd=mosaic_fwd and tn.mosaic_bwd is not False)
     aux = {}
     if cfg.has_window:
         aux["window"] = jnp.asarray(sliding_window, jnp.int32).reshape(1)

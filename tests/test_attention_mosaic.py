@@ -66,20 +66,24 @@ def test_supported_covers_only_what_the_kernel_computes():
         assert not M.supported(**{**ok, **change})
 
 
-@pytest.mark.parametrize("window", [None, 64])
-def test_flash_attention_takes_the_mosaic_forward_on_sm90(monkeypatch, window):
-    """With an sm_90 device (pretended), flash_attention's forward is the Mosaic kernel and its
-    backward the Triton dq / dk-dv kernels fed with the Mosaic lse; a call it does not cover (a
-    sliding window) stays on the Triton forward. Lowered for CUDA on the CPU."""
+@pytest.mark.parametrize("window,mosaic_bwd", [(None, None), (None, False), (64, None)])
+def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, mosaic_bwd):
+    """With an sm_90 device (pretended), flash_attention runs the Mosaic forward and the Mosaic dq /
+    dk-dv kernels (or, with Tuning(mosaic_bwd=False), the Triton backward fed the Mosaic lse); a
+    call they do not cover (a sliding window) stays on the Triton kernels. Lowered for CUDA on the
+    CPU."""
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     q, k, v, inv_freq = _inputs(1, 256, 4, 2, seed=3)
+    tuning = attn.Tuning(mosaic_bwd=mosaic_bwd)
 
     def fwd_bwd(q, k, v):
-        out, vjp = jax.vjp(lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=window), q, k, v)
+        f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=window, tuning=tuning)  # noqa: E731
+        out, vjp = jax.vjp(f, q, k, v)
         return out, vjp(jnp.ones_like(out))
 
     text = jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
-    assert "flash_attention_dq" in text and "flash_attention_dkv" in text
+    triton_bwd = window is not None or mosaic_bwd is False
+    assert ("flash_attention_dq" in text and "flash_attention_dkv" in text) == triton_bwd
     assert ("mosaic_gpu" in text) == (window is None)
     assert ("flash_attention_fwd" in text) == (window is not None)
