@@ -103,7 +103,9 @@ def check_correctness(only=None):
         ("mosaic_causal_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, positions=True)),
         ("mosaic_fwd_triton_bwd_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
-         dict(rope=True, tuning=Tuning(mosaic_bwd=False))),
+         dict(rope=True, tuning=Tuning(mosaic_dq=False, mosaic_dkv=False))),
+        ("mosaic_fwd_dq_triton_dkv_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, tuning=Tuning(mosaic_dkv=False))),
     ]
     ok = True
     for name, (B, T, Hq, Hkv, D, dtype), opts in cases:
@@ -184,7 +186,10 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd=False))
 
     def ours_triton_bwd(q, k, v):  # the Mosaic forward, the Triton backward
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_bwd=False))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dq=False, mosaic_dkv=False))
+
+    def ours_triton_dkv(q, k, v):  # the Mosaic forward and dq, the Triton dk/dv
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv=False))
 
     def reference(q, k, v):
         return flash_attention_reference(q, k, v, inv_freq=freq)
@@ -213,6 +218,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours (no RoPE)": (ours_norope, (q, k, v)),
         "ours, Triton fwd (RoPE inside)": (ours_triton, (q, k, v)),
         "ours, Triton bwd (RoPE inside)": (ours_triton_bwd, (q, k, v)),
+        "ours, Triton dk/dv (RoPE inside)": (ours_triton_dkv, (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

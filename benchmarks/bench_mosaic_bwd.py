@@ -90,7 +90,7 @@ def main():
             if a.no_baseline:
                 print(line, flush=True)
                 continue
-            triton_bwd = attn.Tuning(mosaic_bwd=False)  # Mosaic forward, Triton backward
+            triton_bwd = attn.Tuning(mosaic_dq=False, mosaic_dkv=False)  # Mosaic forward, Triton backward
             tri = jax.jit(lambda q, k, v, do: jax.vjp(
                 lambda *x: attn.flash_attention(*x, inv_freq=inv_freq, tuning=triton_bwd), q, k, v)[1](do))
             fwd = jax.jit(lambda q, k, v: attn.flash_attention(q, k, v, inv_freq=inv_freq, tuning=triton_bwd))

@@ -11,12 +11,12 @@ if [[ $PHASES == *variants* ]]; then
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
   run --kernel dq
   run --kernel dq --kwargs '{"regs": [200, 104]}' --no-baseline
-  run --kernel dkv --no-baseline
-  run --kernel dkv --kwargs '{"p_regs": true}' --no-baseline
-  run --kernel dkv --kwargs '{"regs": null}' --no-baseline
-  run --kernel dkv --kwargs '{"pipelined": false}' --no-baseline
+  dkv_variants=('{}' '{"pipelined": true, "regs": null}' '{"pipelined": true, "p_regs": true, "regs": null}')
+  for kw in "${dkv_variants[@]}"; do
+    run --kernel dkv --kwargs "$kw" --no-baseline
+  done
 fi
 if [[ $PHASES == *e2e* ]]; then
   timeout "${ET:-300}" python3 benchmarks/bench_attention.py --budget 240 --no-sweep --skip-32k \
-    --impls "ours (RoPE inside);ours, Triton bwd (RoPE inside);cudnn (pre-rotated);cudnn + XLA RoPE"
+    --impls "${IMPLS:-ours (RoPE inside);ours, Triton dk/dv (RoPE inside);ours, Triton bwd (RoPE inside);cudnn (pre-rotated);cudnn + XLA RoPE}"
 fi

@@ -145,9 +145,10 @@ class Tuning:
     # The forward as the Mosaic GPU kernel (attention_mosaic.py) where it applies on an sm_90
     # GPU: None = yes when available, False = always the Triton forward.
     mosaic_fwd: bool | None = None
-    # The backward as the Mosaic GPU dq and dk/dv kernels (attention_mosaic_dq.py, _dkv.py) where
-    # the Mosaic forward runs: None = yes, False = the Triton backward (fed the Mosaic lse).
-    mosaic_bwd: bool | None = None
+    # dq and dk/dv as the Mosaic GPU kernels (attention_mosaic_dq.py, _dkv.py) where the Mosaic
+    # forward runs: None = yes, False = the Triton kernel (fed the Mosaic lse).
+    mosaic_dq: bool | None = None
+    mosaic_dkv: bool | None = None
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -185,7 +186,8 @@ class _Cfg:
     tuning: Tuning
     interpret: bool
     mosaic_fwd: bool = False  # forward by attention_mosaic
-    mosaic_bwd: bool = False  # dq, dk/dv by attention_mosaic_dq / _dkv (implies mosaic_fwd)
+    mosaic_dq: bool = False   # dq by attention_mosaic_dq (implies mosaic_fwd)
+    mosaic_dkv: bool = False  # dk/dv by attention_mosaic_dkv (implies mosaic_fwd)
 
     @property
     def mask_kv_pad(self) -> bool:
@@ -603,17 +605,14 @@ def _forward(cfg, q, k, v, aux):
     )(ranges, q, k, v, *aux_ops)
 
 
-def _backward(cfg, q, k, v, aux, do, lse, delta):
-    """Padded inputs -> padded dq, dk, dv."""
+def _backward_dq(cfg, q, k, v, aux, do, lse, delta):
+    """Padded inputs -> padded dq: one program per (query block, batch, head pack), like the forward."""
     B, Tp, Hq, P = q.shape
-    Hkv = k.shape[2]
-    tn, G = cfg.tuning, cfg.num_groups
+    tn = cfg.tuning
     aux_specs, aux_ops = _aux_specs(cfg, aux)
-
-    # dq: one program per (query block, batch, head pack), like the forward.
     sp = _query_major_specs(cfg, tn.dq_q)
     ranges = _block_ranges(cfg, sp["bqt"], tn.dq_k, aux, by_key=False)
-    dq = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, nq=sp["nq"]),
         grid=(sp["nq"], B, Hq // cfg.pack),
         in_specs=[_ranges_spec(ranges, sp["rev"]), sp["q"], sp["kv"], sp["kv"], sp["q"],
@@ -625,8 +624,14 @@ def _backward(cfg, q, k, v, aux, do, lse, delta):
         name="flash_attention_dq",
     )(ranges, q, k, v, do, lse, delta, *aux_ops)
 
-    # dk/dv: one program per (key block, batch, kv head); it loops over the group's query
-    # heads, so K/V are never repeated and dk/dv need no atomics.
+
+def _backward_dkv(cfg, q, k, v, aux, do, lse, delta):
+    """Padded inputs -> padded dk, dv: one program per (key block, batch, kv head); it loops over
+    the group's query heads, so K/V are never repeated and dk/dv need no atomics."""
+    B, Tp, Hq, P = q.shape
+    Hkv = k.shape[2]
+    tn, G = cfg.tuning, cfg.num_groups
+    aux_specs, aux_ops = _aux_specs(cfg, aux)
     bk = tn.dkv_k
     nk = Tp // bk
     ranges = _block_ranges(cfg, tn.dkv_q // cfg.pack, bk, aux, by_key=True)
@@ -644,7 +649,7 @@ def _backward(cfg, q, k, v, aux, do, lse, delta):
         interpret=cfg.interpret,
         name="flash_attention_dkv",
     )(ranges, q, k, v, do, lse, delta, *aux_ops)
-    return dq, dk, dv
+    return dk, dv
 
 
 # ----------------------------------------------------------------- padding
@@ -684,27 +689,32 @@ def _flash(cfg, q, k, v, aux):
 def _flash_fwd(cfg, q, k, v, aux):
     if cfg.mosaic_fwd:  # unpadded shapes by construction (supported(): D = 128, T % 128 == 0)
         out, lse = attention_mosaic.mosaic_forward(q, k, v, aux.get("cos"), aux.get("sin"), scale=cfg.scale)
-        # lse [B, Hq, T] is the Mosaic kernels' layout; the Triton ones take [B, T, Hq]
-        return out, (q, k, v, aux, out, lse if cfg.mosaic_bwd else jnp.swapaxes(lse, 1, 2))
+        return out, (q, k, v, aux, out, lse)  # lse [B, Hq, T]
     out, lse = _forward(cfg, _pad(q, cfg), _pad(k, cfg), _pad(v, cfg), aux)
     out = _unpad(out, cfg)
-    return out, (q, k, v, aux, out, lse)
+    return out, (q, k, v, aux, out, lse)  # lse [B, Tp, Hq]
 
 
 def _flash_bwd(cfg, res, dout):
     q, k, v, aux, out, lse = res
-    aux_ct = jax.tree_util.tree_map(_zero_cotangent, aux)
     dout = dout.astype(q.dtype)
     # delta = rowsum(dO * O): the softmax-gradient row term, a cheap fused XLA reduction.
-    if cfg.mosaic_bwd:
-        delta = jnp.einsum("bthd,bthd->bht", dout, out, preferred_element_type=jnp.float32)
-        tables = aux.get("cos"), aux.get("sin")
-        dq = attention_mosaic_dq.mosaic_dq(q, k, v, dout, lse, delta, *tables, scale=cfg.scale)
-        dk, dv = attention_mosaic_dkv.mosaic_dkv(q, k, v, dout, lse, delta, *tables, scale=cfg.scale)
-        return dq, dk, dv, aux_ct
-    delta = _pad_rows(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), cfg)
-    dq, dk, dv = _backward(cfg, _pad(q, cfg), _pad(k, cfg), _pad(v, cfg), aux, _pad(dout, cfg), lse, delta)
-    return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), aux_ct
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, T, Hq]
+    # The Triton kernels take padded [B, Tp, Hq] rows, the Mosaic ones [B, Hq, T] (never padded);
+    # XLA drops whichever layout no kernel reads.
+    lse_t = jnp.swapaxes(lse, 1, 2) if cfg.mosaic_fwd else lse
+    delta_t = _pad_rows(delta, cfg)
+    padded = (_pad(q, cfg), _pad(k, cfg), _pad(v, cfg), aux, _pad(dout, cfg), lse_t, delta_t)
+    mosaic = (q, k, v, dout, lse, jnp.swapaxes(delta, 1, 2), aux.get("cos"), aux.get("sin"))
+    if cfg.mosaic_dq:
+        dq = attention_mosaic_dq.mosaic_dq(*mosaic, scale=cfg.scale)
+    else:
+        dq = _unpad(_backward_dq(cfg, *padded), cfg)
+    if cfg.mosaic_dkv:
+        dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, scale=cfg.scale)
+    else:
+        dk, dv = (_unpad(x, cfg) for x in _backward_dkv(cfg, *padded))
+    return dq, dk, dv, jax.tree_util.tree_map(_zero_cotangent, aux)
 
 
 def _zero_cotangent(x):
@@ -785,7 +795,8 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
                scale=float(D ** -0.5 if scale is None else scale), tuning=tn,
                interpret=bool(interpret))
     mosaic_fwd = _use_mosaic_forward(cfg, q.dtype)
-    cfg = dataclasses.replace(cfg, mosaic_fwd=mosaic_fwd, mosaic_bwd=mosaic_fwd and tn.mosaic_bwd is not False)
+    cfg = dataclasses.replace(cfg, mosaic_fwd=mosaic_fwd, mosaic_dq=mosaic_fwd and tn.mosaic_dq is not False,
+                              mosaic_dkv=mosaic_fwd and tn.mosaic_dkv is not False)
     aux = {}
     if cfg.has_window:
         aux["window"] = jnp.asarray(sliding_window, jnp.int32).reshape(1)

@@ -66,16 +66,17 @@ def test_supported_covers_only_what_the_kernel_computes():
         assert not M.supported(**{**ok, **change})
 
 
-@pytest.mark.parametrize("window,mosaic_bwd", [(None, None), (None, False), (64, None)])
-def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, mosaic_bwd):
+@pytest.mark.parametrize("window,mosaic_dq,mosaic_dkv", [
+    (None, None, None), (None, False, None), (None, None, False), (None, False, False), (64, None, None)])
+def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, mosaic_dq, mosaic_dkv):
     """With an sm_90 device (pretended), flash_attention runs the Mosaic forward and the Mosaic dq /
-    dk-dv kernels (or, with Tuning(mosaic_bwd=False), the Triton backward fed the Mosaic lse); a
+    dk-dv kernels (each of them, if turned off in Tuning, the Triton kernel fed the Mosaic lse); a
     call they do not cover (a sliding window) stays on the Triton kernels. Lowered for CUDA on the
     CPU."""
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     q, k, v, inv_freq = _inputs(1, 256, 4, 2, seed=3)
-    tuning = attn.Tuning(mosaic_bwd=mosaic_bwd)
+    tuning = attn.Tuning(mosaic_dq=mosaic_dq, mosaic_dkv=mosaic_dkv)
 
     def fwd_bwd(q, k, v):
         f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=window, tuning=tuning)  # noqa: E731
@@ -83,7 +84,7 @@ def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, m
         return out, vjp(jnp.ones_like(out))
 
     text = jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
-    triton_bwd = window is not None or mosaic_bwd is False
-    assert ("flash_attention_dq" in text and "flash_attention_dkv" in text) == triton_bwd
+    assert ("flash_attention_dq" in text) == (window is not None or mosaic_dq is False)
+    assert ("flash_attention_dkv" in text) == (window is not None or mosaic_dkv is False)
     assert ("mosaic_gpu" in text) == (window is None)
     assert ("flash_attention_fwd" in text) == (window is not None)

@@ -75,5 +75,5 @@ def test_mosaic_dkv_lowers_for_cuda(rope, pipelined):
 def test_mosaic_dkv_register_operand_variant_lowers_for_cuda(rope):
     """p_regs=True (P^T / dS^T as register A operands) cannot run in the interpreter: lowering only."""
     args, scale, _, _ = _case(1, 256, 4, 2, rope, seed=2)
-    f = lambda *a: M.mosaic_dkv(*a, scale=scale, p_regs=True)  # noqa: E731
+    f = lambda *a: M.mosaic_dkv(*a, scale=scale, pipelined=True, p_regs=True)  # noqa: E731
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
