@@ -11,18 +11,20 @@ consumer); P^T and then dS^T go through one shared buffer per consumer (the A op
 dK wgmmas). At the end dK is scaled, un-rotated (the transpose of the rotation) and written with
 dV through the K / V buffers.
 
-pipelined=True: three warpgroups. Two consumers own 64 key rows each (they TMA-load and
+pipelined=True (default): three warpgroups. Two consumers own 64 key rows each (they TMA-load and
 rotate their K once, and V); a producer TMA-loads per step one 64-row query tile (Q halves, cos/sin,
 dO, lse, delta rows) into `stages` slots, rotates Q once in shared memory for both consumers and
 releases it on a "ready" barrier; dO/lse/delta are waited on directly by the consumers, which hand
 each slot back on a "consumed" barrier. The consumer of the upper 64 keys has nothing to do on
 the first query tile of each head (entirely above its diagonal) and only keeps the barriers' phases
-in step there. pipelined=False (default): the two warpgroups work independently, single-buffered, each loading
-and rotating its own query tiles. On the H200 (2026-12-01, benchmarks/run_mosaic_bwd.sh) this was
-the fastest: 2.92 / 9.73 ms at T = 2k / 8k against 3.15 / 9.86 ms pipelined without register
-limits; pipelined with setmaxnreg (216, 80) did not finish (hang or >90 s compile; not diagnosed).
-p_regs=True (pipelined, compiled only): P^T / dS^T as register A operands and the accumulators as
-loop-carried values (as JAX's attention_mgpu backward does); checked only by lowering so far.
+in step there. pipelined=False: the two warpgroups work independently, single-buffered, each loading and
+rotating its own query tiles (the first version; kept as a fallback).
+p_regs=True (pipelined, compiled only; the default there): P^T / dS^T as register A operands and
+the accumulators as loop-carried values (as JAX's attention_mgpu backward does).
+Measured on the H200 (2026-12-01, benchmarks/bench_mosaic_bwd.py; B*T = 16k, Hq/Hkv 32/8, RoPE),
+T = 2k / 8k: pipelined + p_regs + setmaxnreg (200, 104) 1.98 / 5.95 ms; the same without register
+limits 2.73 / 9.14; P^T through shared memory 3.15 / 9.86 (no limits; with (216, 80) it did not
+finish within 90 s: hang not diagnosed); the two-warpgroup fallback 2.92 / 9.73.
 Shared memory at stages=2 with RoPE: ~214 KB (stages=3 does not fit: 264 KB > 227 KB).
 
 Under JAX's Mosaic GPU interpreter (no transposed wgmma operand, no load with a layout), S^T and
@@ -61,17 +63,17 @@ def _rotate(x_parts, c_ref, s_ref):
     x_parts.at[1][...] = (x2 * c + x1 * s).astype(x_parts.dtype)
 
 
-def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=False, stages=2,
-               regs=None, p_regs=False, interpret=None):
+def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=True, stages=2,
+               regs=(200, 104), p_regs=None, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE). Returns dk, dv (k's shape and
     dtype), dk the gradient w.r.t. the un-rotated k.
 
     stages: query-tile slots in flight (pipelined). regs: (consumer, producer) registers per thread
-    for setmaxnreg (2*128*c + 128*p <= 65536) or None; not tuned on a GPU yet. p_regs (pipelined,
-    compiled only): P^T / dS^T as register A operands of the dV / dK wgmmas instead of through
-    shared memory; only checked by lowering so far (the interpreter cannot run it)."""
+    for setmaxnreg (2*128*c + 128*p <= 65536) or None. p_regs (pipelined, compiled only): P^T /
+    dS^T as register A operands of the dV / dK wgmmas instead of through shared memory; None = when
+    compiled (the interpreter cannot run it)."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -85,6 +87,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
         assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
         assert 256 * regs[0] + 128 * regs[1] <= 65536, regs
     use_regs = pipelined and regs is not None and not interp
+    if p_regs is None:
+        p_regs = pipelined and not interp
     assert not (p_regs and (interp or not pipelined)), "p_regs: the compiled pipelined kernel only"
 
     def iota(dim):

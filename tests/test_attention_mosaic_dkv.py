@@ -72,8 +72,9 @@ def test_mosaic_dkv_lowers_for_cuda(rope, pipelined):
 
 
 @pytest.mark.parametrize("rope", [True, False])
-def test_mosaic_dkv_register_operand_variant_lowers_for_cuda(rope):
-    """p_regs=True (P^T / dS^T as register A operands) cannot run in the interpreter: lowering only."""
+def test_mosaic_dkv_shared_memory_p_variant_lowers_for_cuda(rope):
+    """The compiled default passes P^T / dS^T as register operands (p_regs, lowered above; the
+    interpreter cannot run it); the shared-memory variant the interpreter checks must lower too."""
     args, scale, _, _ = _case(1, 256, 4, 2, rope, seed=2)
-    f = lambda *a: M.mosaic_dkv(*a, scale=scale, pipelined=True, p_regs=True)  # noqa: E731
+    f = lambda *a: M.mosaic_dkv(*a, scale=scale, pipelined=True, p_regs=False)  # noqa: E731
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
