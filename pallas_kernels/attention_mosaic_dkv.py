@@ -1,6 +1,6 @@
 """dK and dV of causal GQA flash attention with RoPE inside, as a Mosaic GPU kernel (Hopper: wgmma,
 TMA, warp specialization). Companion of the forward in attention_mosaic.py; the math is the Triton
-`_dkv_kernel`'s of attention.py. Not wired into `flash_attention` yet.
+`_dkv_kernel`'s of attention.py; `flash_attention`'s dk/dv on sm_90 where `attention_mosaic.supported`.
 
 Per (kv head, 128-key block, batch) CTA, computed transposed (keys x queries) per 64x64 tile:
   S^T = K_rot Q_rot^T, P^T = exp2(S^T scale log2e - lse), dV += P^T dO, dP^T = V dO^T,
