@@ -1,6 +1,7 @@
 """Causal GQA flash-attention forward with RoPE inside, as a Mosaic GPU kernel (Hopper: wgmma, TMA,
 warp specialization). `flash_attention` uses it for the forward where it applies (`supported`) on
-an sm_90 GPU; the backward stays the Triton kernels of `attention.py`, which take its lse as is.
+an sm_90 GPU, with the dq and dk/dv kernels of attention_mosaic_dq.py / _dkv.py (or the Triton ones
+of `attention.py`, which take its lse as is).
 
 Why: the Triton lowering of Pallas reaches ~0.7x cuDNN's forward without RoPE and ~0.5x with it
 (benchmarks/attention_NOTES.md). This kernel runs three warpgroups per CTA (128 query rows of one
@@ -9,7 +10,8 @@ tile once in shared memory (so the 4-8 query heads of a GQA group do not each ro
 consumers (64 rows each) rotate their Q tile once, run QK^T and PV on wgmma with P kept in
 registers, and hand each slot back on a "consumed" barrier. Causal: key tiles past the diagonal
 are never loaded; the consumer of the lower rows runs fewer steps and only keeps the barriers'
-phases in step for the rest.
+phases in step for the rest. Packing (segment ids): each CTA starts at the first key tile that can
+share a segment with its rows (`segment_block_ranges`), and every tile is masked by segment.
 
 Developed against JAX's Mosaic GPU interpreter on the CPU (tests/test_attention_mosaic.py), which
 has no `layout_cast`, transposed wgmma operand or register A operand: under it P goes through
@@ -32,19 +34,54 @@ BLOCK_K = 64
 
 
 def supported(*, head_dim, seq_len, dtype, causal, has_window, has_segments, softcap) -> bool:
-    """Whether this kernel computes the same thing as the Triton forward for the call."""
+    """Whether the Mosaic kernels (this forward, attention_mosaic_dq/_dkv) compute the same thing as
+    the Triton ones for the call. (has_segments is fine: packing is supported.)"""
+    del has_segments
     return (head_dim == HEAD_DIM and seq_len % BLOCK_Q == 0 and causal and not has_window
-            and not has_segments and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+            and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+
+
+def _first_and_last_occurrence(seg):
+    """For each position of seg [B, T]: the first and the last position holding the same id."""
+    order = jnp.argsort(seg, axis=-1, stable=True)  # by id, then by position
+    ids = jnp.take_along_axis(seg, order, axis=-1)
+    idx = jnp.broadcast_to(jnp.arange(seg.shape[1]), seg.shape)
+    starts = jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], axis=-1)
+    ends = jnp.concatenate([starts[:, 1:], jnp.ones_like(starts[:, :1])], axis=-1)
+    group_start = lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    group_end = lax.cummin(jnp.where(ends, idx, seg.shape[1]), axis=1, reverse=True)
+    first = jnp.take_along_axis(order, group_start, axis=-1)
+    last = jnp.take_along_axis(order, group_end, axis=-1)
+    inverse = jnp.argsort(order, axis=-1)  # back from sorted to positional order
+    return jnp.take_along_axis(first, inverse, axis=-1), jnp.take_along_axis(last, inverse, axis=-1)
+
+
+def segment_block_ranges(seg, rows, cols, *, by_key=False):
+    """int32 [B, T // rows, 2]: for each block of `rows` queries (by_key: keys), the range [lo, hi)
+    of `cols`-sized key (query) blocks that can hold a pair left visible by causal masking with
+    segment ids [B, T]. A query sees no key before the first occurrence of its id, a key no query
+    after the last one: exact for contiguous segments (what packing makes, padding included),
+    conservative for any other ids (the kernels mask every tile by segment)."""
+    B, T = seg.shape
+    first, last = _first_and_last_occurrence(seg)
+    r0 = jnp.arange(T // rows) * rows
+    if by_key:  # queries from the diagonal to the last one sharing a key's id
+        lo = jnp.broadcast_to(r0 // cols, (B, T // rows))
+        hi = last.reshape(B, T // rows, rows).max(-1) // cols + 1
+    else:  # keys from the first one sharing a query's id to the diagonal
+        lo = first.reshape(B, T // rows, rows).min(-1) // cols
+        hi = jnp.broadcast_to((r0 + rows - 1) // cols + 1, (B, T // rows))
+    return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
 
 
 def _tiles():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
-def mosaic_forward(q, k, v, cos=None, sin=None, *, scale, stages=3, regs=(200, 104), interpret=None):
+def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, scale, stages=3, regs=(200, 104), interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
-    (float16; None: no RoPE). Returns o [B, T, Hq, D] and lse [B, Hq, T] (log2-sum-exp2 of the
-    scores times scale * log2(e), as the Triton kernels keep it).
+    (float16; None: no RoPE), seg [B, T] int32 segment ids or None. Returns o [B, T, Hq, D] and lse
+    [B, Hq, T] (log2-sum-exp2 of the scores times scale * log2(e), as the Triton kernels keep it).
 
     stages: K/V slots in flight (3 fits shared memory because the output leaves through the
       consumer's Q buffer). regs: (consumer, producer) registers per thread for setmaxnreg
@@ -56,6 +93,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, *, scale, stages=3, regs=(200, 1
     half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, BLOCK_K
     assert D == HEAD_DIM and T % cta_q == 0, (q.shape, "see supported()")
     rope = cos is not None
+    segs = seg is not None
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     p_smem = interp  # the interpreter has no register A operand for wgmma
@@ -71,6 +109,11 @@ def mosaic_forward(q, k, v, cos=None, sin=None, *, scale, stages=3, regs=(200, 1
             return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
         return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=plgpu.Layout.WGMMA)
 
+    def vec(ref, dim):  # a [n] vector along the rows (dim 0) or columns (dim 1) of a WGMMA tile
+        if interp:
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+
     def rotate(x_parts, c_ref, s_ref, rows, chunk):
         for r0 in range(0, rows, chunk):
             sl = pl.ds(r0, chunk)
@@ -81,14 +124,15 @@ def mosaic_forward(q, k, v, cos=None, sin=None, *, scale, stages=3, regs=(200, 1
             x_parts.at[0, sl][...] = (x1 * c - x2 * s).astype(x_parts.dtype)
             x_parts.at[1, sl][...] = (x2 * c + x1 * s).astype(x_parts.dtype)
 
-    def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, o_ref, lse_ref, scratch):
-        # cos_ref / sin_ref (and their buffers) are None without RoPE
-        (qh, cq, sq, kh, ck, sk, vs, ps, lses), (qbar, kraw, kready, vbar, consumed) = scratch
+    def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref, lse_ref, scratch):
+        # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
+        (qh, cq, sq, kh, ck, sk, vs, ps, lses, segq, segk), (qbar, kraw, kready, vbar, consumed) = scratch
         h, qi, b = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
         wg = lax.axis_index("wg")
         kvh = lax.div(h, jnp.int32(G))
         tb = b if table_b > 1 else 0
         kv_max = lax.div(qi * cta_q + cta_q + bk - 1, jnp.int32(bk))
+        kv_min = rng_ref[b, qi, 0] if segs else 0  # the first key tile sharing a segment
 
         @pl.when(wg < 2)
         def _consumer():
@@ -102,10 +146,13 @@ def mosaic_forward(q, k, v, cos=None, sin=None, *, scale, stages=3, regs=(200, 1
             if rope:
                 plgpu.copy_gmem_to_smem(cos_ref.at[tb, pl.ds(q0, bq)], my_cq, my_bar)
                 plgpu.copy_gmem_to_smem(sin_ref.at[tb, pl.ds(q0, bq)], my_sq, my_bar)
+            if segs:
+                plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(q0, bq)], segq.at[wg], my_bar)
             plgpu.barrier_wait(my_bar)
             if rope:
                 rotate(my_q, my_cq, my_sq, bq, bq)
                 plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
+            seg_rows = vec(segq.at[wg], 0) if segs else None
             kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
 
             def step(j, carry, masked):
@@ -125,6 +172,10 @@ def mosaic_forward(q, k, v, cos=None, sin=None, *, scale, stages=3, regs=(200, 1
                 s = s * (scale * LOG2E)
                 if masked:
                     s = jnp.where(iota(0) + q0 >= iota(1) + j * bk, s, -jnp.inf)
+                if segs:
+                    same = (lax.broadcast_in_dim(seg_rows, s.shape, [0])
+                            == lax.broadcast_in_dim(vec(segk.at[slot], 1), s.shape, [1]))
+                    s = jnp.where(same, s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
                 p16 = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -148,10 +199,11 @@ def mosaic_forward(q, k, v, cos=None, sin=None, *, scale, stages=3, regs=(200, 1
                 return o, m_new, l
 
             o = cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
-            m = cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            # finite: with segments a row may see no key of a tile (exp2(-inf - -inf) would be NaN)
+            m = cast(jnp.full((bq,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             l = cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            first_masked = lax.div(q0, jnp.int32(bk))
-            carry = lax.fori_loop(0, first_masked, functools.partial(step, masked=False), (o, m, l))
+            first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
+            carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (o, m, l))
             o, m, l = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
 
             def skip(j, _):  # steps the other consumer still needs: keep the barriers' phases in step
@@ -185,12 +237,14 @@ def mosaic_forward(q, k, v, cos=None, sin=None, *, scale, stages=3, regs=(200, 1
                 if rope:
                     plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], ck.at[slot], kraw.at[slot])
                     plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sk.at[slot], kraw.at[slot])
+                if segs:
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk.at[slot], kraw.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], vs.at[slot], vbar.at[slot])
 
             for s_ in range(min(stages, T // bk)):  # static bound: no out-of-range slice is traced
-                @pl.when(s_ < kv_max)
+                @pl.when(kv_min + s_ < kv_max)
                 def _():
-                    issue(s_, s_)
+                    issue(kv_min + s_, lax.rem(kv_min + s_, stages))
 
             def body(j, _):
                 slot = lax.rem(j, jnp.int32(stages))
@@ -201,32 +255,39 @@ def mosaic_forward(q, k, v, cos=None, sin=None, *, scale, stages=3, regs=(200, 1
                 plgpu.barrier_arrive(kready.at[slot])
                 refill = j - 1 + stages  # the step that goes where step j - 1 was
 
-                @pl.when((j >= 1) & (refill < kv_max))
+                @pl.when((j > kv_min) & (refill < kv_max))
                 def _():
                     prev = lax.rem(j - 1, jnp.int32(stages))
                     plgpu.barrier_wait(consumed.at[prev])
                     issue(refill, prev)
-            lax.fori_loop(0, kv_max, body, None)
+            lax.fori_loop(kv_min, kv_max, body, None)
 
             def drain(j, _):  # the last steps' slots are not refilled: observe their release anyway
                 plgpu.barrier_wait(consumed.at[lax.rem(j, jnp.int32(stages))])
-            lax.fori_loop(jnp.maximum(kv_max - stages, 0), kv_max, drain, None)
+            lax.fori_loop(jnp.maximum(kv_max - stages, kv_min), kv_max, drain, None)
 
     def entry(q_ref, k_ref, v_ref, *refs):
-        cos_ref, sin_ref, o_ref, lse_ref = refs if rope else (None, None, *refs)
+        refs = list(refs)
+        cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
+        seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
+        o_ref, lse_ref = refs
         smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=_tiles())  # noqa: E731
         table = (lambda shape: smem(shape, cos.dtype)) if rope else (lambda shape: None)
         buffers = (smem((2, 2, bq, half), q.dtype), table((2, bq, half)), table((2, bq, half)),
                    smem((stages, 2, bk, half), k.dtype), table((stages, bk, half)),
                    table((stages, bk, half)), smem((stages, bk, D), v.dtype),
                    smem((2, bq, bk), q.dtype) if p_smem else None,
-                   plgpu.SMEM((2, bq), jnp.float32))
-        loads = 4 if rope else 2  # TMA copies that complete a Q (or raw K) barrier: two halves (+ cos, sin)
+                   plgpu.SMEM((2, bq), jnp.float32),
+                   plgpu.SMEM((2, bq), jnp.int32) if segs else None,
+                   plgpu.SMEM((stages, bk), jnp.int32) if segs else None)
+        # TMA copies that complete a Q (or raw K) barrier: two halves (+ cos, sin) (+ segment ids)
+        loads = 2 + (2 if rope else 0) + (1 if segs else 0)
         barriers = (plgpu.Barrier(num_arrivals=loads, num_barriers=2),
                     plgpu.Barrier(num_arrivals=loads, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages))
-        pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, o_ref, lse_ref, scr),
+        pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref,
+                                          lse_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
     f = plgpu.kernel(
@@ -236,4 +297,5 @@ def mosaic_forward(q, k, v, cos=None, sin=None, *, scale, stages=3, regs=(200, 1
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
-    return f(q, k, v, cos, sin) if rope else f(q, k, v)
+    extra = ((cos, sin) if rope else ()) + ((seg, segment_block_ranges(seg, cta_q, bk)) if segs else ())
+    return f(q, k, v, *extra)

@@ -28,33 +28,73 @@ def _inputs(B, T, Hq, Hkv, seed):
     return q, k, v, inv_freq
 
 
-def _reference_lse(q, k, inv_freq, scale):
-    """log2-sum-exp2 of the causal scores times scale*log2(e), [B, Hq, T] (the kernels' lse)."""
+def _reference_lse(q, k, inv_freq, scale, seg=None):
+    """log2-sum-exp2 of the visible scores times scale*log2(e), [B, Hq, T] (the kernels' lse)."""
     T, G = q.shape[1], q.shape[2] // k.shape[2]
     if inv_freq is not None:
         cos, sin = rope_cos_sin(jnp.arange(T)[None], inv_freq)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k = jnp.repeat(k, G, axis=2)
     s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale * math.log2(math.e)
-    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+    visible = jnp.tril(jnp.ones((T, T), bool))[None]
+    if seg is not None:
+        visible = visible & (seg[:, :, None] == seg[:, None, :])
+    s = jnp.where(visible[:, None], s, -jnp.inf)
     return jax.nn.logsumexp(s * math.log(2), axis=-1) / math.log(2)
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,rope", [(1, 256, 4, 2, True), (2, 128, 2, 2, False)])
-def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope):
+def packed_segments(B, T, seed):
+    """int32 [B, T]: random contiguous documents (some shorter than a 64-row tile, one spanning
+    several tiles) and a padding segment 0 at the end of each row."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, T - 9), size=4, replace=False))
+        ids = np.zeros(T, np.int32)
+        for n, (a, e) in enumerate(zip([0, *cuts], [*cuts, T - 9])):
+            ids[a:e] = n + 1
+        rows.append(ids)
+    return jnp.asarray(np.stack(rows))
+
+
+def test_segment_block_ranges_match_a_brute_force_count():
+    """Exact for contiguous segments (padding 0 at the end included); for ids that repeat apart,
+    every visible block pair is still inside the range."""
+    runs = np.repeat(np.array([[1, 1, 2, 3, 3, 3, 3, 0]]), 32, axis=1)  # T = 256
+    apart = np.repeat(np.array([[5, 2, 2, 5, 7, 2, 7, 7]]), 32, axis=1)
+    seg = jnp.asarray(np.concatenate([runs, np.asarray(packed_segments(1, 256, seed=5)), apart]))
+    vis = jnp.tril(jnp.ones((256, 256), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+    for rows, cols, by_key in [(128, 64, False), (128, 64, True), (64, 64, False)]:
+        got = np.asarray(M.segment_block_ranges(seg, rows, cols, by_key=by_key))
+        v = vis.transpose(0, 2, 1) if by_key else vis  # [B, blocks of rows, blocks of cols]
+        v = np.asarray(v.reshape(3, 256 // rows, rows, 256 // cols, cols).any(axis=(2, 4)))
+        for b in range(3):
+            for i in range(256 // rows):
+                idx = np.nonzero(v[b, i])[0]
+                lo, hi = got[b, i]
+                if b < 2:
+                    assert (lo, hi) == (idx.min(), idx.max() + 1), (rows, by_key, b, i)
+                else:
+                    assert lo <= idx.min() and idx.max() < hi, (rows, by_key, b, i)
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments", [
+    (1, 256, 4, 2, True, False), (2, 128, 2, 2, False, False), (2, 256, 2, 1, True, True)])
+def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments):
     q, k, v, inv_freq = _inputs(B, T, Hq, Hkv, seed=T + Hq)
+    seg = packed_segments(B, T, seed=T) if segments else None
     inv_freq = inv_freq if rope else None
     scale = M.HEAD_DIM ** -0.5
     tables = ()
     if rope:  # float16 tables, as flash_attention builds them
         ang = jnp.arange(T, dtype=jnp.float32)[None, :, None] * inv_freq
         tables = (jnp.cos(ang).astype(jnp.float16), jnp.sin(ang).astype(jnp.float16))
-    o, lse = M.mosaic_forward(q, k, v, *tables, scale=scale, stages=2, interpret=_interpret_params())
-    ref = flash_attention_reference(q, k, v, inv_freq=inv_freq)
+    o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=2, interpret=_interpret_params())
+    ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg)
     err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
     assert o.shape == q.shape and o.dtype == q.dtype
     assert err < 2e-2
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(_reference_lse(q, k, inv_freq, scale)), atol=3e-2)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(_reference_lse(q, k, inv_freq, scale, seg)), atol=3e-2)
 
 
 def test_supported_covers_only_what_the_kernel_computes():
