@@ -688,7 +688,8 @@ def _flash(cfg, q, k, v, aux):
 
 def _flash_fwd(cfg, q, k, v, aux):
     if cfg.mosaic_fwd:  # unpadded shapes by construction (supported(): D = 128, T % 128 == 0)
-        out, lse = attention_mosaic.mosaic_forward(q, k, v, aux.get("cos"), aux.get("sin"), scale=cfg.scale)
+        out, lse = attention_mosaic.mosaic_forward(q, k, v, aux.get("cos"), aux.get("sin"), aux.get("seg"),
+                                                   scale=cfg.scale)
         return out, (q, k, v, aux, out, lse)  # lse [B, Hq, T]
     out, lse = _forward(cfg, _pad(q, cfg), _pad(k, cfg), _pad(v, cfg), aux)
     out = _unpad(out, cfg)
@@ -705,7 +706,7 @@ def _flash_bwd(cfg, res, dout):
     lse_t = jnp.swapaxes(lse, 1, 2) if cfg.mosaic_fwd else lse
     delta_t = _pad_rows(delta, cfg)
     padded = (_pad(q, cfg), _pad(k, cfg), _pad(v, cfg), aux, _pad(dout, cfg), lse_t, delta_t)
-    mosaic = (q, k, v, dout, lse, jnp.swapaxes(delta, 1, 2), aux.get("cos"), aux.get("sin"))
+    mosaic = (q, k, v, dout, lse, jnp.swapaxes(delta, 1, 2), aux.get("cos"), aux.get("sin"), aux.get("seg"))
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, scale=cfg.scale)
     else:

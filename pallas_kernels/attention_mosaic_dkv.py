@@ -15,7 +15,9 @@ pipelined=True (default): three warpgroups. Two consumers own 64 key rows each (
 rotate their K once, and V); a producer TMA-loads per step one 64-row query tile (Q halves, cos/sin,
 dO, lse, delta rows) into `stages` slots, rotates Q once in shared memory for both consumers and
 releases it on a "ready" barrier; dO/lse/delta are waited on directly by the consumers, which hand
-each slot back on a "consumed" barrier. The consumer of the upper 64 keys has nothing to do on
+each slot back on a "consumed" barrier. Packing (segment ids, pipelined only): each CTA stops after
+the last query tile sharing a segment with its keys (the forward's `segment_block_ranges`) and
+every tile is masked by segment. The consumer of the upper 64 keys has nothing to do on
 the first query tile of each head (entirely above its diagonal) and only keeps the barriers' phases
 in step there. pipelined=False: the two warpgroups work independently, single-buffered, each loading and
 rotating its own query tiles (the first version; kept as a fallback).
@@ -37,6 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.attention_mosaic import segment_block_ranges
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -63,12 +67,13 @@ def _rotate(x_parts, c_ref, s_ref):
     x_parts.at[1][...] = (x2 * c + x1 * s).astype(x_parts.dtype)
 
 
-def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=True, stages=2,
+def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, pipelined=True, stages=2,
                regs=(200, 104), p_regs=None, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
-    rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE). Returns dk, dv (k's shape and
-    dtype), dk the gradient w.r.t. the un-rotated k.
+    rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
+    or None (pipelined only). Returns dk, dv (k's shape and dtype), dk the gradient w.r.t. the
+    un-rotated k.
 
     stages: query-tile slots in flight (pipelined). regs: (consumer, producer) registers per thread
     for setmaxnreg (2*128*c + 128*p <= 65536) or None. p_regs (pipelined, compiled only): P^T /
@@ -80,6 +85,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
     half, t = D // 2, TILE
     assert D == HEAD_DIM and T % BLOCK_K == 0 and Hq % Hkv == 0, (q.shape, k.shape)
     rope = cos is not None
+    segs = seg is not None
+    assert pipelined or not segs, "segment ids: the pipelined kernel only"
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     nq = T // t
@@ -96,13 +103,16 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
             return lax.broadcasted_iota(jnp.int32, (t, t), dim)
         return plgpu.broadcasted_iota(jnp.int32, (t, t), dim, layout=plgpu.Layout.WGMMA)
 
-    def col_vec(ref):  # [t] float32 along the columns (queries) of a [keys, queries] tile
+    def vec(ref, dim):  # a [t] vector along the rows (dim 0: keys) or columns (dim 1: queries)
         if interp:
             return ref[...]
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
 
-    def probs_t(my_k, q_parts, lse_t, k0, q0, masked):
-        """P^T [keys, queries] of one 64x64 tile, float32."""
+    def col_vec(ref):
+        return vec(ref, 1)
+
+    def probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t=None):
+        """P^T [keys, queries] of one 64x64 tile, float32. seg_t: (key ids [t] value, query ids ref)."""
         if interp:  # no transposed wgmma operand in the interpreter
             s_t = sum(lax.dot_general(my_k.at[p][...], q_parts.at[p][...], (((1,), (1,)), ((), ())),
                                       preferred_element_type=jnp.float32) for p in range(2))
@@ -116,14 +126,19 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
         s_t = s_t * (scale * LOG2E)
         if masked:  # key k0 + r sees query q0 + c iff k0 + r <= q0 + c
             s_t = jnp.where(iota(0) + k0 <= iota(1) + q0, s_t, -jnp.inf)
+        if seg_t is not None:
+            key_ids, q_ids = seg_t
+            same = (lax.broadcast_in_dim(key_ids, (t, t), [0])
+                    == lax.broadcast_in_dim(col_vec(q_ids), (t, t), [1]))
+            s_t = jnp.where(same, s_t, -jnp.inf)
         return jnp.exp2(s_t - lax.broadcast_in_dim(col_vec(lse_t), (t, t), [1]))
 
-    def tile_math(accs, my_k, my_v, my_p, q_parts, do_t, lse_t, delta_t, k0, q0, masked):
+    def tile_math(accs, my_k, my_v, my_p, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None):
         """One 64x64 (keys x queries) tile: dV += P^T dO, dK_rot (halves) += dS^T Q_rot, with P^T
         and dS^T through shared memory. Returns after every wgmma reading q_parts / do_t / my_p
         completed."""
         dv_acc, dk_accs = accs
-        p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked)
+        p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t)
         my_p[...] = p_t.astype(my_p.dtype)
         plgpu.commit_smem()  # generic-proxy writes of P^T -> visible to wgmma
         plgpu.wgmma(dv_acc, my_p, do_t)
@@ -144,11 +159,11 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
             plgpu.wgmma(dk_accs[p], my_p, q_parts.at[p])
         plgpu.wgmma_wait(0)
 
-    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked):
+    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None):
         """tile_math with P^T and dS^T as register A operands and the accumulators as values
         (compiled path only: the interpreter has no register A operand nor run_state)."""
         dv, dk0, dk1 = accs
-        p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked)
+        p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t)
 
         def dv_dp(refs):
             dv_ref, dp_ref = refs
@@ -164,13 +179,16 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
         dk0, dk1 = pl.run_state(dk)((plgpu.ACC.init(dk0), plgpu.ACC.init(dk1)))
         return dv, dk0, dk1
 
-    def load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, bar):
+    def load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, bar,
+               seg_ref=None, my_seg=None):
         for part in range(2):
             plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh, pl.ds(part * half, half)], my_k.at[part], bar)
         plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], my_v, bar)
         if rope:
             plgpu.copy_gmem_to_smem(cos_ref.at[tb, keys], my_c, bar)
             plgpu.copy_gmem_to_smem(sin_ref.at[tb, keys], my_s, bar)
+        if seg_ref is not None:
+            plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], my_seg, bar)
         plgpu.barrier_wait(bar)
         if rope:
             _rotate(my_k, my_c, my_s)
@@ -203,7 +221,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
         plgpu.wait_smem_to_gmem(0)
 
     # ------------------------------------------------------------------ simple (two independent wgs)
-    def simple_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, dk_ref, dv_ref, scratch):
+    def simple_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref,
+                      dk_ref, dv_ref, scratch):
+        del seg_ref, rng_ref  # no segment ids here (asserted above)
         (qh, dos, cs, sn, kh, vs, ps, lses, deltas), (qbar, kbar, tbar) = scratch
         kvh, kb, b = lax.axis_index("h"), lax.axis_index("k"), lax.axis_index("b")
         wg = lax.axis_index("wg")
@@ -251,13 +271,15 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
         finish(dv, dk0, dk1, my_k, my_v, my_c, my_s, dk_ref, dv_ref, b, keys, kvh, table_loads)
 
     # ------------------------------------------------------------------ pipelined (producer + 2 consumers)
-    def pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, dk_ref, dv_ref, scratch):
-        (qh, cq, sq, dos, lses, deltas, kh, vs, ck, sk, ps), (qraw, qready, dbar, consumed, kbar) = scratch
+    def pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref,
+                    dk_ref, dv_ref, scratch):
+        (qh, cq, sq, dos, lses, deltas, kh, vs, ck, sk, ps, segk, segq), (qraw, qready, dbar, consumed, kbar) = scratch
         kvh, kb, b = lax.axis_index("h"), lax.axis_index("k"), lax.axis_index("b")
         wg = lax.axis_index("wg")
         tb = b if table_b > 1 else 0
         i0 = kb * (BLOCK_K // t)       # first query tile of every head (the lower consumer's diagonal)
-        per_head = nq - i0             # query tiles per head
+        i_end = rng_ref[b, kb, 1] if segs else nq  # past the last query tile sharing a segment
+        per_head = i_end - i0          # query tiles per head (>= 2: each key sees itself)
         n_steps = G * per_head
 
         def tile_of(j):  # step -> (query head, query tile)
@@ -271,7 +293,12 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
             keys = pl.ds(k0, t)
             my_k, my_v, my_p = kh.at[wg], vs.at[wg], ps.at[wg]
             my_c, my_s = (ck.at[wg], sk.at[wg]) if rope else (None, None)
-            load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, kbar.at[wg])
+            load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, kbar.at[wg],
+                   seg_ref, segk.at[wg] if segs else None)
+            key_ids = vec(segk.at[wg], 0) if segs else None
+
+            def seg_of(slot):
+                return (key_ids, segq.at[slot]) if segs else None
 
             def step(accs, j, masked):
                 slot = lax.rem(j, jnp.int32(stages))
@@ -279,7 +306,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
                 tile_math(accs, my_k, my_v, my_p, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
-                          k0, i * t, masked)
+                          k0, i * t, masked, seg_of(slot))
                 plgpu.barrier_arrive(consumed.at[slot])
 
             def skip(j):  # a tile above this consumer's diagonal: keep the barriers' phases in step
@@ -310,7 +337,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
                 accs = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot],
-                                      deltas.at[slot], k0, i * t, masked)
+                                      deltas.at[slot], k0, i * t, masked, seg_of(slot))
                 plgpu.barrier_arrive(consumed.at[slot])
                 return accs
 
@@ -343,6 +370,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
                 plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], dos.at[slot], dbar.at[slot])
                 plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lses.at[slot], dbar.at[slot])
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], deltas.at[slot], dbar.at[slot])
+                if segs:
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq.at[slot], dbar.at[slot])
 
             for s_ in range(stages):  # n_steps >= 2 * G >= 2
                 @pl.when(s_ < n_steps)
@@ -370,19 +399,24 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
             lax.fori_loop(jnp.maximum(n_steps - stages, 0), n_steps, drain, None)
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        cos_ref, sin_ref, dk_ref, dv_ref = refs if rope else (None, None, *refs)
+        refs = list(refs)
+        cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
+        seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
+        dk_ref, dv_ref = refs
         smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=_tiles())  # noqa: E731
         table = (lambda n: smem((n, t, half), cos.dtype)) if rope else (lambda n: None)
-        k_loads = 3 + (2 if rope else 0)  # K halves, V (+ cos, sin)
+        k_loads = 3 + (2 if rope else 0) + (1 if segs else 0)  # K halves, V (+ cos, sin) (+ ids)
         kv_bufs = (smem((2, 2, t, half), k.dtype), smem((2, t, D), v.dtype))
         p_buf = smem((2, t, t), q.dtype)
         if pipelined:
             buffers = (smem((stages, 2, t, half), q.dtype), table(stages), table(stages),
                        smem((stages, t, D), do.dtype), plgpu.SMEM((stages, t), jnp.float32),
-                       plgpu.SMEM((stages, t), jnp.float32), *kv_bufs, table(2), table(2), p_buf)
+                       plgpu.SMEM((stages, t), jnp.float32), *kv_bufs, table(2), table(2), p_buf,
+                       plgpu.SMEM((2, t), jnp.int32) if segs else None,
+                       plgpu.SMEM((stages, t), jnp.int32) if segs else None)
             barriers = (plgpu.Barrier(num_arrivals=2 + (2 if rope else 0), num_barriers=stages),
                         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-                        plgpu.Barrier(num_arrivals=3, num_barriers=stages),
+                        plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),
                         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                         plgpu.Barrier(num_arrivals=k_loads, num_barriers=2))
             body = pipe_kernel
@@ -394,7 +428,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
                         plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope else None)
             body = simple_kernel
         pl.run_scoped(lambda *scr: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
-                                        dk_ref, dv_ref, scr),
+                                        seg_ref, rng_ref, dk_ref, dv_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
     f = plgpu.kernel(
@@ -404,5 +438,5 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, pipelined=
         thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
-    args = (q, k, v, do, lse, delta) + ((cos, sin) if rope else ())
-    return f(*args)
+    extra = ((cos, sin) if rope else ()) + ((seg, segment_block_ranges(seg, BLOCK_K, t, by_key=True)) if segs else ())
+    return f(q, k, v, do, lse, delta, *extra)

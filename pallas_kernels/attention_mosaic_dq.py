@@ -14,7 +14,9 @@ Structure: grid (Hq, T/128, B), three warpgroups per CTA (128 query rows of one 
   with dS (16-bit, registers) as the A operand of the dQ wgmmas. At the end dQ is scaled,
   un-rotated (the transpose of the rotation) and written through the Q buffer.
   Causal: only the last step (the diagonal 64x64 tile) is masked; the consumer of the lower rows
-  runs one step fewer and keeps the barriers' phases in step for the other.
+  runs one step fewer and keeps the barriers' phases in step for the other. Packing (segment ids):
+  the CTA starts at its first key tile sharing a segment (the forward's `segment_block_ranges`) and
+  every tile is masked by segment.
 
 Under JAX's Mosaic GPU interpreter (no `layout_cast`, transposed wgmma operand, register A operand,
 `run_state` or load with a layout), S and dP are jnp dots of the shared-memory tiles, dS goes
@@ -29,6 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.attention_mosaic import segment_block_ranges
+
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
 BLOCK_Q = 128  # query rows per CTA (two consumer warpgroups of 64)
@@ -39,10 +43,12 @@ def _tiles():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
-def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, stages=None, regs=None, interpret=None):
+def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, stages=None, regs=None,
+              interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
-    rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE). Returns dq in q's shape and
+    rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
+    or None. Returns dq in q's shape and
     dtype (the gradient w.r.t. the un-rotated q).
 
     stages: K/V slots in flight; None: 2 with RoPE (3 would need 248 KB of shared memory, over
@@ -55,6 +61,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, stages=None
     half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, BLOCK_K
     assert D == HEAD_DIM and T % cta_q == 0 and Hq % Hkv == 0, (q.shape, k.shape)
     rope = cos is not None
+    segs = seg is not None
     if stages is None:
         stages = 2 if rope else 3
     table_b = cos.shape[0] if rope else 1
@@ -71,10 +78,10 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, stages=None
             return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
         return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=plgpu.Layout.WGMMA)
 
-    def row_vec(ref):  # [bq] float32 laid out along the rows of a [queries, keys] tile
+    def vec(ref, dim):  # a [n] vector along the rows (dim 0) or columns (dim 1) of a WGMMA tile
         if interp:
             return ref[...]
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
 
     def rotate(x_parts, c_ref, s_ref, rows, chunk):
         for r0 in range(0, rows, chunk):
@@ -89,14 +96,16 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, stages=None
     def dot_t(a, b):  # a [m, k] . b [n, k]^T, for the interpreter
         return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, dq_ref, scratch):
-        # cos_ref / sin_ref (and their buffers) are None without RoPE
-        (qh, dos, cq, sq, kh, ck, sk, vs, dss, lses, deltas), (qbar, kraw, kready, vbar, consumed) = scratch
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref, dq_ref,
+               scratch):
+        # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
+        (qh, dos, cq, sq, kh, ck, sk, vs, dss, lses, deltas, segq, segk), (qbar, kraw, kready, vbar, consumed) = scratch
         h, qi, b = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
         wg = lax.axis_index("wg")
         kvh = lax.div(h, jnp.int32(G))
         tb = b if table_b > 1 else 0
         kv_max = lax.div(qi * cta_q + cta_q + bk - 1, jnp.int32(bk))
+        kv_min = rng_ref[b, qi, 0] if segs else 0  # the first key tile sharing a segment
 
         @pl.when(wg < 2)
         def _consumer():
@@ -114,12 +123,15 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, stages=None
             if rope:
                 plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], my_cq, my_bar)
                 plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], my_sq, my_bar)
+            if segs:
+                plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq.at[wg], my_bar)
             plgpu.barrier_wait(my_bar)
             if rope:
                 rotate(my_q, my_cq, my_sq, bq, bq)
                 plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
-            lse_v = row_vec(lses.at[wg])
-            delta_v = row_vec(deltas.at[wg])
+            lse_v = vec(lses.at[wg], 0)
+            delta_v = vec(deltas.at[wg], 0)
+            seg_rows = vec(segq.at[wg], 0) if segs else None
             kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
 
             def step(j, carry, masked):
@@ -137,6 +149,10 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, stages=None
                 s = s * (scale * LOG2E)
                 if masked:
                     s = jnp.where(iota(0) + q0 >= iota(1) + j * bk, s, -jnp.inf)
+                if segs:
+                    same = (lax.broadcast_in_dim(seg_rows, s.shape, [0])
+                            == lax.broadcast_in_dim(vec(segk.at[slot], 1), s.shape, [1]))
+                    s = jnp.where(same, s, -jnp.inf)
                 p_ = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
                 plgpu.barrier_wait(vbar.at[slot])
                 if interp:
@@ -165,8 +181,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, stages=None
                 return dq0, dq1
 
             zero = cast(jnp.zeros((bq, half), jnp.float32), plgpu.Layout.WGMMA)
-            first_masked = lax.div(q0, jnp.int32(bk))
-            carry = lax.fori_loop(0, first_masked, functools.partial(step, masked=False), (zero, zero))
+            first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
+            carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (zero, zero))
             dq0, dq1 = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
 
             def skip(j, _):  # steps the other consumer still needs: keep the barriers' phases in step
@@ -201,12 +217,14 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, stages=None
                 if rope:
                     plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], ck.at[slot], kraw.at[slot])
                     plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sk.at[slot], kraw.at[slot])
+                if segs:
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk.at[slot], kraw.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], vs.at[slot], vbar.at[slot])
 
             for s_ in range(min(stages, T // bk)):  # static bound: no out-of-range slice is traced
-                @pl.when(s_ < kv_max)
+                @pl.when(kv_min + s_ < kv_max)
                 def _():
-                    issue(s_, s_)
+                    issue(kv_min + s_, lax.rem(kv_min + s_, stages))
 
             def body(j, _):
                 slot = lax.rem(j, jnp.int32(stages))
@@ -217,19 +235,22 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, stages=None
                 plgpu.barrier_arrive(kready.at[slot])
                 refill = j - 1 + stages  # the step that goes where step j - 1 was
 
-                @pl.when((j >= 1) & (refill < kv_max))
+                @pl.when((j > kv_min) & (refill < kv_max))
                 def _():
                     prev = lax.rem(j - 1, jnp.int32(stages))
                     plgpu.barrier_wait(consumed.at[prev])
                     issue(refill, prev)
-            lax.fori_loop(0, kv_max, body, None)
+            lax.fori_loop(kv_min, kv_max, body, None)
 
             def drain(j, _):  # the last steps' slots are not refilled: observe their release anyway
                 plgpu.barrier_wait(consumed.at[lax.rem(j, jnp.int32(stages))])
-            lax.fori_loop(jnp.maximum(kv_max - stages, 0), kv_max, drain, None)
+            lax.fori_loop(jnp.maximum(kv_max - stages, kv_min), kv_max, drain, None)
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        cos_ref, sin_ref, dq_ref = refs if rope else (None, None, *refs)
+        refs = list(refs)
+        cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
+        seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
+        (dq_ref,) = refs
         smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=_tiles())  # noqa: E731
         table = (lambda shape: smem(shape, cos.dtype)) if rope else (lambda shape: None)
         buffers = (smem((2, 2, bq, half), q.dtype), smem((2, bq, D), do.dtype),
@@ -237,15 +258,17 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, stages=None
                    smem((stages, 2, bk, half), k.dtype), table((stages, bk, half)),
                    table((stages, bk, half)), smem((stages, bk, D), v.dtype),
                    smem((2, bq, bk), k.dtype) if interp else None,
-                   plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32))
-        q_loads = 5 + (2 if rope else 0)  # Q halves, dO, lse, delta (+ cos, sin)
-        k_loads = 2 + (2 if rope else 0)  # K halves (+ cos, sin)
+                   plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
+                   plgpu.SMEM((2, bq), jnp.int32) if segs else None,
+                   plgpu.SMEM((stages, bk), jnp.int32) if segs else None)
+        q_loads = 5 + (2 if rope else 0) + (1 if segs else 0)  # Q halves, dO, lse, delta (+ cos, sin) (+ ids)
+        k_loads = 2 + (2 if rope else 0) + (1 if segs else 0)  # K halves (+ cos, sin) (+ ids)
         barriers = (plgpu.Barrier(num_arrivals=q_loads, num_barriers=2),
                     plgpu.Barrier(num_arrivals=k_loads, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages))
         pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
-                                          dq_ref, scr),
+                                          seg_ref, rng_ref, dq_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
     f = plgpu.kernel(
@@ -255,5 +278,5 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, *, scale, stages=None
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
-    args = (q, k, v, do, lse, delta) + ((cos, sin) if rope else ())
-    return f(*args)
+    extra = ((cos, sin) if rope else ()) + ((seg, segment_block_ranges(seg, cta_q, bk)) if segs else ())
+    return f(q, k, v, do, lse, delta, *extra)

@@ -1,16 +1,15 @@
 """The Mosaic GPU attention forward (pallas_kernels/attention_mosaic.py) under JAX's Mosaic GPU
 interpreter on the CPU, against the jnp reference; and its wiring into flash_attention, checked by
 lowering for CUDA on the CPU (no GPU needed)."""
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mosaic_cases import inputs, packed_segments, reference_lse, rope_tables
 from pallas_kernels import attention as attn
 from pallas_kernels import attention_mosaic as M
-from pallas_kernels.attention import apply_rope, flash_attention_reference, rope_cos_sin
+from pallas_kernels.attention import flash_attention_reference
 
 
 def _interpret_params():
@@ -19,42 +18,8 @@ def _interpret_params():
 
 
 def _inputs(B, T, Hq, Hkv, seed):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    D = M.HEAD_DIM
-    q = jax.random.normal(ks[0], (B, T, Hq, D), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (B, T, Hkv, D), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, T, Hkv, D), jnp.bfloat16)
-    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+    q, k, v, _, inv_freq = inputs(B, T, Hq, Hkv, seed)
     return q, k, v, inv_freq
-
-
-def _reference_lse(q, k, inv_freq, scale, seg=None):
-    """log2-sum-exp2 of the visible scores times scale*log2(e), [B, Hq, T] (the kernels' lse)."""
-    T, G = q.shape[1], q.shape[2] // k.shape[2]
-    if inv_freq is not None:
-        cos, sin = rope_cos_sin(jnp.arange(T)[None], inv_freq)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k = jnp.repeat(k, G, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale * math.log2(math.e)
-    visible = jnp.tril(jnp.ones((T, T), bool))[None]
-    if seg is not None:
-        visible = visible & (seg[:, :, None] == seg[:, None, :])
-    s = jnp.where(visible[:, None], s, -jnp.inf)
-    return jax.nn.logsumexp(s * math.log(2), axis=-1) / math.log(2)
-
-
-def packed_segments(B, T, seed):
-    """int32 [B, T]: random contiguous documents (some shorter than a 64-row tile, one spanning
-    several tiles) and a padding segment 0 at the end of each row."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(B):
-        cuts = np.sort(rng.choice(np.arange(1, T - 9), size=4, replace=False))
-        ids = np.zeros(T, np.int32)
-        for n, (a, e) in enumerate(zip([0, *cuts], [*cuts, T - 9])):
-            ids[a:e] = n + 1
-        rows.append(ids)
-    return jnp.asarray(np.stack(rows))
 
 
 def test_segment_block_ranges_match_a_brute_force_count():
@@ -85,41 +50,41 @@ def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope
     seg = packed_segments(B, T, seed=T) if segments else None
     inv_freq = inv_freq if rope else None
     scale = M.HEAD_DIM ** -0.5
-    tables = ()
-    if rope:  # float16 tables, as flash_attention builds them
-        ang = jnp.arange(T, dtype=jnp.float32)[None, :, None] * inv_freq
-        tables = (jnp.cos(ang).astype(jnp.float16), jnp.sin(ang).astype(jnp.float16))
+    tables = rope_tables(T, inv_freq) if rope else ()
     o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=2, interpret=_interpret_params())
     ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg)
     err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
     assert o.shape == q.shape and o.dtype == q.dtype
     assert err < 2e-2
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(_reference_lse(q, k, inv_freq, scale, seg)), atol=3e-2)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(reference_lse(q, k, inv_freq, scale, seg)), atol=3e-2)
 
 
 def test_supported_covers_only_what_the_kernel_computes():
     ok = dict(head_dim=128, seq_len=2048, dtype=jnp.bfloat16, causal=True, has_window=False,
               has_segments=False, softcap=None)
-    assert M.supported(**ok)
+    assert M.supported(**ok) and M.supported(**{**ok, "has_segments": True})  # packing is covered
     for change in (dict(head_dim=64), dict(seq_len=2000), dict(dtype=jnp.float32), dict(causal=False),
-                   dict(has_window=True), dict(has_segments=True), dict(softcap=30.0)):
+                   dict(has_window=True), dict(softcap=30.0)):
         assert not M.supported(**{**ok, **change})
 
 
-@pytest.mark.parametrize("window,mosaic_dq,mosaic_dkv", [
-    (None, None, None), (None, False, None), (None, None, False), (None, False, False), (64, None, None)])
-def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, mosaic_dq, mosaic_dkv):
+@pytest.mark.parametrize("window,mosaic_dq,mosaic_dkv,segments", [
+    (None, None, None, False), (None, False, None, False), (None, None, False, False),
+    (None, False, False, False), (64, None, None, False), (None, None, None, True), (None, False, False, True)])
+def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, mosaic_dq, mosaic_dkv, segments):
     """With an sm_90 device (pretended), flash_attention runs the Mosaic forward and the Mosaic dq /
-    dk-dv kernels (each of them, if turned off in Tuning, the Triton kernel fed the Mosaic lse); a
-    call they do not cover (a sliding window) stays on the Triton kernels. Lowered for CUDA on the
-    CPU."""
+    dk-dv kernels, packed sequences included (each backward kernel, if turned off in Tuning, the
+    Triton one fed the Mosaic lse); a call they do not cover (a sliding window) stays on the Triton
+    kernels. Lowered for CUDA on the CPU."""
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
-    q, k, v, inv_freq = _inputs(1, 256, 4, 2, seed=3)
+    q, k, v, inv_freq = _inputs(2, 256, 4, 2, seed=3)
     tuning = attn.Tuning(mosaic_dq=mosaic_dq, mosaic_dkv=mosaic_dkv)
+    seg = packed_segments(2, 256, seed=4) if segments else None
 
     def fwd_bwd(q, k, v):
-        f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=window, tuning=tuning)  # noqa: E731
+        f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=window, segment_ids=seg,  # noqa: E731
+                                            tuning=tuning)
         out, vjp = jax.vjp(f, q, k, v)
         return out, vjp(jnp.ones_like(out))
 

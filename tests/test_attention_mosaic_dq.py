@@ -1,14 +1,11 @@
 """The Mosaic GPU dQ kernel (pallas_kernels/attention_mosaic_dq.py) under JAX's Mosaic GPU
 interpreter on the CPU, against jax.vjp of the jnp reference; and its compiled path lowered for
 CUDA on the CPU (no GPU needed; catches layout errors the interpreter does not see)."""
-import math
-
 import jax
-import jax.numpy as jnp
 import pytest
 
+from mosaic_cases import backward_case, rel_err
 from pallas_kernels import attention_mosaic_dq as M
-from pallas_kernels.attention import apply_rope, flash_attention_reference, rope_cos_sin
 
 
 def _interpret_params():
@@ -16,48 +13,19 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-def _case(B, T, Hq, Hkv, rope, seed):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    D = M.HEAD_DIM
-    q = jax.random.normal(ks[0], (B, T, Hq, D), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (B, T, Hkv, D), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, T, Hkv, D), jnp.bfloat16)
-    do = jax.random.normal(ks[3], (B, T, Hq, D), jnp.bfloat16)
-    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)) if rope else None
-    scale = D ** -0.5
-    o, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, inv_freq=inv_freq), q, k, v)
-    dq_ref, _, _ = vjp(do)
-    # lse: log2-sum-exp2 of scale*log2(e)*q_rot.k_rot over the visible keys, [B, Hq, T]
-    qr, kr, tables = q, k, ()
-    if rope:
-        cos, sin = rope_cos_sin(jnp.arange(T)[None], inv_freq)
-        qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        ang = jnp.arange(T, dtype=jnp.float32)[None, :, None] * inv_freq
-        tables = (jnp.cos(ang).astype(jnp.float16), jnp.sin(ang).astype(jnp.float16))
-    kr = jnp.repeat(kr, Hq // Hkv, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", qr.astype(jnp.float32), kr.astype(jnp.float32)) * scale * math.log2(math.e)
-    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
-    lse = jax.nn.logsumexp(s * math.log(2), axis=-1) / math.log(2)
-    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
-    return (q, k, v, do, lse, delta, *tables), scale, dq_ref
-
-
-def _rel(x, ref):
-    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
-    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
-
-
-@pytest.mark.parametrize("B,T,Hq,Hkv,rope", [(1, 256, 4, 2, True), (1, 128, 2, 1, False)])
-def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope):
-    args, scale, dq_ref = _case(B, T, Hq, Hkv, rope, seed=T + Hq)
-    dq = M.mosaic_dq(*args, scale=scale, interpret=_interpret_params())
+@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments", [
+    (1, 256, 4, 2, True, False), (1, 128, 2, 1, False, False), (2, 256, 2, 1, True, True)])
+def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments):
+    args, seg, scale, (dq_ref, _, _) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
+    dq = M.mosaic_dq(*args, seg=seg, scale=scale, interpret=_interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
-    assert _rel(dq, dq_ref) < 2e-2, _rel(dq, dq_ref)
+    assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
 
 
-@pytest.mark.parametrize("rope,regs", [(True, None), (False, None), (True, (200, 104))])
-def test_mosaic_dq_lowers_for_cuda(rope, regs):
-    args, scale, _ = _case(1, 256, 4, 2, rope, seed=1)
-    f = lambda *a: M.mosaic_dq(*a, scale=scale, regs=regs)  # noqa: E731
+@pytest.mark.parametrize("rope,regs,segments", [(True, None, False), (False, None, False), (True, (200, 104), False),
+                                                (True, None, True)])
+def test_mosaic_dq_lowers_for_cuda(rope, regs, segments):
+    args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
+    f = lambda *a: M.mosaic_dq(*a, seg=seg, scale=scale, regs=regs)  # noqa: E731
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

@@ -1,0 +1,75 @@
+"""Shared inputs for the Mosaic GPU attention kernel tests: random q/k/v/dO, the float16 RoPE
+tables the kernels take, packed segment ids, and the reference lse / delta / gradients."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.attention import apply_rope, flash_attention_reference, rope_cos_sin
+
+HEAD_DIM = 128
+
+
+def packed_segments(B, T, seed):
+    """int32 [B, T]: random contiguous documents (some shorter than a 64-row tile, one spanning
+    several tiles) and a padding segment 0 at the end of each row."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, T - 9), size=4, replace=False))
+        ids = np.zeros(T, np.int32)
+        for n, (a, e) in enumerate(zip([0, *cuts], [*cuts, T - 9])):
+            ids[a:e] = n + 1
+        rows.append(ids)
+    return jnp.asarray(np.stack(rows))
+
+
+def inputs(B, T, Hq, Hkv, seed):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (B, T, Hq, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, Hkv, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, Hkv, HEAD_DIM), jnp.bfloat16)
+    do = jax.random.normal(ks[3], (B, T, Hq, HEAD_DIM), jnp.bfloat16)
+    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, HEAD_DIM, 2, dtype=jnp.float32) / HEAD_DIM))
+    return q, k, v, do, inv_freq
+
+
+def rope_tables(T, inv_freq):
+    """float16 cos/sin [1, T, D/2], as flash_attention builds them for 16-bit inputs."""
+    ang = jnp.arange(T, dtype=jnp.float32)[None, :, None] * inv_freq
+    return jnp.cos(ang).astype(jnp.float16), jnp.sin(ang).astype(jnp.float16)
+
+
+def reference_lse(q, k, inv_freq, scale, seg=None):
+    """log2-sum-exp2 of the visible scores times scale*log2(e), [B, Hq, T] (the kernels' lse)."""
+    T, G = q.shape[1], q.shape[2] // k.shape[2]
+    if inv_freq is not None:
+        cos, sin = rope_cos_sin(jnp.arange(T)[None], inv_freq)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k = jnp.repeat(k, G, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale * math.log2(math.e)
+    visible = jnp.tril(jnp.ones((T, T), bool))[None]
+    if seg is not None:
+        visible = visible & (seg[:, :, None] == seg[:, None, :])
+    s = jnp.where(visible[:, None], s, -jnp.inf)
+    return jax.nn.logsumexp(s * math.log(2), axis=-1) / math.log(2)
+
+
+def backward_case(B, T, Hq, Hkv, *, rope, segments, seed):
+    """The backward kernels' arguments (q, k, v, do, lse, delta[, cos, sin]), the segment ids (or
+    None), the scale, and the reference (dq, dk, dv) from jax.vjp of the jnp reference."""
+    q, k, v, do, inv_freq = inputs(B, T, Hq, Hkv, seed)
+    inv_freq = inv_freq if rope else None
+    seg = packed_segments(B, T, seed) if segments else None
+    scale = HEAD_DIM ** -0.5
+    o, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg), q, k, v)
+    lse = reference_lse(q, k, inv_freq, scale, seg)
+    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
+    tables = rope_tables(T, inv_freq) if rope else ()
+    return (q, k, v, do, lse, delta, *tables), seg, scale, vjp(do)
+
+
+def rel_err(x, ref):
+    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
