@@ -106,6 +106,12 @@ def check_correctness(only=None):
          dict(rope=True, tuning=Tuning(mosaic_dq=False, mosaic_dkv=False))),
         ("mosaic_fwd_dq_triton_dkv_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_dkv=False))),
+        # packing on the Mosaic kernels (and the Mosaic forward's lse into the Triton backward)
+        ("mosaic_packed_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16), dict(rope=True, segments=True)),
+        ("mosaic_packed_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
+         dict(rope=True, segments=True, positions=True)),
+        ("mosaic_fwd_triton_bwd_packed_rope_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, segments=True, tuning=Tuning(mosaic_dq=False, mosaic_dkv=False))),
     ]
     ok = True
     for name, (B, T, Hq, Hkv, D, dtype), opts in cases:
@@ -150,6 +156,40 @@ def timeit(fn, *args, reps=10):
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
+
+
+def packed_documents(B, T, seed=0, min_len=64, max_len=1024):
+    """int32 [B, T]: documents of uniform random lengths, then 5% padding (segment 0)."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((B, T), np.int32)
+    for b in range(B):
+        t, n, end = 0, 1, int(T * 0.95)
+        while t < end:
+            length = int(rng.integers(min_len, max_len + 1))
+            ids[b, t:min(t + length, end)] = n
+            t, n = t + length, n + 1
+    return jnp.asarray(ids)
+
+
+def bench_packed(T, B, Hq=32, Hkv=8, D=128):
+    """Packed rows (segment ids): the Mosaic kernels against the Triton ones on the same packing,
+    and the Mosaic kernels on the same tokens unpacked (plain causal: what skipping saves)."""
+    q, k, v, do = inputs(B, T, Hq, Hkv, D, jnp.bfloat16)
+    freq, seg = inv_freq(D), packed_documents(B, T)
+    impls = {
+        "ours packed (Mosaic)": lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, segment_ids=seg),
+        "ours packed (Triton)": lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, segment_ids=seg,
+                                                                tuning=Tuning(mosaic_fwd=False)),
+        "ours unpacked causal (Mosaic)": lambda q, k, v: flash_attention(q, k, v, inv_freq=freq),
+    }
+    for name, fn in impls.items():
+        try:
+            f_ms, fb_ms = timeit(jax.jit(fn), q, k, v), timeit(fwd_bwd(fn), q, k, v, do)
+        except Exception as e:
+            record_error(f"packed_{name}_T{T}", e)
+            continue
+        RESULTS.setdefault("packed", []).append(dict(impl=name, T=T, B=B, fwd_ms=f_ms, fwdbwd_ms=fb_ms))
+        log(f"  packed T={T:6d} B={B} {name:32s} fwd {f_ms:8.3f} ms | fwd+bwd {fb_ms:8.3f} ms")
 
 
 def causal_fwd_flops(B, T, Hq, D):
@@ -311,6 +351,12 @@ def main():
             log(f"correctness: {'ALL PASS' if ok else 'FAILURES'}")
             bench_shape(8192, 2, Hq=16, Hkv=8, D=256, impls=["ours (RoPE inside)", "cudnn (pre-rotated)"])
             return
+        if ARGS.packed:  # packing: its checks, then packed timings
+            ok = check_correctness(only="packed")
+            log(f"correctness: {'ALL PASS' if ok else 'FAILURES'}")
+            for T, B in [(2048, 8), (8192, 2)]:
+                bench_packed(T, B)
+            return
         if ARGS.timing_only:  # D=128 at 2k and 8k, chosen implementations, no checks
             for T, B in [(2048, 8), (8192, 2)]:
                 bench_shape(T, B, impls=ARGS.impls.split(";") if ARGS.impls else None)
@@ -345,6 +391,7 @@ if __name__ == "__main__":
     p.add_argument("--skip-32k", action="store_true")
     p.add_argument("--d256-only", action="store_true", help="only the D=256 check and timing")
     p.add_argument("--timing-only", action="store_true", help="only D=128 timings at 2k and 8k")
+    p.add_argument("--packed", action="store_true", help="only the packing checks and packed timings")
     p.add_argument("--impls", default="", help="';'-separated implementation names for the D=128 2k/8k timings")
     ARGS = p.parse_args()
     main()
