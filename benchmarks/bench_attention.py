@@ -107,11 +107,12 @@ def check_correctness(only=None):
         ("mosaic_fwd_dq_triton_dkv_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_dkv=False))),
         # packing on the Mosaic kernels (and the Mosaic forward's lse into the Triton backward)
-        ("mosaic_packed_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16), dict(rope=True, segments=True)),
+        ("mosaic_packed_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, segments=True, tuning=Tuning(mosaic_packed=True))),
         ("mosaic_packed_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
-         dict(rope=True, segments=True, positions=True)),
+         dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_packed=True))),
         ("mosaic_fwd_triton_bwd_packed_rope_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
-         dict(rope=True, segments=True, tuning=Tuning(mosaic_dq=False, mosaic_dkv=False))),
+         dict(rope=True, segments=True, tuning=Tuning(mosaic_packed=True, mosaic_dq=False, mosaic_dkv=False))),
     ]
     ok = True
     for name, (B, T, Hq, Hkv, D, dtype), opts in cases:
@@ -177,7 +178,8 @@ def bench_packed(T, B, Hq=32, Hkv=8, D=128):
     q, k, v, do = inputs(B, T, Hq, Hkv, D, jnp.bfloat16)
     freq, seg = inv_freq(D), packed_documents(B, T)
     impls = {
-        "ours packed (Mosaic)": lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, segment_ids=seg),
+        "ours packed (Mosaic)": lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, segment_ids=seg,
+                                                                tuning=Tuning(mosaic_packed=True)),
         "ours packed (Triton)": lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, segment_ids=seg,
                                                                 tuning=Tuning(mosaic_fwd=False)),
         "ours unpacked causal (Mosaic)": lambda q, k, v: flash_attention(q, k, v, inv_freq=freq),

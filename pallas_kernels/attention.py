@@ -149,6 +149,10 @@ class Tuning:
     # forward runs: None = yes, False = the Triton kernel (fed the Mosaic lse).
     mosaic_dq: bool | None = None
     mosaic_dkv: bool | None = None
+    # Packed rows (segment ids) on the Mosaic kernels too. Off by default until a GPU run has
+    # checked and timed it (done on the CPU only: interpreter + CUDA lowering; attention_NOTES.md
+    # session 5); `bench_attention.py --packed` is that run.
+    mosaic_packed: bool = False
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -766,6 +770,7 @@ def _use_mosaic_forward(cfg, dtype) -> bool:
 
     return (cfg.tuning.mosaic_fwd is not False and not cfg.interpret and cfg.seq_pad == cfg.seq_len
             and (not cfg.rope or cfg.tuning.rope_table_dtype == "float16")
+            and (not cfg.has_segments or cfg.tuning.mosaic_packed)
             and attention_mosaic.supported(head_dim=cfg.head_dim, seq_len=cfg.seq_len, dtype=dtype,
                                            causal=cfg.causal, has_window=cfg.has_window,
                                            has_segments=cfg.has_segments, softcap=cfg.softcap)

@@ -70,17 +70,19 @@ def test_supported_covers_only_what_the_kernel_computes():
 
 @pytest.mark.parametrize("window,mosaic_dq,mosaic_dkv,segments", [
     (None, None, None, False), (None, False, None, False), (None, None, False, False),
-    (None, False, False, False), (64, None, None, False), (None, None, None, True), (None, False, False, True)])
+    (None, False, False, False), (64, None, None, False),
+    (None, None, None, "opt-in"), (None, False, False, "opt-in"), (None, None, None, "default")])
 def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, mosaic_dq, mosaic_dkv, segments):
     """With an sm_90 device (pretended), flash_attention runs the Mosaic forward and the Mosaic dq /
-    dk-dv kernels, packed sequences included (each backward kernel, if turned off in Tuning, the
-    Triton one fed the Mosaic lse); a call they do not cover (a sliding window) stays on the Triton
-    kernels. Lowered for CUDA on the CPU."""
+    dk-dv kernels (each backward kernel, if turned off in Tuning, the Triton one fed the Mosaic
+    lse); packed rows only with Tuning(mosaic_packed=True) (not yet run on a GPU); a call they do
+    not cover (a sliding window) stays on the Triton kernels. Lowered for CUDA on the CPU."""
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     q, k, v, inv_freq = _inputs(2, 256, 4, 2, seed=3)
-    tuning = attn.Tuning(mosaic_dq=mosaic_dq, mosaic_dkv=mosaic_dkv)
+    tuning = attn.Tuning(mosaic_dq=mosaic_dq, mosaic_dkv=mosaic_dkv, mosaic_packed=segments == "opt-in")
     seg = packed_segments(2, 256, seed=4) if segments else None
+    triton = window is not None or segments == "default"
 
     def fwd_bwd(q, k, v):
         f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=window, segment_ids=seg,  # noqa: E731
@@ -89,7 +91,7 @@ def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, m
         return out, vjp(jnp.ones_like(out))
 
     text = jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
-    assert ("flash_attention_dq" in text) == (window is not None or mosaic_dq is False)
-    assert ("flash_attention_dkv" in text) == (window is not None or mosaic_dkv is False)
-    assert ("mosaic_gpu" in text) == (window is None)
-    assert ("flash_attention_fwd" in text) == (window is not None)
+    assert ("flash_attention_dq" in text) == (triton or mosaic_dq is False)
+    assert ("flash_attention_dkv" in text) == (triton or mosaic_dkv is False)
+    assert ("mosaic_gpu" in text) == (not triton)
+    assert ("flash_attention_fwd" in text) == triton
