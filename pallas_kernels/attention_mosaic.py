@@ -78,6 +78,82 @@ def _tiles():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+def rotate_halves(x_parts, c_ref, s_ref, rows, chunk):
+    """In-place RoPE of a [2, rows, D/2] (halves) shared-memory tile by cos/sin [rows, D/2], in
+    `chunk`-row pieces (64: the smallest the WGMMA register layout tiles), float32 math."""
+    for r0 in range(0, rows, chunk):
+        sl = pl.ds(r0, chunk)
+        x1 = x_parts.at[0, sl][...].astype(jnp.float32)
+        x2 = x_parts.at[1, sl][...].astype(jnp.float32)
+        c = c_ref.at[sl][...].astype(jnp.float32)
+        s = s_ref.at[sl][...].astype(jnp.float32)
+        x_parts.at[0, sl][...] = (x1 * c - x2 * s).astype(x_parts.dtype)
+        x_parts.at[1, sl][...] = (x2 * c + x1 * s).astype(x_parts.dtype)
+
+
+def skip_kv_steps(bars, start, stop, stages):
+    """A consumer's steps [start, stop) that only the other consumer needs: wait and arrive anyway,
+    so every barrier phase is observed by every waiter (the interpreter checks it; waiting too, not
+    only arriving as JAX's own kernel does, measured 15% faster at 2k)."""
+    _, kready, vbar, consumed = bars
+
+    def skip(j, _):
+        slot = lax.rem(j, jnp.int32(stages))
+        plgpu.barrier_wait(kready.at[slot])
+        plgpu.barrier_wait(vbar.at[slot])
+        plgpu.barrier_arrive(consumed.at[slot])
+    lax.fori_loop(start, stop, skip, None)
+
+
+def kv_producer(refs, bufs, bars, *, b, tb, kvh, kv_min, kv_max, stages, n_tiles, bk):
+    """The producer warpgroup of the forward and dq kernels: TMA-loads key tiles kv_min..kv_max-1
+    (K halves, cos/sin and segment ids on the "raw" barrier, V on its own) into `stages` slots,
+    rotates each K tile once in shared memory, releases it on "K ready" and refills a slot once both
+    consumers arrived on its "consumed" barrier.
+    refs: (k, v, cos, sin, seg) in GMEM; bufs: (K halves, cos, sin, ids, V) slots; bars: (raw,
+    ready, V, consumed). cos/sin (seg) and their buffers are None without RoPE (segment ids)."""
+    k_ref, v_ref, cos_ref, sin_ref, seg_ref = refs
+    kh, ck, sk, segk, vs = bufs
+    kraw, kready, vbar, consumed = bars
+    half = kh.shape[-1]
+
+    def issue(step, slot):
+        rows = pl.ds(step * bk, bk)
+        for part in range(2):
+            plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh, pl.ds(part * half, half)], kh.at[slot, part], kraw.at[slot])
+        if cos_ref is not None:
+            plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], ck.at[slot], kraw.at[slot])
+            plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sk.at[slot], kraw.at[slot])
+        if seg_ref is not None:
+            plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk.at[slot], kraw.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], vs.at[slot], vbar.at[slot])
+
+    for s_ in range(min(stages, n_tiles)):  # static bound: no out-of-range slice is traced
+        @pl.when(kv_min + s_ < kv_max)
+        def _():
+            issue(kv_min + s_, lax.rem(kv_min + s_, stages))
+
+    def body(j, _):
+        slot = lax.rem(j, jnp.int32(stages))
+        plgpu.barrier_wait(kraw.at[slot])
+        if cos_ref is not None:
+            rotate_halves(kh.at[slot], ck.at[slot], sk.at[slot], bk, 64)
+            plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
+        plgpu.barrier_arrive(kready.at[slot])
+        refill = j - 1 + stages  # the step that goes where step j - 1 was
+
+        @pl.when((j > kv_min) & (refill < kv_max))
+        def _():
+            prev = lax.rem(j - 1, jnp.int32(stages))
+            plgpu.barrier_wait(consumed.at[prev])
+            issue(refill, prev)
+    lax.fori_loop(kv_min, kv_max, body, None)
+
+    def drain(j, _):  # the last steps' slots are not refilled: observe their release anyway
+        plgpu.barrier_wait(consumed.at[lax.rem(j, jnp.int32(stages))])
+    lax.fori_loop(jnp.maximum(kv_max - stages, kv_min), kv_max, drain, None)
+
+
 def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, scale, stages=3, regs=(200, 104), interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16; None: no RoPE), seg [B, T] int32 segment ids or None. Returns o [B, T, Hq, D] and lse
@@ -114,16 +190,6 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, scale, stages=3, re
             return ref[...]
         return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
 
-    def rotate(x_parts, c_ref, s_ref, rows, chunk):
-        for r0 in range(0, rows, chunk):
-            sl = pl.ds(r0, chunk)
-            x1 = x_parts.at[0, sl][...].astype(jnp.float32)
-            x2 = x_parts.at[1, sl][...].astype(jnp.float32)
-            c = c_ref.at[sl][...].astype(jnp.float32)
-            s = s_ref.at[sl][...].astype(jnp.float32)
-            x_parts.at[0, sl][...] = (x1 * c - x2 * s).astype(x_parts.dtype)
-            x_parts.at[1, sl][...] = (x2 * c + x1 * s).astype(x_parts.dtype)
-
     def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref, lse_ref, scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
         (qh, cq, sq, kh, ck, sk, vs, ps, lses, segq, segk), (qbar, kraw, kready, vbar, consumed) = scratch
@@ -150,7 +216,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, scale, stages=3, re
                 plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(q0, bq)], segq.at[wg], my_bar)
             plgpu.barrier_wait(my_bar)
             if rope:
-                rotate(my_q, my_cq, my_sq, bq, bq)
+                rotate_halves(my_q, my_cq, my_sq, bq, bq)
                 plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
             seg_rows = vec(segq.at[wg], 0) if segs else None
             kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
@@ -206,14 +272,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, scale, stages=3, re
             carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (o, m, l))
             o, m, l = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
 
-            def skip(j, _):  # steps the other consumer still needs: keep the barriers' phases in step
-                slot = lax.rem(j, jnp.int32(stages))
-                # waiting too (not only arriving, as JAX's own kernel does) measured 15% faster at 2k
-                # and is what the interpreter requires (every waiter observes every phase)
-                plgpu.barrier_wait(kready.at[slot])
-                plgpu.barrier_wait(vbar.at[slot])
-                plgpu.barrier_arrive(consumed.at[slot])
-            lax.fori_loop(kv_steps, kv_max, skip, None)
+            skip_kv_steps((kraw, kready, vbar, consumed), kv_steps, kv_max, stages)
 
             o = (o / lax.broadcast_in_dim(l, o.shape, [0])).astype(q.dtype)
             for part in range(2):  # out through the Q buffer: every wgmma reading it was waited for
@@ -230,41 +289,9 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, scale, stages=3, re
             if regs and not interp:
                 plgpu.set_max_registers(regs[1], action="decrease")
 
-            def issue(step, slot):
-                rows = pl.ds(step * bk, bk)
-                for part in range(2):
-                    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh, pl.ds(part * half, half)], kh.at[slot, part], kraw.at[slot])
-                if rope:
-                    plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], ck.at[slot], kraw.at[slot])
-                    plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sk.at[slot], kraw.at[slot])
-                if segs:
-                    plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk.at[slot], kraw.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], vs.at[slot], vbar.at[slot])
-
-            for s_ in range(min(stages, T // bk)):  # static bound: no out-of-range slice is traced
-                @pl.when(kv_min + s_ < kv_max)
-                def _():
-                    issue(kv_min + s_, lax.rem(kv_min + s_, stages))
-
-            def body(j, _):
-                slot = lax.rem(j, jnp.int32(stages))
-                plgpu.barrier_wait(kraw.at[slot])
-                if rope:  # 64-row chunks: the smallest the WGMMA register layout tiles
-                    rotate(kh.at[slot], ck.at[slot], sk.at[slot], bk, 64)
-                    plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
-                plgpu.barrier_arrive(kready.at[slot])
-                refill = j - 1 + stages  # the step that goes where step j - 1 was
-
-                @pl.when((j > kv_min) & (refill < kv_max))
-                def _():
-                    prev = lax.rem(j - 1, jnp.int32(stages))
-                    plgpu.barrier_wait(consumed.at[prev])
-                    issue(refill, prev)
-            lax.fori_loop(kv_min, kv_max, body, None)
-
-            def drain(j, _):  # the last steps' slots are not refilled: observe their release anyway
-                plgpu.barrier_wait(consumed.at[lax.rem(j, jnp.int32(stages))])
-            lax.fori_loop(jnp.maximum(kv_max - stages, kv_min), kv_max, drain, None)
+            kv_producer((k_ref, v_ref, cos_ref, sin_ref, seg_ref), (kh, ck, sk, segk, vs),
+                        (kraw, kready, vbar, consumed), b=b, tb=tb, kvh=kvh, kv_min=kv_min, kv_max=kv_max,
+                        stages=stages, n_tiles=T // bk, bk=bk)
 
     def entry(q_ref, k_ref, v_ref, *refs):
         refs = list(refs)

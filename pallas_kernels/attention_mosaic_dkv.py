@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention_mosaic import segment_block_ranges
+from pallas_kernels.attention_mosaic import rotate_halves, segment_block_ranges
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -55,16 +55,6 @@ def supported(*, head_dim, seq_len, dtype, causal, has_window, has_segments, sof
 
 def _tiles():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-
-
-def _rotate(x_parts, c_ref, s_ref):
-    """In-place RoPE of a [2, 64, 64] (halves) shared-memory tile by cos/sin [64, 64]."""
-    x1 = x_parts.at[0][...].astype(jnp.float32)
-    x2 = x_parts.at[1][...].astype(jnp.float32)
-    c = c_ref[...].astype(jnp.float32)
-    s = s_ref[...].astype(jnp.float32)
-    x_parts.at[0][...] = (x1 * c - x2 * s).astype(x_parts.dtype)
-    x_parts.at[1][...] = (x2 * c + x1 * s).astype(x_parts.dtype)
 
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, pipelined=True, stages=2,
@@ -191,7 +181,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, 
             plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], my_seg, bar)
         plgpu.barrier_wait(bar)
         if rope:
-            _rotate(my_k, my_c, my_s)
+            rotate_halves(my_k, my_c, my_s, t, t)
         plgpu.commit_smem()
 
     def accumulate(loop):
@@ -249,7 +239,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, 
                 plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], my_s, my_qbar)
             plgpu.barrier_wait(my_qbar)
             if rope:
-                _rotate(my_q, my_c, my_s)
+                rotate_halves(my_q, my_c, my_s, t, t)
                 plgpu.commit_smem()
             tile_math(accs, my_k, my_v, my_p, my_q, my_do, my_lse, my_delta, k0, q0, masked)
 
@@ -382,7 +372,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, 
                 slot = lax.rem(j, jnp.int32(stages))
                 plgpu.barrier_wait(qraw.at[slot])
                 if rope:
-                    _rotate(qh.at[slot], cq.at[slot], sq.at[slot])
+                    rotate_halves(qh.at[slot], cq.at[slot], sq.at[slot], t, t)
                     plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
                 plgpu.barrier_arrive(qready.at[slot])
                 refill = j - 1 + stages  # the step that goes where step j - 1 was

@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention_mosaic import segment_block_ranges
+from pallas_kernels.attention_mosaic import kv_producer, rotate_halves, segment_block_ranges, skip_kv_steps
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -83,16 +83,6 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, s
             return ref[...]
         return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
 
-    def rotate(x_parts, c_ref, s_ref, rows, chunk):
-        for r0 in range(0, rows, chunk):
-            sl = pl.ds(r0, chunk)
-            x1 = x_parts.at[0, sl][...].astype(jnp.float32)
-            x2 = x_parts.at[1, sl][...].astype(jnp.float32)
-            c = c_ref.at[sl][...].astype(jnp.float32)
-            s = s_ref.at[sl][...].astype(jnp.float32)
-            x_parts.at[0, sl][...] = (x1 * c - x2 * s).astype(x_parts.dtype)
-            x_parts.at[1, sl][...] = (x2 * c + x1 * s).astype(x_parts.dtype)
-
     def dot_t(a, b):  # a [m, k] . b [n, k]^T, for the interpreter
         return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
@@ -127,7 +117,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, s
                 plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq.at[wg], my_bar)
             plgpu.barrier_wait(my_bar)
             if rope:
-                rotate(my_q, my_cq, my_sq, bq, bq)
+                rotate_halves(my_q, my_cq, my_sq, bq, bq)
                 plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
             lse_v = vec(lses.at[wg], 0)
             delta_v = vec(deltas.at[wg], 0)
@@ -185,12 +175,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, s
             carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (zero, zero))
             dq0, dq1 = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
 
-            def skip(j, _):  # steps the other consumer still needs: keep the barriers' phases in step
-                slot = lax.rem(j, jnp.int32(stages))
-                plgpu.barrier_wait(kready.at[slot])
-                plgpu.barrier_wait(vbar.at[slot])
-                plgpu.barrier_arrive(consumed.at[slot])
-            lax.fori_loop(kv_steps, kv_max, skip, None)
+            skip_kv_steps((kraw, kready, vbar, consumed), kv_steps, kv_max, stages)
 
             dq0, dq1 = dq0 * scale, dq1 * scale
             if rope:  # gradient w.r.t. the un-rotated q: the transpose of the rotation
@@ -210,41 +195,9 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, s
             if regs and not interp:
                 plgpu.set_max_registers(regs[1], action="decrease")
 
-            def issue(step, slot):
-                rows = pl.ds(step * bk, bk)
-                for part in range(2):
-                    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh, pl.ds(part * half, half)], kh.at[slot, part], kraw.at[slot])
-                if rope:
-                    plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], ck.at[slot], kraw.at[slot])
-                    plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sk.at[slot], kraw.at[slot])
-                if segs:
-                    plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk.at[slot], kraw.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], vs.at[slot], vbar.at[slot])
-
-            for s_ in range(min(stages, T // bk)):  # static bound: no out-of-range slice is traced
-                @pl.when(kv_min + s_ < kv_max)
-                def _():
-                    issue(kv_min + s_, lax.rem(kv_min + s_, stages))
-
-            def body(j, _):
-                slot = lax.rem(j, jnp.int32(stages))
-                plgpu.barrier_wait(kraw.at[slot])
-                if rope:  # 64-row chunks: the smallest the WGMMA register layout tiles
-                    rotate(kh.at[slot], ck.at[slot], sk.at[slot], bk, 64)
-                    plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
-                plgpu.barrier_arrive(kready.at[slot])
-                refill = j - 1 + stages  # the step that goes where step j - 1 was
-
-                @pl.when((j > kv_min) & (refill < kv_max))
-                def _():
-                    prev = lax.rem(j - 1, jnp.int32(stages))
-                    plgpu.barrier_wait(consumed.at[prev])
-                    issue(refill, prev)
-            lax.fori_loop(kv_min, kv_max, body, None)
-
-            def drain(j, _):  # the last steps' slots are not refilled: observe their release anyway
-                plgpu.barrier_wait(consumed.at[lax.rem(j, jnp.int32(stages))])
-            lax.fori_loop(jnp.maximum(kv_max - stages, kv_min), kv_max, drain, None)
+            kv_producer((k_ref, v_ref, cos_ref, sin_ref, seg_ref), (kh, ck, sk, segk, vs),
+                        (kraw, kready, vbar, consumed), b=b, tb=tb, kvh=kvh, kv_min=kv_min, kv_max=kv_max,
+                        stages=stages, n_tiles=T // bk, bk=bk)
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         refs = list(refs)
