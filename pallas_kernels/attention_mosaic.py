@@ -78,6 +78,35 @@ def _tiles():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+class Values:
+    """Register values of a Mosaic GPU kernel, compiled (explicit WGMMA layouts) or under JAX's
+    Mosaic GPU interpreter (plain arrays: it has no layout_cast and no load with a layout)."""
+
+    def __init__(self, interp: bool):
+        self.interp = interp
+
+    def cast(self, x, layout):
+        return x if self.interp else plgpu.layout_cast(x, layout)
+
+    def iota(self, shape, dim):
+        if self.interp:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def vec(self, ref, dim):
+        """A [n] vector from shared memory, along the rows (dim 0) or columns (dim 1) of a tile."""
+        if self.interp:
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+
+
+def check_regs(regs):
+    """setmaxnreg settings (consumer, producer) for 2 consumer + 1 producer warpgroups, or None."""
+    if regs is not None:
+        assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
+        assert 256 * regs[0] + 128 * regs[1] <= 65536, regs
+
+
 def rotate_halves(x_parts, c_ref, s_ref, rows, chunk):
     """In-place RoPE of a [2, rows, D/2] (halves) shared-memory tile by cos/sin [rows, D/2], in
     `chunk`-row pieces (64: the smallest the WGMMA register layout tiles), float32 math."""
@@ -173,22 +202,12 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, scale, stages=3, re
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     p_smem = interp  # the interpreter has no register A operand for wgmma
-    if regs is not None:
-        assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
-        assert 256 * regs[0] + 128 * regs[1] <= 65536, regs
-
-    def cast(x, layout):
-        return x if interp else plgpu.layout_cast(x, layout)
+    check_regs(regs)
+    val = Values(interp)
+    cast, vec = val.cast, val.vec
 
     def iota(dim):
-        if interp:
-            return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
-        return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=plgpu.Layout.WGMMA)
-
-    def vec(ref, dim):  # a [n] vector along the rows (dim 0) or columns (dim 1) of a WGMMA tile
-        if interp:
-            return ref[...]
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+        return val.iota((bq, bk), dim)
 
     def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref, lse_ref, scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments

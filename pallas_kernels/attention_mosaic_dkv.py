@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention_mosaic import rotate_halves, segment_block_ranges
+from pallas_kernels.attention_mosaic import Values, check_regs, rotate_halves, segment_block_ranges
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -80,23 +80,16 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, 
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     nq = T // t
-    if regs is not None:
-        assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
-        assert 256 * regs[0] + 128 * regs[1] <= 65536, regs
+    check_regs(regs)
     use_regs = pipelined and regs is not None and not interp
     if p_regs is None:
         p_regs = pipelined and not interp
     assert not (p_regs and (interp or not pipelined)), "p_regs: the compiled pipelined kernel only"
+    val = Values(interp)
+    vec = val.vec  # dim 0: along the keys (rows), 1: the queries (columns) of a [keys, queries] tile
 
     def iota(dim):
-        if interp:
-            return lax.broadcasted_iota(jnp.int32, (t, t), dim)
-        return plgpu.broadcasted_iota(jnp.int32, (t, t), dim, layout=plgpu.Layout.WGMMA)
-
-    def vec(ref, dim):  # a [t] vector along the rows (dim 0: keys) or columns (dim 1: queries)
-        if interp:
-            return ref[...]
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+        return val.iota((t, t), dim)
 
     def col_vec(ref):
         return vec(ref, 1)

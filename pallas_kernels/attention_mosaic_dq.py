@@ -31,7 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention_mosaic import kv_producer, rotate_halves, segment_block_ranges, skip_kv_steps
+from pallas_kernels.attention_mosaic import (Values, check_regs, kv_producer, rotate_halves, segment_block_ranges,
+                                             skip_kv_steps)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -66,22 +67,12 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, s
         stages = 2 if rope else 3
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
-    if regs is not None:
-        assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
-        assert 256 * regs[0] + 128 * regs[1] <= 65536, regs
-
-    def cast(x, layout):
-        return x if interp else plgpu.layout_cast(x, layout)
+    check_regs(regs)
+    val = Values(interp)
+    cast, vec = val.cast, val.vec
 
     def iota(dim):
-        if interp:
-            return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
-        return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=plgpu.Layout.WGMMA)
-
-    def vec(ref, dim):  # a [n] vector along the rows (dim 0) or columns (dim 1) of a WGMMA tile
-        if interp:
-            return ref[...]
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+        return val.iota((bq, bk), dim)
 
     def dot_t(a, b):  # a [m, k] . b [n, k]^T, for the interpreter
         return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
