@@ -691,35 +691,35 @@ def _flash(cfg, q, k, v, aux):
 
 
 def _flash_fwd(cfg, q, k, v, aux):
-    if cfg.mosaic_fwd:  # unpadded shapes by construction (supported(): D = 128, T % 128 == 0)
-        out, lse = attention_mosaic.mosaic_forward(q, k, v, aux.get("cos"), aux.get("sin"), aux.get("seg"),
-                                                   scale=cfg.scale)
-        return out, (q, k, v, aux, out, lse)  # lse [B, Hq, T]
-    out, lse = _forward(cfg, _pad(q, cfg), _pad(k, cfg), _pad(v, cfg), aux)
+    padded = _pad(q, cfg), _pad(k, cfg), _pad(v, cfg)
+    if cfg.mosaic_fwd:  # D = 128, so only T is padded (to a multiple of 128)
+        out, lse = attention_mosaic.mosaic_forward(*padded, aux.get("cos"), aux.get("sin"), aux.get("seg"),
+                                                   scale=cfg.scale)  # lse [B, Hq, Tp]
+    else:
+        out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)
-    return out, (q, k, v, aux, out, lse)  # lse [B, Tp, Hq]
+    return out, (q, k, v, aux, out, lse)
 
 
 def _flash_bwd(cfg, res, dout):
     q, k, v, aux, out, lse = res
     dout = dout.astype(q.dtype)
     # delta = rowsum(dO * O): the softmax-gradient row term, a cheap fused XLA reduction.
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, T, Hq]
-    # The Triton kernels take padded [B, Tp, Hq] rows, the Mosaic ones [B, Hq, T] (never padded);
-    # XLA drops whichever layout no kernel reads.
-    lse_t = jnp.swapaxes(lse, 1, 2) if cfg.mosaic_fwd else lse
-    delta_t = _pad_rows(delta, cfg)
-    padded = (_pad(q, cfg), _pad(k, cfg), _pad(v, cfg), aux, _pad(dout, cfg), lse_t, delta_t)
-    mosaic = (q, k, v, dout, lse, jnp.swapaxes(delta, 1, 2), aux.get("cos"), aux.get("sin"), aux.get("seg"))
+    delta = _pad_rows(jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), cfg)  # [B, Tp, Hq]
+    # Padded rows have dO = 0 and delta = 0, so they add nothing to dk/dv. The Triton kernels take
+    # lse/delta as [B, Tp, Hq], the Mosaic ones as [B, Hq, Tp]; XLA drops the layout no kernel reads.
+    qp, kp, vp, dop = _pad(q, cfg), _pad(k, cfg), _pad(v, cfg), _pad(dout, cfg)
+    triton = (qp, kp, vp, aux, dop, jnp.swapaxes(lse, 1, 2) if cfg.mosaic_fwd else lse, delta)
+    mosaic = (qp, kp, vp, dop, lse, jnp.swapaxes(delta, 1, 2), aux.get("cos"), aux.get("sin"), aux.get("seg"))
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, scale=cfg.scale)
     else:
-        dq = _unpad(_backward_dq(cfg, *padded), cfg)
+        dq = _backward_dq(cfg, *triton)
     if cfg.mosaic_dkv:
         dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, scale=cfg.scale)
     else:
-        dk, dv = (_unpad(x, cfg) for x in _backward_dkv(cfg, *padded))
-    return dq, dk, dv, jax.tree_util.tree_map(_zero_cotangent, aux)
+        dk, dv = _backward_dkv(cfg, *triton)
+    return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
 
 
 def _zero_cotangent(x):
@@ -764,14 +764,16 @@ def _resolve_tuning(T, P, G, itemsize, tuning, block_q, block_k):
 
 
 def _use_mosaic_forward(cfg, dtype) -> bool:
-    """The Mosaic GPU forward where it computes the same thing and the device is sm_90 (it measured
-    1.5x the Triton forward on the H100: attention_NOTES.md session 4)."""
+    """The Mosaic GPU kernels where they compute the same thing and the device is sm_90 (the forward
+    measured 1.5x the Triton one on the H100, attention_NOTES.md session 4; the backward 1.3x, session
+    5). T is padded to the Triton blocks' multiple, which for D = 128 is 128 (causal masking hides
+    the padded keys)."""
     from unsloth_jax.compat import is_sm90
 
-    return (cfg.tuning.mosaic_fwd is not False and not cfg.interpret and cfg.seq_pad == cfg.seq_len
+    return (cfg.tuning.mosaic_fwd is not False and not cfg.interpret and cfg.head_pad == cfg.head_dim
             and (not cfg.rope or cfg.tuning.rope_table_dtype == "float16")
             and (not cfg.has_segments or cfg.tuning.mosaic_packed)
-            and attention_mosaic.supported(head_dim=cfg.head_dim, seq_len=cfg.seq_len, dtype=dtype,
+            and attention_mosaic.supported(head_dim=cfg.head_dim, seq_len=cfg.seq_pad, dtype=dtype,
                                            causal=cfg.causal, has_window=cfg.has_window,
                                            has_segments=cfg.has_segments, softcap=cfg.softcap)
             and is_sm90())
