@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -82,14 +84,38 @@ def profile_steps(run_step, out_dir, n=2, top=30):
         print(f"PROFILE {us / n / 1e3:8.2f} ms/step {100 * us / all_us:5.1f}% x{counts[name] // n:4d}  {name[:110]}")
 
 
-def run_one(shape, policy, batch, seq, steps, warmup, quant, profile_dir=None):
+def use_mosaic_packed():
+    """Route packed rows (segment ids) to the Mosaic attention kernels too. The training batches
+    always carry segment ids (padding is segment 0), so without this the step's attention is the
+    Triton kernels on every GPU (flash_attention's Tuning.mosaic_packed default)."""
+    import dataclasses
+
+    from pallas_kernels import attention
+
+    default = attention.default_tuning
+    attention.default_tuning = lambda *a, **k: dataclasses.replace(default(*a, **k), mosaic_packed=True)
+
+
+def packed_segment_ids(rng, shape, docs):
+    """Segment ids of rows packed with documents of uniform random lengths in docs=(min, max)."""
+    ids = np.zeros(shape, np.int32)
+    for row in np.ndindex(shape[:-1]):
+        t, n = 0, 1
+        while t < shape[-1]:
+            length = int(rng.integers(docs[0], docs[1] + 1))
+            ids[row + (slice(t, t + length),)] = n
+            t, n = t + length, n + 1
+    return ids
+
+
+def run_one(shape, policy, batch, seq, steps, warmup, quant, profile_dir=None, docs=None):
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from unsloth_jax.lora import add_lora
     from unsloth_jax.models import Decoder, ModelConfig
+    from unsloth_jax.models.decoder import default_positions
     from unsloth_jax.train.optim import make_optimizer
     from unsloth_jax.train.step import init_state, make_train_step, split_model
 
@@ -115,8 +141,9 @@ def run_one(shape, policy, batch, seq, steps, warmup, quant, profile_dir=None):
     def batch_of():
         ids = rng.integers(0, cfg.vocab_size, (1, batch, seq)).astype(np.int32)
         labels = np.concatenate([ids[..., 1:], np.full((1, batch, 1), -100, np.int32)], -1)
-        pos = np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()
-        return {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids), "positions": pos}
+        seg = packed_segment_ids(rng, ids.shape, docs) if docs else np.ones_like(ids)
+        pos = np.asarray(default_positions(seg.reshape(batch, seq).shape, seg.reshape(batch, seq))).reshape(seg.shape)
+        return {"input_ids": ids, "labels": labels, "segment_ids": seg, "positions": pos}
 
     batches = [jax.device_put(batch_of()) for _ in range(2)]
     # The step's own footprint (arguments + XLA temporaries), free of the random-init transients
@@ -158,7 +185,7 @@ def run_one(shape, policy, batch, seq, steps, warmup, quant, profile_dir=None):
             "mfu": flops / (peak_rate * 1e12), "model_tflops": flops / 1e12, "matmul_tflops": peak_rate,
             "compile_s": compile_s, "loss_first": losses[0], "loss_last": losses[-1],
             "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-            "kernels": os.environ.get("UNSLOTH_JAX_KERNELS", "default")}
+            "kernels": os.environ.get("UNSLOTH_JAX_KERNELS", "default"), "docs": docs}
 
 
 def matrix(args):
@@ -168,6 +195,8 @@ def matrix(args):
             for quant in args.quants.split(","):
                 cmd = [sys.executable, __file__, "--shape", shape, "--policy", policy, "--quant", quant,
                        "--batch", str(DEFAULT_BATCH[shape]), "--seq", str(args.seq), "--steps", str(args.steps)]
+                cmd += ["--docs", args.docs] if args.docs else []
+                cmd += ["--mosaic-packed"] if args.mosaic_packed else []
                 t = time.perf_counter()
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                 lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
@@ -208,12 +237,19 @@ def main():
     p.add_argument("--timeout", type=int, default=240)
     p.add_argument("--out", default=None, help="write the rows as JSONL here")
     p.add_argument("--profile", default=None, help="also trace 2 steps into this folder and print the top GPU kernels")
+    p.add_argument("--docs", default=None, help="MIN,MAX: pack rows with documents of random lengths (segment ids)")
+    p.add_argument("--mosaic-packed", action="store_true",
+                   help="attention on the Mosaic kernels for segment ids too (Tuning.mosaic_packed)")
     args = p.parse_args()
     if args.matrix:
         return matrix(args)
     batch = args.batch or DEFAULT_BATCH[args.shape]
-    print("RESULT " + json.dumps(run_one(args.shape, args.policy, batch, args.seq, args.steps, args.warmup,
-                                         args.quant, args.profile)), flush=True)
+    if args.mosaic_packed:
+        use_mosaic_packed()
+    docs = tuple(int(x) for x in args.docs.split(",")) if args.docs else None
+    row = run_one(args.shape, args.policy, batch, args.seq, args.steps, args.warmup, args.quant, args.profile, docs)
+    row["mosaic_packed"] = args.mosaic_packed
+    print("RESULT " + json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
