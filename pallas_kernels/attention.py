@@ -142,8 +142,8 @@ class Tuning:
     # with every K (or Q) tile, so float16 halves those bytes; its rounding (2^-12 absolute)
     # is far below the bf16 rounding of the rotated q/k. float32 inputs always use float32.
     rope_table_dtype: str = "float16"
-    # The forward as the Mosaic GPU kernel (attention_mosaic.py) where it applies on an sm_90
-    # GPU: None = yes when available, False = always the Triton forward.
+    # The Mosaic GPU kernels (attention_mosaic*.py) where they apply on an sm_90 GPU: None = yes
+    # when available, False = always the Triton kernels (forward and backward).
     mosaic_fwd: bool | None = None
     # dq and dk/dv as the Mosaic GPU kernels (attention_mosaic_dq.py, _dkv.py) where the Mosaic
     # forward runs: None = yes, False = the Triton kernel (fed the Mosaic lse).
@@ -763,7 +763,7 @@ def _resolve_tuning(T, P, G, itemsize, tuning, block_q, block_k):
     return tn, -(-T // step) * step
 
 
-def _use_mosaic_forward(cfg, dtype) -> bool:
+def _use_mosaic(cfg, dtype) -> bool:
     """The Mosaic GPU kernels where they compute the same thing and the device is sm_90 (the forward
     measured 1.5x the Triton one on the H100, attention_NOTES.md session 4; the backward 1.3x, session
     5). T is padded to the Triton blocks' multiple, which for D = 128 is 128 (causal masking hides
@@ -802,7 +802,7 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
                softcap=None if logit_softcap is None else float(logit_softcap),
                scale=float(D ** -0.5 if scale is None else scale), tuning=tn,
                interpret=bool(interpret))
-    mosaic_fwd = _use_mosaic_forward(cfg, q.dtype)
+    mosaic_fwd = _use_mosaic(cfg, q.dtype)
     cfg = dataclasses.replace(cfg, mosaic_fwd=mosaic_fwd, mosaic_dq=mosaic_fwd and tn.mosaic_dq is not False,
                               mosaic_dkv=mosaic_fwd and tn.mosaic_dkv is not False)
     aux = {}
