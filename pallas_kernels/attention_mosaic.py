@@ -158,9 +158,11 @@ def kv_producer(refs, bufs, bars, *, b, tb, kvh, kv_min, kv_max, stages, n_tiles
         plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], vs.at[slot], vbar.at[slot])
 
     for s_ in range(min(stages, n_tiles)):  # static bound: no out-of-range slice is traced
-        @pl.when(kv_min + s_ < kv_max)
+        first = kv_min + s_  # a Python int (static slot) unless segments moved the start
+
+        @pl.when(first < kv_max)
         def _():
-            issue(kv_min + s_, lax.rem(kv_min + s_, stages))
+            issue(first, first % stages if isinstance(first, int) else lax.rem(first, jnp.int32(stages)))
 
     def body(j, _):
         slot = lax.rem(j, jnp.int32(stages))
