@@ -11,7 +11,9 @@ if [[ $PHASES == *variants* ]]; then
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
   run --kernel dq
   run --kernel dq --kwargs '{"regs": [200, 104]}' --no-baseline
-  dkv_variants=('{}' '{"pipelined": true, "regs": null}' '{"pipelined": true, "p_regs": true, "regs": null}')
+  # the default (pipelined, P^T in registers, setmaxnreg 200/104), then the rows of RESULTS.md 0000
+  dkv_variants=('{}' '{"regs": null}' '{"regs": [208, 96]}' '{"p_regs": false, "regs": null}'
+                '{"p_regs": false, "regs": [216, 80]}' '{"pipelined": false}')
   for kw in "${dkv_variants[@]}"; do
     run --kernel dkv --kwargs "$kw" --no-baseline
   done
