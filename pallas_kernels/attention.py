@@ -694,7 +694,7 @@ def _flash_fwd(cfg, q, k, v, aux):
     padded = _pad(q, cfg), _pad(k, cfg), _pad(v, cfg)
     if cfg.mosaic_fwd:  # D = 128, so only T is padded (to a multiple of 128)
         out, lse = attention_mosaic.mosaic_forward(*padded, aux.get("cos"), aux.get("sin"), aux.get("seg"),
-                                                   scale=cfg.scale)  # lse [B, Hq, Tp]
+                                                   ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale)  # lse [B, Hq, Tp]
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)
@@ -712,11 +712,11 @@ def _flash_bwd(cfg, res, dout):
     triton = (qp, kp, vp, aux, dop, jnp.swapaxes(lse, 1, 2) if cfg.mosaic_fwd else lse, delta)
     mosaic = (qp, kp, vp, dop, lse, jnp.swapaxes(delta, 1, 2), aux.get("cos"), aux.get("sin"), aux.get("seg"))
     if cfg.mosaic_dq:
-        dq = attention_mosaic_dq.mosaic_dq(*mosaic, scale=cfg.scale)
+        dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale)
     else:
         dq = _backward_dq(cfg, *triton)
     if cfg.mosaic_dkv:
-        dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, scale=cfg.scale)
+        dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale)
     else:
         dk, dv = _backward_dkv(cfg, *triton)
     return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
@@ -817,6 +817,8 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
         aux["cos"], aux["sin"] = jnp.cos(angles).astype(table), jnp.sin(angles).astype(table)
     if cfg.has_segments:
         aux["seg"] = _pad_rows(segment_ids.astype(jnp.int32), cfg, _PAD_SEGMENT)
+        if cfg.mosaic_fwd:  # once per call (a residual, so the backward does not sort again)
+            aux["mosaic_q_ranges"], aux["mosaic_k_ranges"] = attention_mosaic.segment_ranges(aux["seg"])
     return _flash(cfg, q, k, v, aux)
 
 

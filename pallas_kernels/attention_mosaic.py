@@ -56,14 +56,15 @@ def _first_and_last_occurrence(seg):
     return jnp.take_along_axis(first, inverse, axis=-1), jnp.take_along_axis(last, inverse, axis=-1)
 
 
-def segment_block_ranges(seg, rows, cols, *, by_key=False):
+def segment_block_ranges(seg, rows, cols, *, by_key=False, occurrences=None):
     """int32 [B, T // rows, 2]: for each block of `rows` queries (by_key: keys), the range [lo, hi)
     of `cols`-sized key (query) blocks that can hold a pair left visible by causal masking with
     segment ids [B, T]. A query sees no key before the first occurrence of its id, a key no query
     after the last one: exact for contiguous segments (what packing makes, padding included),
-    conservative for any other ids (the kernels mask every tile by segment)."""
+    conservative for any other ids (the kernels mask every tile by segment). occurrences: seg's
+    `_first_and_last_occurrence`, if already computed."""
     B, T = seg.shape
-    first, last = _first_and_last_occurrence(seg)
+    first, last = occurrences if occurrences is not None else _first_and_last_occurrence(seg)
     r0 = jnp.arange(T // rows) * rows
     if by_key:  # queries from the diagonal to the last one sharing a key's id
         lo = jnp.broadcast_to(r0 // cols, (B, T // rows))
@@ -74,7 +75,15 @@ def segment_block_ranges(seg, rows, cols, *, by_key=False):
     return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
 
 
-def _tiles():
+def segment_ranges(seg):
+    """The block ranges all three Mosaic kernels take, from one pass over seg: (per 128-query CTA
+    of the forward and dq kernels, in 64-key tiles; per 128-key CTA of dk/dv, in 64-query tiles)."""
+    occ = _first_and_last_occurrence(seg)
+    return (segment_block_ranges(seg, BLOCK_Q, BLOCK_K, occurrences=occ),
+            segment_block_ranges(seg, BLOCK_Q, BLOCK_K, by_key=True, occurrences=occ))
+
+
+def smem_tiles():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
@@ -185,9 +194,10 @@ def kv_producer(refs, bufs, bars, *, b, tb, kvh, kv_min, kv_max, stages, n_tiles
     lax.fori_loop(jnp.maximum(kv_max - stages, kv_min), kv_max, drain, None)
 
 
-def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, scale, stages=3, regs=(200, 104), interpret=None):
+def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=3, regs=(200, 104), interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
-    (float16; None: no RoPE), seg [B, T] int32 segment ids or None. Returns o [B, T, Hq, D] and lse
+    (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
+    if already computed). Returns o [B, T, Hq, D] and lse
     [B, Hq, T] (log2-sum-exp2 of the scores times scale * log2(e), as the Triton kernels keep it).
 
     stages: K/V slots in flight (3 fits shared memory because the output leaves through the
@@ -319,7 +329,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, scale, stages=3, re
         cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
         seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
         o_ref, lse_ref = refs
-        smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=_tiles())  # noqa: E731
+        smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
         table = (lambda shape: smem(shape, cos.dtype)) if rope else (lambda shape: None)
         buffers = (smem((2, 2, bq, half), q.dtype), table((2, bq, half)), table((2, bq, half)),
                    smem((stages, 2, bk, half), k.dtype), table((stages, bk, half)),
@@ -345,5 +355,5 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, scale, stages=3, re
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
-    extra = ((cos, sin) if rope else ()) + ((seg, segment_block_ranges(seg, cta_q, bk)) if segs else ())
+    extra = ((cos, sin) if rope else ()) + ((seg, segment_ranges(seg)[0] if ranges is None else ranges) if segs else ())
     return f(q, k, v, *extra)

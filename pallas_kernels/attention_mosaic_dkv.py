@@ -16,7 +16,7 @@ rotate their K once, and V); a producer TMA-loads per step one 64-row query tile
 dO, lse, delta rows) into `stages` slots, rotates Q once in shared memory for both consumers and
 releases it on a "ready" barrier; dO/lse/delta are waited on directly by the consumers, which hand
 each slot back on a "consumed" barrier. Packing (segment ids, pipelined only): each CTA stops after
-the last query tile sharing a segment with its keys (the forward's `segment_block_ranges`) and
+the last query tile sharing a segment with its keys (`attention_mosaic.segment_ranges`) and
 every tile is masked by segment. The consumer of the upper 64 keys has nothing to do on
 the first query tile of each head (entirely above its diagonal) and only keeps the barriers' phases
 in step there. pipelined=False: the two warpgroups work independently, single-buffered, each loading and
@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention_mosaic import Values, check_regs, rotate_halves, segment_block_ranges
+from pallas_kernels.attention_mosaic import Values, check_regs, rotate_halves, segment_ranges, smem_tiles
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -48,21 +48,12 @@ BLOCK_K = 128  # key rows per CTA (two warpgroups of 64)
 TILE = 64      # key rows per consumer and query rows per step
 
 
-def supported(*, head_dim, seq_len, dtype, causal, has_window, has_segments, softcap) -> bool:
-    return (head_dim == HEAD_DIM and seq_len % BLOCK_K == 0 and causal and not has_window
-            and not has_segments and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
-
-
-def _tiles():
-    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-
-
-def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, pipelined=True, stages=2,
+def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, pipelined=True, stages=2,
                regs=(200, 104), p_regs=None, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
-    or None (pipelined only). Returns dk, dv (k's shape and dtype), dk the gradient w.r.t. the
+    or None (pipelined only; ranges: segment_ranges(seg)[1] if already computed). Returns dk, dv (k's shape and dtype), dk the gradient w.r.t. the
     un-rotated k.
 
     stages: query-tile slots in flight (pipelined). regs: (consumer, producer) registers per thread
@@ -386,7 +377,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, 
         cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
         seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
         dk_ref, dv_ref = refs
-        smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=_tiles())  # noqa: E731
+        smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
         table = (lambda n: smem((n, t, half), cos.dtype)) if rope else (lambda n: None)
         k_loads = 3 + (2 if rope else 0) + (1 if segs else 0)  # K halves, V (+ cos, sin) (+ ids)
         kv_bufs = (smem((2, 2, t, half), k.dtype), smem((2, t, D), v.dtype))
@@ -421,5 +412,5 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, 
         thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
-    extra = ((cos, sin) if rope else ()) + ((seg, segment_block_ranges(seg, BLOCK_K, t, by_key=True)) if segs else ())
+    extra = ((cos, sin) if rope else ()) + ((seg, segment_ranges(seg)[1] if ranges is None else ranges) if segs else ())
     return f(q, k, v, do, lse, delta, *extra)

@@ -15,7 +15,7 @@ Structure: grid (Hq, T/128, B), three warpgroups per CTA (128 query rows of one 
   un-rotated (the transpose of the rotation) and written through the Q buffer.
   Causal: only the last step (the diagonal 64x64 tile) is masked; the consumer of the lower rows
   runs one step fewer and keeps the barriers' phases in step for the other. Packing (segment ids):
-  the CTA starts at its first key tile sharing a segment (the forward's `segment_block_ranges`) and
+  the CTA starts at its first key tile sharing a segment (`attention_mosaic.segment_ranges`) and
   every tile is masked by segment.
 
 Under JAX's Mosaic GPU interpreter (no `layout_cast`, transposed wgmma operand, register A operand,
@@ -31,8 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention_mosaic import (Values, check_regs, kv_producer, rotate_halves, segment_block_ranges,
-                                             skip_kv_steps)
+from pallas_kernels.attention_mosaic import (Values, check_regs, kv_producer, rotate_halves, segment_ranges,
+                                             skip_kv_steps, smem_tiles)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -40,16 +40,12 @@ BLOCK_Q = 128  # query rows per CTA (two consumer warpgroups of 64)
 BLOCK_K = 64
 
 
-def _tiles():
-    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-
-
-def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, stages=None, regs=None,
+def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=None,
               interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
-    or None. Returns dq in q's shape and
+    or None (ranges: segment_ranges(seg)[0] if already computed). Returns dq in q's shape and
     dtype (the gradient w.r.t. the un-rotated q).
 
     stages: K/V slots in flight; None: 2 with RoPE (3 would need 248 KB of shared memory, over
@@ -195,7 +191,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, s
         cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
         seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
         (dq_ref,) = refs
-        smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=_tiles())  # noqa: E731
+        smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
         table = (lambda shape: smem(shape, cos.dtype)) if rope else (lambda shape: None)
         buffers = (smem((2, 2, bq, half), q.dtype), smem((2, bq, D), do.dtype),
                    table((2, bq, half)), table((2, bq, half)),
@@ -222,5 +218,5 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, scale, s
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
-    extra = ((cos, sin) if rope else ()) + ((seg, segment_block_ranges(seg, cta_q, bk)) if segs else ())
+    extra = ((cos, sin) if rope else ()) + ((seg, segment_ranges(seg)[0] if ranges is None else ranges) if segs else ())
     return f(q, k, v, do, lse, delta, *extra)
