@@ -84,16 +84,16 @@ def profile_steps(run_step, out_dir, n=2, top=30):
         print(f"PROFILE {us / n / 1e3:8.2f} ms/step {100 * us / all_us:5.1f}% x{counts[name] // n:4d}  {name[:110]}")
 
 
-def use_mosaic_packed():
-    """Route packed rows (segment ids) to the Mosaic attention kernels too. The training batches
-    always carry segment ids (padding is segment 0), so without this the step's attention is the
-    Triton kernels on every GPU (flash_attention's Tuning.mosaic_packed default)."""
+def use_triton_packed():
+    """Route packed rows (segment ids) to the Triton attention kernels, as before session 6. The
+    training batches always carry segment ids (padding is segment 0), so this turns the Mosaic
+    kernels off for the whole step: the A/B of what they bring (Tuning.mosaic_packed)."""
     import dataclasses
 
     from pallas_kernels import attention
 
     default = attention.default_tuning
-    attention.default_tuning = lambda *a, **k: dataclasses.replace(default(*a, **k), mosaic_packed=True)
+    attention.default_tuning = lambda *a, **k: dataclasses.replace(default(*a, **k), mosaic_packed=False)
 
 
 def packed_segment_ids(rng, shape, docs):
@@ -196,7 +196,7 @@ def matrix(args):
                 cmd = [sys.executable, __file__, "--shape", shape, "--policy", policy, "--quant", quant,
                        "--batch", str(DEFAULT_BATCH[shape]), "--seq", str(args.seq), "--steps", str(args.steps)]
                 cmd += ["--docs", args.docs] if args.docs else []
-                cmd += ["--mosaic-packed"] if args.mosaic_packed else []
+                cmd += ["--triton-packed"] if args.triton_packed else []
                 t = time.perf_counter()
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                 lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
@@ -238,17 +238,17 @@ def main():
     p.add_argument("--out", default=None, help="write the rows as JSONL here")
     p.add_argument("--profile", default=None, help="also trace 2 steps into this folder and print the top GPU kernels")
     p.add_argument("--docs", default=None, help="MIN,MAX: pack rows with documents of random lengths (segment ids)")
-    p.add_argument("--mosaic-packed", action="store_true",
-                   help="attention on the Mosaic kernels for segment ids too (Tuning.mosaic_packed)")
+    p.add_argument("--triton-packed", action="store_true",
+                   help="attention with segment ids on the Triton kernels, not Mosaic (Tuning.mosaic_packed=False)")
     args = p.parse_args()
     if args.matrix:
         return matrix(args)
     batch = args.batch or DEFAULT_BATCH[args.shape]
-    if args.mosaic_packed:
-        use_mosaic_packed()
+    if args.triton_packed:
+        use_triton_packed()
     docs = tuple(int(x) for x in args.docs.split(",")) if args.docs else None
     row = run_one(args.shape, args.policy, batch, args.seq, args.steps, args.warmup, args.quant, args.profile, docs)
-    row["mosaic_packed"] = args.mosaic_packed
+    row["mosaic_packed"] = not args.triton_packed
     print("RESULT " + json.dumps(row), flush=True)
 
 

@@ -149,10 +149,10 @@ class Tuning:
     # forward runs: None = yes, False = the Triton kernel (fed the Mosaic lse).
     mosaic_dq: bool | None = None
     mosaic_dkv: bool | None = None
-    # Packed rows (segment ids) on the Mosaic kernels too. Off by default until a GPU run has
-    # checked and timed it (done on the CPU only: interpreter + CUDA lowering; attention_NOTES.md
-    # session 5); `bench_attention.py --packed` is that run.
-    mosaic_packed: bool = False
+    # Packed rows (segment ids) on the Mosaic kernels too (they skip the key tiles of other
+    # documents). False = packed rows take the Triton kernels. GPU-checked and timed by
+    # `bench_attention.py --packed` (attention_NOTES.md session 6).
+    mosaic_packed: bool = True
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
