@@ -106,6 +106,13 @@ def check_correctness(only=None):
          dict(rope=True, tuning=Tuning(mosaic_dq=False, mosaic_dkv=False))),
         ("mosaic_fwd_dq_triton_dkv_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_dkv=False))),
+        # RoPE where it is not the default: in the Mosaic kernels, by XLA before the Triton ones
+        ("mosaic_rope_in_kernel_positions_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, positions=True, tuning=Tuning(rope_in_kernel=True))),
+        ("mosaic_packed_rope_in_kernel_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, segments=True, tuning=Tuning(rope_in_kernel=True))),
+        ("triton_rope_by_xla_segments_gqa4_d64_bf16", (2, 300, 8, 2, 64, jnp.bfloat16),
+         dict(rope=True, segments=True, tuning=Tuning(rope_in_kernel=False))),
         # packing on the Mosaic kernels (and the Mosaic forward's lse into the Triton backward)
         ("mosaic_packed_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, tuning=Tuning(mosaic_packed=True))),
@@ -218,14 +225,20 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def cudnn_rope(q, k, v):
         return cudnn(*rope_outside(q, k), v)
 
-    def ours(q, k, v):
+    def ours(q, k, v):  # the defaults: on sm_90 RoPE by XLA just before the Mosaic kernels
         return flash_attention(q, k, v, inv_freq=freq)
+
+    def ours_rope_in_kernel(q, k, v):
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(rope_in_kernel=True))
 
     def ours_norope(q, k, v):
         return flash_attention(q, k, v)
 
-    def ours_triton(q, k, v):  # the Triton forward even where the Mosaic one applies
+    def ours_triton(q, k, v):  # the Triton kernels even where the Mosaic ones apply
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd=False))
+
+    def ours_triton_rope_xla(q, k, v):
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd=False, rope_in_kernel=False))
 
     def ours_triton_bwd(q, k, v):  # the Mosaic forward, the Triton backward
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dq=False, mosaic_dkv=False))
@@ -256,11 +269,13 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         return (lambda q, k, v: mgpu.attention(q, k, v, cfg)), (f16(qr), f16(kr), f16(v))
 
     table = {
-        "ours (RoPE inside)": (ours, (q, k, v)),
+        "ours": (ours, (q, k, v)),
+        "ours, RoPE in kernel": (ours_rope_in_kernel, (q, k, v)),
         "ours (no RoPE)": (ours_norope, (q, k, v)),
-        "ours, Triton fwd (RoPE inside)": (ours_triton, (q, k, v)),
-        "ours, Triton bwd (RoPE inside)": (ours_triton_bwd, (q, k, v)),
-        "ours, Triton dk/dv (RoPE inside)": (ours_triton_dkv, (q, k, v)),
+        "ours, Triton (RoPE in kernel)": (ours_triton, (q, k, v)),
+        "ours, Triton (RoPE by XLA)": (ours_triton_rope_xla, (q, k, v)),
+        "ours, Triton bwd": (ours_triton_bwd, (q, k, v)),
+        "ours, Triton dk/dv": (ours_triton_dkv, (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),
@@ -351,7 +366,7 @@ def main():
         if ARGS.d256_only:  # re-check and re-time the D=256 defaults only
             ok = check_correctness(only="d256")
             log(f"correctness: {'ALL PASS' if ok else 'FAILURES'}")
-            bench_shape(8192, 2, Hq=16, Hkv=8, D=256, impls=["ours (RoPE inside)", "cudnn (pre-rotated)"])
+            bench_shape(8192, 2, Hq=16, Hkv=8, D=256, impls=["ours", "cudnn (pre-rotated)"])
             return
         if ARGS.packed:  # packing: its checks, then packed timings
             ok = check_correctness(only="packed")
@@ -359,7 +374,10 @@ def main():
             for T, B in [(2048, 8), (8192, 2)]:
                 bench_packed(T, B)
             return
-        if ARGS.timing_only:  # D=128 at 2k and 8k, chosen implementations, no checks
+        if ARGS.timing_only:  # D=128 at 2k and 8k, chosen implementations (checks only with --checks)
+            if ARGS.checks is not None:
+                ok = check_correctness(only=ARGS.checks or None)
+                log(f"correctness: {'ALL PASS' if ok else 'FAILURES'} ({time.time() - T0:.0f}s)")
             for T, B in [(2048, 8), (8192, 2)]:
                 bench_shape(T, B, impls=ARGS.impls.split(";") if ARGS.impls else None)
             return
@@ -370,12 +388,12 @@ def main():
         if ARGS.sweep:
             sweep(Hq=16, Hkv=8, D=256)
         if not ARGS.skip_32k:
-            bench_shape(32768, 1, impls=["ours (RoPE inside)", "cudnn (pre-rotated)",
+            bench_shape(32768, 1, impls=["ours", "cudnn (pre-rotated)",
                                          "cudnn + XLA RoPE"])
         if not ARGS.skip_32k:
             # Gemma-2-9B-like heads: D = 256, Hq/Hkv = 16/8.
             bench_shape(8192, 2, Hq=16, Hkv=8, D=256,
-                        impls=["ours (RoPE inside)", "cudnn (pre-rotated)"])
+                        impls=["ours", "cudnn (pre-rotated)"])
     finally:
         with open(os.path.join(OUT, "bench_attention.json"), "w") as f:
             json.dump(RESULTS, f, indent=1)
@@ -394,6 +412,8 @@ if __name__ == "__main__":
     p.add_argument("--d256-only", action="store_true", help="only the D=256 check and timing")
     p.add_argument("--timing-only", action="store_true", help="only D=128 timings at 2k and 8k")
     p.add_argument("--packed", action="store_true", help="only the packing checks and packed timings")
+    p.add_argument("--checks", default=None, help="with --timing-only: first the correctness checks "
+                   "whose name contains this ('' = all)")
     p.add_argument("--impls", default="", help="';'-separated implementation names for the D=128 2k/8k timings")
     ARGS = p.parse_args()
     main()

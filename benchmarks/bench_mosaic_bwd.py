@@ -45,11 +45,9 @@ def inputs(B, T, Hq, Hkv, D=128, seed=0):
     return q, k, v, do, inv_freq, cos, sin
 
 
-def stats(q, k, v, do, inv_freq):
+def stats(q, k, v, do, cos, sin):
     """o, lse [B, Hq, T] (base 2, scaled), delta [B, Hq, T] from our forward (Mosaic on sm_90)."""
     from pallas_kernels import attention_mosaic as M
-    ang = jnp.arange(q.shape[1], dtype=jnp.float32)[None, :, None] * inv_freq
-    cos, sin = jnp.cos(ang).astype(jnp.float16), jnp.sin(ang).astype(jnp.float16)
     o, lse = M.mosaic_forward(q, k, v, cos, sin, scale=q.shape[-1] ** -0.5)
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32))
     return o, lse, delta
@@ -60,6 +58,7 @@ def main():
     p.add_argument("--kernel", choices=("dq", "dkv"), required=True)
     p.add_argument("--kwargs", default="{}", help="JSON launch settings passed to the kernel")
     p.add_argument("--no-baseline", action="store_true", help="skip timing our Triton backward")
+    p.add_argument("--no-rope", action="store_true", help="the kernel without RoPE tables (what the rotations cost)")
     a = p.parse_args()
     kw = json.loads(a.kwargs)
     kw = {n: tuple(x) if isinstance(x, list) else x for n, x in kw.items()}
@@ -69,8 +68,11 @@ def main():
     for B, T, Hq, Hkv, check in [(1, 256, 4, 2, True), (2, 1024, 8, 2, True), (8, 2048, 32, 8, False), (2, 8192, 32, 8, False)]:
         q, k, v, do, inv_freq, cos, sin = inputs(B, T, Hq, Hkv)
         scale = q.shape[-1] ** -0.5
-        o, lse, delta = jax.jit(stats)(q, k, v, do, inv_freq)
-        f = jax.jit(lambda q, k, v, do, lse, delta: fn(q, k, v, do, lse, delta, cos, sin, scale=scale, **kw))
+        if a.no_rope:  # the statistics and the reference then without RoPE as well
+            cos = sin = inv_freq = None
+        tables = (None, None) if a.no_rope else (cos, sin)
+        o, lse, delta = jax.jit(stats)(q, k, v, do, *tables)
+        f = jax.jit(lambda q, k, v, do, lse, delta: fn(q, k, v, do, lse, delta, *tables, scale=scale, **kw))
         t0 = time.time()
         got = jax.block_until_ready(f(q, k, v, do, lse, delta))
         got = got if isinstance(got, tuple) else (got,)
@@ -87,7 +89,7 @@ def main():
             gemms = 3 if a.kernel == "dq" else 4  # dq: S, dP, dQ; dk/dv: S, dP, dV, dK (causal halves)
             fl = gemms * 2 * B * Hq * T * T * 128 / 2
             line += f" {ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s)"
-            if a.no_baseline:
+            if a.no_baseline or a.no_rope:
                 print(line, flush=True)
                 continue
             triton_bwd = attn.Tuning(mosaic_dq=False, mosaic_dkv=False)  # Mosaic forward, Triton backward

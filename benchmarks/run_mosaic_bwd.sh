@@ -20,5 +20,5 @@ if [[ $PHASES == *variants* ]]; then
 fi
 if [[ $PHASES == *e2e* ]]; then
   timeout "${ET:-300}" python3 benchmarks/bench_attention.py --budget 240 --no-sweep --skip-32k \
-    --impls "${IMPLS:-ours (RoPE inside);ours, Triton dk/dv (RoPE inside);ours, Triton bwd (RoPE inside);cudnn (pre-rotated);cudnn + XLA RoPE}"
+    --impls "${IMPLS:-ours;ours, RoPE in kernel;ours, Triton dk/dv;ours, Triton bwd;cudnn (pre-rotated);cudnn + XLA RoPE}"
 fi

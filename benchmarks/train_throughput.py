@@ -84,16 +84,17 @@ def profile_steps(run_step, out_dir, n=2, top=30):
         print(f"PROFILE {us / n / 1e3:8.2f} ms/step {100 * us / all_us:5.1f}% x{counts[name] // n:4d}  {name[:110]}")
 
 
-def use_triton_packed():
-    """Route packed rows (segment ids) to the Triton attention kernels, as before session 6. The
-    training batches always carry segment ids (padding is segment 0), so this turns the Mosaic
-    kernels off for the whole step: the A/B of what they bring (Tuning.mosaic_packed)."""
+def override_tuning(fields):
+    """Set attention Tuning fields for the whole step (flash_attention's defaults otherwise), e.g.
+    {"mosaic_packed": false}: packed rows (the training batches always carry segment ids, padding
+    is segment 0) on the Triton kernels, as before session 6; {"rope_in_kernel": true}: RoPE in
+    the Mosaic kernels, as before session 6."""
     import dataclasses
 
     from pallas_kernels import attention
 
     default = attention.default_tuning
-    attention.default_tuning = lambda *a, **k: dataclasses.replace(default(*a, **k), mosaic_packed=False)
+    attention.default_tuning = lambda *a, **k: dataclasses.replace(default(*a, **k), **fields)
 
 
 def packed_segment_ids(rng, shape, docs):
@@ -197,6 +198,7 @@ def matrix(args):
                        "--batch", str(DEFAULT_BATCH[shape]), "--seq", str(args.seq), "--steps", str(args.steps)]
                 cmd += ["--docs", args.docs] if args.docs else []
                 cmd += ["--triton-packed"] if args.triton_packed else []
+                cmd += ["--tuning", args.tuning] if args.tuning else []
                 t = time.perf_counter()
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                 lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
@@ -240,15 +242,19 @@ def main():
     p.add_argument("--docs", default=None, help="MIN,MAX: pack rows with documents of random lengths (segment ids)")
     p.add_argument("--triton-packed", action="store_true",
                    help="attention with segment ids on the Triton kernels, not Mosaic (Tuning.mosaic_packed=False)")
+    p.add_argument("--tuning", default=None, help='attention Tuning fields as JSON, e.g. \'{"rope_in_kernel": true}\'')
     args = p.parse_args()
     if args.matrix:
         return matrix(args)
     batch = args.batch or DEFAULT_BATCH[args.shape]
-    if args.triton_packed:
-        use_triton_packed()
+    tuning = json.loads(args.tuning) if args.tuning else {}
+    tuning.update({"mosaic_packed": False} if args.triton_packed else {})
+    if tuning:
+        override_tuning(tuning)
     docs = tuple(int(x) for x in args.docs.split(",")) if args.docs else None
     row = run_one(args.shape, args.policy, batch, args.seq, args.steps, args.warmup, args.quant, args.profile, docs)
     row["mosaic_packed"] = not args.triton_packed
+    row["tuning"] = tuning
     print("RESULT " + json.dumps(row), flush=True)
 
 

@@ -153,6 +153,14 @@ class Tuning:
     # documents). False = packed rows take the Triton kernels. GPU-checked and timed by
     # `bench_attention.py --packed` (attention_NOTES.md session 6).
     mosaic_packed: bool = True
+    # Where RoPE is applied. True: inside the kernels, to the Q/K tiles in shared memory (rotated
+    # Q/K never in device memory). False: by XLA before the kernels (one fused elementwise pass
+    # over q and k; autodiff un-rotates dq/dk), the kernels then run without tables. None = False
+    # where the Mosaic kernels run: there the in-kernel rotation costs 23-24% of fwd+bwd (each K
+    # tile is rotated once per query head and query tile that reads it, each Q tile once per key
+    # block in dk/dv) against ~2% for XLA's pass (H200, attention_NOTES.md session 6); the rotated
+    # copies are transient, the custom_vjp keeps them instead of q/k. True on the Triton kernels.
+    rope_in_kernel: bool | None = None
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -763,6 +771,10 @@ def _resolve_tuning(T, P, G, itemsize, tuning, block_q, block_k):
     return tn, -(-T // step) * step
 
 
+def _rope_in_kernel(tn: Tuning, mosaic: bool) -> bool:
+    return tn.rope_in_kernel if tn.rope_in_kernel is not None else not mosaic
+
+
 def _use_mosaic(cfg, dtype) -> bool:
     """The Mosaic GPU kernels where they compute the same thing and the device is sm_90 (the forward
     measured 1.5x the Triton one on the H100, attention_NOTES.md session 4; the backward 1.3x, session
@@ -782,7 +794,8 @@ def _use_mosaic(cfg, dtype) -> bool:
 def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None, causal=True,
                     sliding_window=None, logit_softcap=None, scale=None, interpret=False,
                     block_q=None, block_k=None, tuning=None):
-    """Flash attention with RoPE inside the kernels; same semantics as the reference.
+    """Flash attention with RoPE (inside the kernels or just before them: Tuning.rope_in_kernel);
+    same semantics as the reference.
 
     Differentiable w.r.t. q, k, v (not inv_freq). `block_q`/`block_k` override the block
     sizes of all three kernels (powers of two >= 16; query blocks count positions x packed
@@ -805,6 +818,10 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
     mosaic_fwd = _use_mosaic(cfg, q.dtype)
     cfg = dataclasses.replace(cfg, mosaic_fwd=mosaic_fwd, mosaic_dq=mosaic_fwd and tn.mosaic_dq is not False,
                               mosaic_dkv=mosaic_fwd and tn.mosaic_dkv is not False)
+    if cfg.rope and not _rope_in_kernel(tn, mosaic_fwd):
+        cos, sin = rope_cos_sin(jnp.arange(T)[None] if positions is None else positions, inv_freq)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cfg = dataclasses.replace(cfg, rope=False)
     aux = {}
     if cfg.has_window:
         aux["window"] = jnp.asarray(sliding_window, jnp.int32).reshape(1)

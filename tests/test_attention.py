@@ -129,6 +129,9 @@ CASES = {
     "gqa8_pack2_bf16": (1, 40, 8, 1, 64, jnp.bfloat16,
                         dict(rope=True, sliding_window=11, tuning=attn.Tuning(
                             fwd_q=32, fwd_k=16, dq_q=16, dq_k=32, dkv_k=32, dkv_q=16, pack=2))),
+    # RoPE by XLA before the kernels (the default on the Mosaic kernels), packed with positions
+    "rope_by_xla_segments_gqa4_f32": (2, 40, 8, 2, 64, jnp.float32, dict(rope=True, segments=True, tuning=attn.Tuning(
+        fwd_q=16, fwd_k=16, dq_q=16, dq_k=16, dkv_k=16, dkv_q=16, rope_in_kernel=False))),
 }
 
 

@@ -97,11 +97,12 @@ def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, m
     assert ("flash_attention_fwd" in text) == triton
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments", [(1, 256, 4, 2, False), (2, 200, 2, 1, True)])
-def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B, T, Hq, Hkv, segments):
-    """flash_attention's Mosaic wiring end to end (lse / delta layouts, RoPE tables, segment ids,
-    T padded to a multiple of 128, the custom_vjp): with sm_90 pretended and the three Mosaic
-    kernels run by the interpreter, output and dq/dk/dv match the jnp reference."""
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,rope_in_kernel", [(1, 256, 4, 2, False, None), (2, 200, 2, 1, True, True)])
+def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B, T, Hq, Hkv, segments, rope_in_kernel):
+    """flash_attention's Mosaic wiring end to end (lse / delta layouts, RoPE by XLA before the
+    kernels (the default there) or by the kernels from their tables, segment ids, T padded to a
+    multiple of 128, the custom_vjp): with sm_90 pretended and the three Mosaic kernels run by the
+    interpreter, output and dq/dk/dv match the jnp reference."""
     import functools
 
     from pallas_kernels import attention_mosaic_dkv, attention_mosaic_dq
@@ -118,7 +119,7 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
         out, vjp = jax.vjp(lambda *a: f(*a, **kw), q, k, v)
         return (out, *vjp(do))
 
-    got = run(attn.flash_attention)
+    got = run(functools.partial(attn.flash_attention, tuning=attn.Tuning(rope_in_kernel=rope_in_kernel)))
     want = run(flash_attention_reference)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))) / jnp.max(jnp.abs(w.astype(jnp.float32))))
