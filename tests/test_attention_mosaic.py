@@ -97,7 +97,7 @@ def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, m
     assert ("flash_attention_fwd" in text) == triton
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments,rope_in_kernel", [(1, 256, 4, 2, False, None), (2, 200, 2, 1, True, True)])
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,rope_in_kernel", [(1, 128, 4, 2, False, None), (2, 200, 2, 1, True, True)])
 def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B, T, Hq, Hkv, segments, rope_in_kernel):
     """flash_attention's Mosaic wiring end to end (lse / delta layouts, RoPE by XLA before the
     kernels (the default there) or by the kernels from their tables, segment ids, T padded to a
