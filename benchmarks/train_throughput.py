@@ -253,7 +253,6 @@ def main():
         override_tuning(tuning)
     docs = tuple(int(x) for x in args.docs.split(",")) if args.docs else None
     row = run_one(args.shape, args.policy, batch, args.seq, args.steps, args.warmup, args.quant, args.profile, docs)
-    row["mosaic_packed"] = not args.triton_packed
     row["tuning"] = tuning
     print("RESULT " + json.dumps(row), flush=True)
 
