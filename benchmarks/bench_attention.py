@@ -231,6 +231,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_rope_in_kernel(q, k, v):
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(rope_in_kernel=True))
 
+    def ours_in_order(q, k, v):  # the Mosaic kernels' launch order before session 7
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_longest_first=False))
+
     def ours_norope(q, k, v):
         return flash_attention(q, k, v)
 
@@ -272,6 +275,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours": (ours, (q, k, v)),
         "ours, RoPE in kernel": (ours_rope_in_kernel, (q, k, v)),
         "ours (no RoPE)": (ours_norope, (q, k, v)),
+        "ours, in-order grid": (ours_in_order, (q, k, v)),
         "ours, Triton (RoPE in kernel)": (ours_triton, (q, k, v)),
         "ours, Triton (RoPE by XLA)": (ours_triton_rope_xla, (q, k, v)),
         "ours, Triton bwd": (ours_triton_bwd, (q, k, v)),
@@ -378,8 +382,10 @@ def main():
             if ARGS.checks is not None:
                 ok = check_correctness(only=ARGS.checks or None)
                 log(f"correctness: {'ALL PASS' if ok else 'FAILURES'} ({time.time() - T0:.0f}s)")
-            for T, B in [(2048, 8), (8192, 2)]:
-                bench_shape(T, B, impls=ARGS.impls.split(";") if ARGS.impls else None)
+            for T in map(int, ARGS.seqs.split(",")):  # B*T = 16k tokens (one row past 16k)
+                bench_shape(T, max(1, 16384 // T), impls=ARGS.impls.split(";") if ARGS.impls else None)
+            if ARGS.d256:
+                bench_shape(8192, 2, Hq=16, Hkv=8, D=256, impls=["ours", "cudnn (pre-rotated)"])
             return
         ok = check_correctness()
         log(f"correctness: {'ALL PASS' if ok else 'FAILURES'} ({time.time() - T0:.0f}s)")
@@ -410,10 +416,12 @@ if __name__ == "__main__":
     p.add_argument("--no-sweep", dest="sweep", action="store_false")
     p.add_argument("--skip-32k", action="store_true")
     p.add_argument("--d256-only", action="store_true", help="only the D=256 check and timing")
-    p.add_argument("--timing-only", action="store_true", help="only D=128 timings at 2k and 8k")
+    p.add_argument("--timing-only", action="store_true", help="only D=128 timings (at --seqs)")
     p.add_argument("--packed", action="store_true", help="only the packing checks and packed timings")
     p.add_argument("--checks", default=None, help="with --timing-only: first the correctness checks "
                    "whose name contains this ('' = all)")
     p.add_argument("--impls", default="", help="';'-separated implementation names for the D=128 2k/8k timings")
+    p.add_argument("--seqs", default="2048,8192", help="with --timing-only: the sequence lengths (B = 16k / T)")
+    p.add_argument("--d256", action="store_true", help="with --timing-only: also D=256 (Hq/Hkv 16/8) at T=8k")
     ARGS = p.parse_args()
     main()

@@ -35,6 +35,8 @@ VARIANTS = {
     "s2_regs": dict(stages=2, regs=REGS),
     "s2": dict(stages=2, regs=None),
     "s3_regs_norope": dict(stages=3, regs=REGS, rope=False),  # q/k pre-rotated outside (timing the rotation)
+    # session 7, without RoPE (the default since session 6): the old launch order
+    "s3_regs_norope_inorder": dict(stages=3, regs=REGS, rope=False, longest_first=False),
 }
 TINY = (1, 256, 4, 2, 128)
 BIG = [(8, 2048, 32, 8, 128), (2, 8192, 32, 8, 128)]

@@ -87,6 +87,24 @@ def smem_tiles():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+def cta_grid(heads, blocks, batch, block_name, longest_first):
+    """grid and grid_names of a kernel with one CTA per (head, block, batch row). Mosaic GPU maps the
+    last grid axis to blockIdx.x, which the GPU launches first: longest_first puts the blocks
+    outermost so that the heaviest (causal: the last query blocks, the first key blocks; see
+    `block_index`) start first and the light ones fill the tail, with the heads of one GQA group
+    side by side (they read the same K/V). Otherwise head-major, batch innermost (the old order)."""
+    if longest_first:
+        return (blocks, batch, heads), (block_name, "b", "h")
+    return (heads, blocks, batch), ("h", block_name, "b")
+
+
+def block_index(block_name, blocks, longest_first, heavy_last):
+    """This CTA's block along the sequence: reversed when the heaviest blocks are the last ones
+    (query blocks under causal masking) so that they get the first launch slots."""
+    i = lax.axis_index(block_name)
+    return blocks - 1 - i if longest_first and heavy_last else i
+
+
 class Values:
     """Register values of a Mosaic GPU kernel, compiled (explicit WGMMA layouts) or under JAX's
     Mosaic GPU interpreter (plain arrays: it has no layout_cast and no load with a layout)."""
@@ -194,7 +212,8 @@ def kv_producer(refs, bufs, bars, *, b, tb, kvh, kv_min, kv_max, stages, n_tiles
     lax.fori_loop(jnp.maximum(kv_max - stages, kv_min), kv_max, drain, None)
 
 
-def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=3, regs=(200, 104), interpret=None):
+def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=3, regs=(200, 104),
+                   longest_first=True, interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
     if already computed). Returns o [B, T, Hq, D] and lse
@@ -202,7 +221,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
 
     stages: K/V slots in flight (3 fits shared memory because the output leaves through the
       consumer's Q buffer). regs: (consumer, producer) registers per thread for setmaxnreg
-      (2*128*c + 128*p <= 65536), or None. interpret: InterpretGPUParams to run on the CPU.
+      (2*128*c + 128*p <= 65536), or None. longest_first: launch order (`cta_grid`).
+      interpret: InterpretGPUParams to run on the CPU.
     Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest)."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -224,7 +244,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref, lse_ref, scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
         (qh, cq, sq, kh, ck, sk, vs, ps, lses, segq, segk), (qbar, kraw, kready, vbar, consumed) = scratch
-        h, qi, b = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
+        h, b = lax.axis_index("h"), lax.axis_index("b")
+        qi = block_index("q", T // cta_q, longest_first, heavy_last=True)
         wg = lax.axis_index("wg")
         kvh = lax.div(h, jnp.int32(G))
         tb = b if table_b > 1 else 0
@@ -348,10 +369,11 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                                           lse_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
+    grid, grid_names = cta_grid(Hq, T // cta_q, B, "q", longest_first)
     f = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)),
-        grid=(Hq, T // cta_q, B), grid_names=("h", "q", "b"), num_threads=3, thread_name="wg",
+        grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )

@@ -40,7 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention_mosaic import Values, check_regs, rotate_halves, segment_ranges, smem_tiles
+from pallas_kernels.attention_mosaic import (Values, block_index, check_regs, cta_grid, rotate_halves, segment_ranges,
+                                             smem_tiles)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -49,7 +50,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, pipelined=True, stages=2,
-               regs=(200, 104), p_regs=None, interpret=None):
+               regs=(200, 104), p_regs=None, longest_first=True, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -59,7 +60,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     stages: query-tile slots in flight (pipelined). regs: (consumer, producer) registers per thread
     for setmaxnreg (2*128*c + 128*p <= 65536) or None. p_regs (pipelined, compiled only): P^T /
     dS^T as register A operands of the dV / dK wgmmas instead of through shared memory; None = when
-    compiled (the interpreter cannot run it)."""
+    compiled (the interpreter cannot run it). longest_first: launch order (attention_mosaic.cta_grid;
+    causal: the first key blocks see the most queries)."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -199,7 +201,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                       dk_ref, dv_ref, scratch):
         del seg_ref, rng_ref  # no segment ids here (asserted above)
         (qh, dos, cs, sn, kh, vs, ps, lses, deltas), (qbar, kbar, tbar) = scratch
-        kvh, kb, b = lax.axis_index("h"), lax.axis_index("k"), lax.axis_index("b")
+        kvh, b = lax.axis_index("h"), lax.axis_index("b")
+        kb = block_index("k", T // BLOCK_K, longest_first, heavy_last=False)
         wg = lax.axis_index("wg")
         tb = b if table_b > 1 else 0
         k0 = kb * BLOCK_K + wg * t
@@ -248,7 +251,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     def pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref,
                     dk_ref, dv_ref, scratch):
         (qh, cq, sq, dos, lses, deltas, kh, vs, ck, sk, ps, segk, segq), (qraw, qready, dbar, consumed, kbar) = scratch
-        kvh, kb, b = lax.axis_index("h"), lax.axis_index("k"), lax.axis_index("b")
+        kvh, b = lax.axis_index("h"), lax.axis_index("b")
+        kb = block_index("k", T // BLOCK_K, longest_first, heavy_last=False)
         wg = lax.axis_index("wg")
         tb = b if table_b > 1 else 0
         i0 = kb * (BLOCK_K // t)       # first query tile of every head (the lower consumer's diagonal)
@@ -405,10 +409,11 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                                         seg_ref, rng_ref, dk_ref, dv_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
+    grid, grid_names = cta_grid(Hkv, T // BLOCK_K, B, "k", longest_first)
     f = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        grid=(Hkv, T // BLOCK_K, B), grid_names=("h", "k", "b"), num_threads=3 if pipelined else 2,
+        grid=grid, grid_names=grid_names, num_threads=3 if pipelined else 2,
         thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )

@@ -31,8 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention_mosaic import (Values, check_regs, kv_producer, rotate_halves, segment_ranges,
-                                             skip_kv_steps, smem_tiles)
+from pallas_kernels.attention_mosaic import (Values, block_index, check_regs, cta_grid, kv_producer, rotate_halves,
+                                             segment_ranges, skip_kv_steps, smem_tiles)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -41,7 +41,7 @@ BLOCK_K = 64
 
 
 def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=None,
-              interpret=None):
+              longest_first=True, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -50,8 +50,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
 
     stages: K/V slots in flight; None: 2 with RoPE (3 would need 248 KB of shared memory, over
     the 227 KB limit), 3 without. regs: (consumer,
-    producer) registers per thread for setmaxnreg, or None. interpret: InterpretGPUParams to run
-    on the CPU."""
+    producer) registers per thread for setmaxnreg, or None. longest_first: launch order
+    (attention_mosaic.cta_grid). interpret: InterpretGPUParams to run on the CPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -77,7 +77,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
         (qh, dos, cq, sq, kh, ck, sk, vs, dss, lses, deltas, segq, segk), (qbar, kraw, kready, vbar, consumed) = scratch
-        h, qi, b = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
+        h, b = lax.axis_index("h"), lax.axis_index("b")
+        qi = block_index("q", T // cta_q, longest_first, heavy_last=True)
         wg = lax.axis_index("wg")
         kvh = lax.div(h, jnp.int32(G))
         tb = b if table_b > 1 else 0
@@ -211,10 +212,11 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                                           seg_ref, rng_ref, dq_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
+    grid, grid_names = cta_grid(Hq, T // cta_q, B, "q", longest_first)
     f = plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(Hq, T // cta_q, B), grid_names=("h", "q", "b"), num_threads=3, thread_name="wg",
+        grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
