@@ -43,15 +43,16 @@ def test_segment_block_ranges_match_a_brute_force_count():
                     assert lo <= idx.min() and idx.max() < hi, (rows, by_key, b, i)
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments", [
-    (1, 256, 4, 2, True, False), (2, 128, 2, 2, False, False), (2, 256, 2, 1, True, True)])
-def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments):
+@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,longest_first", [
+    (1, 256, 4, 2, True, False, True), (2, 256, 2, 2, False, False, False), (2, 256, 2, 1, True, True, True)])
+def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, longest_first):
     q, k, v, inv_freq = _inputs(B, T, Hq, Hkv, seed=T + Hq)
     seg = packed_segments(B, T, seed=T) if segments else None
     inv_freq = inv_freq if rope else None
     scale = M.HEAD_DIM ** -0.5
     tables = rope_tables(T, inv_freq) if rope else ()
-    o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=2, interpret=_interpret_params())
+    o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=2, longest_first=longest_first,
+                              interpret=_interpret_params())
     ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg)
     err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
     assert o.shape == q.shape and o.dtype == q.dtype
@@ -97,7 +98,7 @@ def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, m
     assert ("flash_attention_fwd" in text) == triton
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments,rope_in_kernel", [(1, 128, 4, 2, False, None), (2, 200, 2, 1, True, True)])
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,rope_in_kernel", [(1, 128, 4, 2, False, None), (2, 100, 2, 1, True, True)])
 def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B, T, Hq, Hkv, segments, rope_in_kernel):
     """flash_attention's Mosaic wiring end to end (lse / delta layouts, RoPE by XLA before the
     kernels (the default there) or by the kernels from their tables, segment ids, T padded to a
