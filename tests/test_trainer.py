@@ -44,6 +44,20 @@ def test_resume_continues_exactly(demo_model_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_new_run_into_an_earlier_runs_output_dir(demo_model_dir, tmp_path):
+    """A second, not resumed run into the same output_dir stops before training (naming the fix)
+    instead of failing at its first save; with overwrite_output_dir it replaces the old checkpoints."""
+    first, _ = make_trainer(demo_model_dir, tmp_path, max_steps=4, save_steps=2)
+    first.train()
+    again, _ = make_trainer(demo_model_dir, tmp_path, max_steps=2, save_steps=1)
+    with pytest.raises(ConfigError, match="earlier run.*resume-from-checkpoint.*overwrite-output-dir"):
+        again.train()
+    assert again.history == [] and first.checkpoints.steps() == [2, 4]
+    fresh, _ = make_trainer(demo_model_dir, tmp_path, max_steps=2, save_steps=1, overwrite_output_dir=True)
+    fresh.train()
+    assert fresh.checkpoints.steps() == [1, 2] and len(fresh.history) == 2
+
+
 def test_metrics_jsonl_and_eval(demo_model_dir, tmp_path):
     model, tok = FastLanguageModel.from_pretrained(demo_model_dir, dtype="float32")
     model = FastLanguageModel.get_peft_model(model, r=4)

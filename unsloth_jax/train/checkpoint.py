@@ -23,6 +23,13 @@ class Checkpointer:
                                                         meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
 
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def delete_all(self) -> None:
+        for step in self.steps():
+            self.manager.delete(step)
+
     def latest_step(self):
         return self.manager.latest_step()
 

@@ -69,6 +69,8 @@ class TrainConfig:
     save_steps: int = _field(0, "Checkpoint every N steps (0: only at the end and on Ctrl-C).")
     save_total_limit: int = _field(2, "Keep the last N checkpoints.")
     resume_from_checkpoint: Any = _field(False, "true: resume from the latest checkpoint in output_dir; or a path.")
+    overwrite_output_dir: bool = _field(False, "A new (not resumed) run into an output_dir holding an earlier run's "
+                                        "checkpoints: true removes them first, false stops before training.")
     save_merged: bool = _field(False, "Also write a merged 16-bit HF model to <output>/merged.")
     sample_prompt: Optional[str] = _field(None, "After training, generate a reply to this user message.")
     max_new_tokens: int = _field(48, "Tokens generated for sample_prompt.")

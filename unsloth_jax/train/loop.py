@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from unsloth_jax.errors import DataError, UnslothJaxError
+from unsloth_jax.errors import ConfigError, DataError, UnslothJaxError
 from unsloth_jax.train.checkpoint import Checkpointer
 from unsloth_jax.train.config import TrainConfig
 from unsloth_jax.train.memory import device_peak_bytes, estimate_memory, format_estimate, gib
@@ -104,6 +104,8 @@ class SFTTrainer:
         start = 0
         if resume:
             start, state, batches = self._resume(resume, state, batches)
+        else:
+            self._clear_earlier_checkpoints()
         print(format_estimate(estimate_memory(self.model, state.params, batch_size=a.per_device_train_batch_size,
                                               seq_len=a.max_seq_length, remat_policy=self.model.remat_policy)))
         train_step = make_train_step(split, tx)
@@ -192,6 +194,20 @@ class SFTTrainer:
         if self.checkpoints.latest_step() == done:
             return
         self.checkpoints.save(done, state, batches.state(), {"step": done})
+
+    def _clear_earlier_checkpoints(self):
+        """A new run must not meet an earlier run's checkpoints at its first save (orbax refuses an
+        existing step, and they would mix two runs): stop before training, or remove them."""
+        old = self.checkpoints.steps()
+        if not old:
+            return
+        where = self.checkpoints.directory
+        if not self.args.overwrite_output_dir:
+            raise ConfigError(f"output_dir: {where} holds checkpoints of an earlier run (steps {old}). Continue it "
+                              f"with --resume-from-checkpoint true, pick another --output-dir, or pass "
+                              f"--overwrite-output-dir true to remove them and start over.")
+        self.checkpoints.delete_all()
+        print(f"overwrite_output_dir: removed the earlier run's checkpoints (steps {old}) in {where}")
 
     def _resume(self, resume, state, batches):
         ckpt = self.checkpoints if resume is True or str(resume).lower() == "true" else Checkpointer(str(resume))
