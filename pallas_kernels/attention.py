@@ -163,8 +163,8 @@ class Tuning:
     # kernel runs (not measured there this way; its dk/dv kernel then takes unit tables).
     rope_in_kernel: bool | None = None
     # The Mosaic kernels' launch order. True: the heaviest causal blocks first (attention_mosaic.
-    # cta_grid), measured 3.3% / 2.2% faster fwd+bwd at T = 2k / 8k than the old head-major order
-    # (False) on the H200 (attention_NOTES.md session 7).
+    # cta_grid); against the old head-major order (False) on the H200: fwd+bwd 2-3% faster at 8k in
+    # two calls, within noise at 2k and 32k, the forward kernel 4.8% at 2k (attention_NOTES.md session 7).
     mosaic_longest_first: bool = True
 
 
@@ -718,10 +718,9 @@ def _flash(cfg, q, k, v, aux):
 def _flash_fwd(cfg, q, k, v, aux):
     padded = _pad(q, cfg), _pad(k, cfg), _pad(v, cfg)
     if cfg.mosaic_fwd:  # D = 128, so only T is padded (to a multiple of 128)
-        tn = cfg.tuning
         out, lse = attention_mosaic.mosaic_forward(
             *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
-            scale=cfg.scale, longest_first=tn.mosaic_longest_first)  # lse [B, Hq, Tp]
+            scale=cfg.scale, longest_first=cfg.tuning.mosaic_longest_first)  # lse [B, Hq, Tp]
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)
