@@ -362,6 +362,10 @@ def sweep(T=8192, B=2, Hq=32, Hkv=8, D=128):
             record_error(f"sweep_D{D}_{name}", e)
 
 
+def bench_d256():  # Gemma-2-9B-like heads: D = 256, Hq/Hkv = 16/8
+    bench_shape(8192, 2, Hq=16, Hkv=8, D=256, impls=["ours", "cudnn (pre-rotated)"])
+
+
 def main():
     log(f"jax {jax.__version__} devices {jax.devices()} kind {jax.devices()[0].device_kind}")
     RESULTS["env"] = dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
@@ -370,7 +374,7 @@ def main():
         if ARGS.d256_only:  # re-check and re-time the D=256 defaults only
             ok = check_correctness(only="d256")
             log(f"correctness: {'ALL PASS' if ok else 'FAILURES'}")
-            bench_shape(8192, 2, Hq=16, Hkv=8, D=256, impls=["ours", "cudnn (pre-rotated)"])
+            bench_d256()
             return
         if ARGS.packed:  # packing: its checks, then packed timings
             ok = check_correctness(only="packed")
@@ -385,7 +389,7 @@ def main():
             for T in map(int, ARGS.seqs.split(",")):  # B*T = 16k tokens (one row past 16k)
                 bench_shape(T, max(1, 16384 // T), impls=ARGS.impls.split(";") if ARGS.impls else None)
             if ARGS.d256:
-                bench_shape(8192, 2, Hq=16, Hkv=8, D=256, impls=["ours", "cudnn (pre-rotated)"])
+                bench_d256()
             return
         ok = check_correctness()
         log(f"correctness: {'ALL PASS' if ok else 'FAILURES'} ({time.time() - T0:.0f}s)")
@@ -397,9 +401,7 @@ def main():
             bench_shape(32768, 1, impls=["ours", "cudnn (pre-rotated)",
                                          "cudnn + XLA RoPE"])
         if not ARGS.skip_32k:
-            # Gemma-2-9B-like heads: D = 256, Hq/Hkv = 16/8.
-            bench_shape(8192, 2, Hq=16, Hkv=8, D=256,
-                        impls=["ours", "cudnn (pre-rotated)"])
+            bench_d256()
     finally:
         with open(os.path.join(OUT, "bench_attention.json"), "w") as f:
             json.dump(RESULTS, f, indent=1)
