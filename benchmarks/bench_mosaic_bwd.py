@@ -9,8 +9,9 @@ benchmark shapes next to our Triton backward (dq + dk/dv kernels) measured in th
 --kwargs: launch settings of the kernel (JSON, e.g. stages, regs, pipelined, p_regs); run each
 variant in its own process under `timeout`, so a hang costs one variant, not the call.
 """
-import json
 import argparse
+import functools
+import json
 import importlib
 import math
 import statistics
@@ -53,17 +54,27 @@ def stats(q, k, v, do, cos, sin):
     return o, lse, delta
 
 
+def variant_fn(kernel, kw):
+    """The kernel function and its launch settings; kw["module"] (popped) names another module
+    holding mosaic_<kernel> (e.g. an earlier version kept beside the tree for an A/B)."""
+    kw = {n: tuple(x) if isinstance(x, list) else x for n, x in kw.items()}
+    mod = importlib.import_module(kw.pop("module", f"pallas_kernels.attention_mosaic_{kernel}"))
+    return getattr(mod, f"mosaic_{kernel}"), kw
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernel", choices=("dq", "dkv"), required=True)
-    p.add_argument("--kwargs", default="{}", help="JSON launch settings passed to the kernel")
+    p.add_argument("--kwargs", default="{}",
+                   help="JSON launch settings passed to the kernel; a list of them: variants timed in the "
+                        "same process, in interleaved rounds")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of a variant list (best median)")
     p.add_argument("--no-baseline", action="store_true", help="skip timing our Triton backward")
     p.add_argument("--no-rope", action="store_true", help="the kernel without RoPE tables (what the rotations cost)")
     a = p.parse_args()
-    kw = json.loads(a.kwargs)
-    kw = {n: tuple(x) if isinstance(x, list) else x for n, x in kw.items()}
-    mod = importlib.import_module(f"pallas_kernels.attention_mosaic_{a.kernel}")
-    fn = getattr(mod, f"mosaic_{a.kernel}")
+    kws = json.loads(a.kwargs)
+    kws = kws if isinstance(kws, list) else [kws]
+    variants = [variant_fn(a.kernel, kw) for kw in kws]
     print(f"jax {jax.__version__} {jax.devices()[0].device_kind}", flush=True)
     for B, T, Hq, Hkv, check in [(1, 256, 4, 2, True), (2, 1024, 8, 2, True), (8, 2048, 32, 8, False), (2, 8192, 32, 8, False)]:
         q, k, v, do, inv_freq, cos, sin = inputs(B, T, Hq, Hkv)
@@ -72,33 +83,41 @@ def main():
             cos = sin = inv_freq = None
         tables = (None, None) if a.no_rope else (cos, sin)
         o, lse, delta = jax.jit(stats)(q, k, v, do, *tables)
-        f = jax.jit(lambda q, k, v, do, lse, delta: fn(q, k, v, do, lse, delta, *tables, scale=scale, **kw))
-        t0 = time.time()
-        got = jax.block_until_ready(f(q, k, v, do, lse, delta))
-        got = got if isinstance(got, tuple) else (got,)
-        line = f"{a.kernel} {a.kwargs} B={B} T={T} Hq/Hkv={Hq}/{Hkv}: first call {time.time() - t0:.1f}s"
+        fs = [jax.jit(functools.partial(lambda fn, kw, q, k, v, do, lse, delta:
+                                        fn(q, k, v, do, lse, delta, *tables, scale=scale, **kw), fn, kw))
+              for fn, kw in variants]
+        args = (q, k, v, do, lse, delta)
         if check:
             _, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, inv_freq=inv_freq), q, k, v)
             dq, dk, dv = vjp(do)
             want = (dq,) if a.kernel == "dq" else (dk, dv)
-            errs = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))) / jnp.max(jnp.abs(w.astype(jnp.float32))))
-                    for g, w in zip(got, want)]
-            line += " rel err " + " ".join(f"{e:.1e}" for e in errs) + (" PASS" if max(errs) < 2e-2 else " FAIL")
-        else:
-            ms = timeit(f, q, k, v, do, lse, delta)
-            gemms = 3 if a.kernel == "dq" else 4  # dq: S, dP, dQ; dk/dv: S, dP, dV, dK (causal halves)
-            fl = gemms * 2 * B * Hq * T * T * 128 / 2
-            line += f" {ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s)"
-            if a.no_baseline or a.no_rope:
-                print(line, flush=True)
-                continue
+            for kw, f in zip(kws, fs):
+                t0 = time.time()
+                got = jax.block_until_ready(f(*args))
+                got = got if isinstance(got, tuple) else (got,)
+                errs = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))) / jnp.max(jnp.abs(w.astype(jnp.float32))))
+                        for g, w in zip(got, want)]
+                print(f"{a.kernel} {json.dumps(kw)} B={B} T={T} Hq/Hkv={Hq}/{Hkv}: first call {time.time() - t0:.1f}s"
+                      " rel err " + " ".join(f"{e:.1e}" for e in errs) + (" PASS" if max(errs) < 2e-2 else " FAIL"),
+                      flush=True)
+            continue
+        best = [float("inf")] * len(fs)
+        for _ in range(a.rounds if len(fs) > 1 else 1):
+            for i, f in enumerate(fs):
+                best[i] = min(best[i], timeit(f, *args))
+        gemms = 3 if a.kernel == "dq" else 4  # dq: S, dP, dQ; dk/dv: S, dP, dV, dK (causal halves)
+        fl = gemms * 2 * B * Hq * T * T * 128 / 2
+        lines = [f"{a.kernel} {json.dumps(kw)} B={B} T={T} Hq/Hkv={Hq}/{Hkv}: {ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s)"
+                 + (f", {best[0] / ms:.3f}x the first" if i else "")
+                 for i, (kw, ms) in enumerate(zip(kws, best))]
+        if not (a.no_baseline or a.no_rope):
             triton_bwd = attn.Tuning(mosaic_dq=False, mosaic_dkv=False)  # Mosaic forward, Triton backward
             tri = jax.jit(lambda q, k, v, do: jax.vjp(
                 lambda *x: attn.flash_attention(*x, inv_freq=inv_freq, tuning=triton_bwd), q, k, v)[1](do))
             fwd = jax.jit(lambda q, k, v: attn.flash_attention(q, k, v, inv_freq=inv_freq, tuning=triton_bwd))
             t_bwd = timeit(tri, q, k, v, do) - timeit(fwd, q, k, v)
-            line += f"; our Triton backward (dq + dk/dv) {t_bwd:.3f} ms"
-        print(line, flush=True)
+            lines[0] += f"; our Triton backward (dq + dk/dv) {t_bwd:.3f} ms"
+        print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

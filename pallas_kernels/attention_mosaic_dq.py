@@ -116,14 +116,18 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                 dq0, dq1 = carry
                 slot = lax.rem(j, jnp.int32(stages))
                 plgpu.barrier_wait(kready.at[slot])
+                plgpu.barrier_wait(vbar.at[slot])
                 if interp:  # the interpreter's wgmma takes no transposed operand
                     s = sum(dot_t(my_q.at[p][...], kh.at[slot, p][...]) for p in range(2))
+                    dp = dot_t(my_do[...], vs.at[slot][...])
                 else:
-                    def qk(acc):
+                    def qk_dov(s_ref, dp_ref):  # both issued before either is read
                         for p in range(2):
-                            plgpu.wgmma(acc, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
-                        return acc[...]
-                    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                            plgpu.wgmma(s_ref, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
+                        plgpu.wgmma(dp_ref, my_do, plgpu.transpose_ref(vs.at[slot], (1, 0)))
+                        plgpu.wgmma_wait(0)
+                        return s_ref[...], dp_ref[...]
+                    s, dp = pl.run_scoped(qk_dov, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
                 s = s * (scale * LOG2E)
                 if masked:
                     s = jnp.where(iota(0) + q0 >= iota(1) + j * bk, s, -jnp.inf)
@@ -132,14 +136,6 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                             == lax.broadcast_in_dim(vec(segk.at[slot], 1), s.shape, [1]))
                     s = jnp.where(same, s, -jnp.inf)
                 p_ = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
-                plgpu.barrier_wait(vbar.at[slot])
-                if interp:
-                    dp = dot_t(my_do[...], vs.at[slot][...])
-                else:
-                    def dov(acc):
-                        plgpu.wgmma(acc, my_do, plgpu.transpose_ref(vs.at[slot], (1, 0)))
-                        return acc[...]
-                    dp = pl.run_scoped(dov, plgpu.ACC((bq, bk), jnp.float32))
                 ds = (p_ * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0]))).astype(k.dtype)
                 if interp:  # no register A operand: dS through shared memory
                     dss.at[wg][...] = ds
