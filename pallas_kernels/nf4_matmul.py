@@ -54,8 +54,9 @@ class TileConfig:
     decode: how a 4-bit code becomes its NF4 value: "prmt" (byte permutes in inline PTX, eight
       codes per ~47 instructions, see `PRMT_PAIR_DECODE_ASM`; GPU only, the interpreter falls back
       to "select") or "select" (a 4-level select tree, ~50 instructions per code; any backend).
-      ("prmt16"/"select16" decode to the bf16-rounded values: only for `nf4_gemv`, whose results
-      do not promise the reference's rounding.)
+      ("prmt16"/"select16" decode to the bf16-rounded values, then scale in fp32 and round again:
+      within a bf16 ulp of the reference's single rounding, not bit-equal to it; half the table
+      work. The default for 16-bit inputs at M <= 16 and in `nf4_gemv`.)
     weight_lhs: make the decoded weight tile the left MMA operand and accumulate the transposed
       product (a Hopper left operand may come from registers); measured within 10% either way.
     interleave: put the high- and low-nibble values back in K order before one product (a
@@ -87,7 +88,8 @@ def nf4_matmul_reference(x, q: NF4Tensor):
 # ---- decoding inside a tile --------------------------------------------------------------------
 
 # The NF4 values rounded to bf16 ("prmt16"/"select16" decodes): for kernels that do not promise
-# the reference's rounding (the CUDA-core few-rows kernels, `nf4_gemv`); half the table planes.
+# the reference's rounding (the few-rows kernels: `nf4_gemv`, the MMA kernel at M <= 16 for 16-bit
+# inputs); half the table planes.
 NF4_CODE_BF16 = NF4_CODE.astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
@@ -408,8 +410,10 @@ def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: in
     `dx=True`: n_out=K, n_red=N). Chosen from the H100 sweeps in benchmarks/nf4_NOTES.md: few rows
     get a thin tile plus split-K to fill the SMs; many rows the largest tile that fit in shared
     memory (each decoded weight tile then serves 256 rows)."""
-    if m <= 16:  # weight as right operand; nibbles interleaved for the forward, apart for dx (two sweeps)
-        return TileConfig(16, 64, 128, 4, 4, 0, 8, "prmt", False, interleave=not dx)
+    if m <= 16:  # weight as right operand; nibbles interleaved for the forward, apart for dx (two sweeps);
+        # bf16-rounded codes for 16-bit inputs: 15-26% faster on the 8B shapes at M=16 (H200, nf4_NOTES session 8)
+        return TileConfig(16, 64, 128, 4, 4, 0, 8, "prmt" if dtype == jnp.float32 else "prmt16", False,
+                          interleave=not dx)
     if m <= 128 or dtype == jnp.float32:  # fp32 operands take twice the registers and SRAM
         return TileConfig(_pow2_at_most(m, 64), min(64, _pow2_at_most(n_out, 64)), 64, 4, 3, 0, 8,
                           "prmt", True)

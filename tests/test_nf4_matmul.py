@@ -22,6 +22,9 @@ CASES = [
     (20, 40, 256, jnp.float32, True, T(16, 16, 128, 4, 2, 1, 2, "select", True, False)),
     (5, 33, 256, jnp.bfloat16, True, T(16, 16, 128, 4, 2, 2, 2, "select", False, False)),
     (3, 24, 128, jnp.float32, False, T(16, 16, 64, 4, 2, 1, 2, "prmt", False, False)),
+    # bf16-rounded codes (the few-rows default for 16-bit inputs), both nibble layouts
+    (16, 40, 256, jnp.bfloat16, True, T(16, 16, 128, 4, 2, 1, 2, "prmt16", False, True)),
+    (9, 24, 128, jnp.bfloat16, True, T(16, 16, 64, 4, 2, 2, 2, "prmt16", False, False)),
 ]
 
 
@@ -99,7 +102,7 @@ def test_default_config_is_valid(m, n, k):
         cfg = K.default_config(m, out, red, dx=dx)
         for b in (cfg.block_m, cfg.block_n, cfg.block_k):
             assert b >= 16 and b & (b - 1) == 0
-        assert cfg.split_k >= 0 and cfg.decode in ("select", "prmt")
+        assert cfg.split_k >= 0 and cfg.decode in ("select", "prmt", "prmt16")
         if m <= 16:
             assert cfg.block_m == 16
 
@@ -224,7 +227,7 @@ def test_default_dispatch_takes_the_gemv_kernels_for_one_row(monkeypatch):
         assert want in text
 
 
-@pytest.mark.parametrize("m", [1, 300])
+@pytest.mark.parametrize("m", [1, 16, 300])
 def test_gpu_kernels_lower_for_cuda_on_cpu(m):
     """The compiled path (prmt decode through our multi-result asm primitive, both nibble layouts,
     split-K, the dequantize pass) must lower to Triton for CUDA; no GPU is needed to check that."""
