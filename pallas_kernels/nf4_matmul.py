@@ -411,7 +411,7 @@ def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: in
     get a thin tile plus split-K to fill the SMs; many rows the largest tile that fit in shared
     memory (each decoded weight tile then serves 256 rows)."""
     if m <= 16:  # weight as right operand; nibbles interleaved for the forward, apart for dx (two sweeps);
-        # bf16-rounded codes for 16-bit inputs: 15-26% faster on the 8B shapes at M=16 (H200, nf4_NOTES session 8)
+        # bf16-rounded codes for 16-bit inputs: 13-26% faster on the large 8B projections at M=16 (H200, nf4_NOTES session 8)
         return TileConfig(16, 64, 128, 4, 4, 0, 8, "prmt" if dtype == jnp.float32 else "prmt16", False,
                           interleave=not dx)
     if m <= 128 or dtype == jnp.float32:  # fp32 operands take twice the registers and SRAM
