@@ -6,8 +6,12 @@ benchmark shapes next to our Triton backward (dq + dk/dv kernels) measured in th
     PYTHONPATH=$PWD timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel dq
     PYTHONPATH=$PWD timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel dkv --kwargs '{"p_regs": true}' --no-baseline
 
---kwargs: launch settings of the kernel (JSON, e.g. stages, regs, pipelined, p_regs); run each
-variant in its own process under `timeout`, so a hang costs one variant, not the call.
+--kwargs: launch settings of the kernel (JSON, e.g. stages, regs, pipelined, p_regs), or a list
+of them: variants timed in one process, in interleaved rounds (a variant that fails to compile is
+dropped; one that hangs takes the process, so run untried launch settings alone under `timeout`).
+A "module" key times mosaic_<kernel> from another module, e.g. the file at an earlier commit:
+    git show b32b62a:pallas_kernels/attention_mosaic_dq.py > benchmarks/dq_before_s8.py
+    ... --kernel dq --no-rope --kwargs '[{"module": "benchmarks.dq_before_s8"}, {}]'
 """
 import argparse
 import functools
@@ -118,8 +122,8 @@ def main():
         gemms = 3 if a.kernel == "dq" else 4  # dq: S, dP, dQ; dk/dv: S, dP, dV, dK (causal halves)
         fl = gemms * 2 * B * Hq * T * T * 128 / 2
         lines = [f"{a.kernel} {json.dumps(kw)} B={B} T={T} Hq/Hkv={Hq}/{Hkv}: {ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s)"
-                 + (f", {best[0] / ms:.3f}x the first" if i else "")
-                 for i, (kw, ms) in enumerate(zip(kws, best))]
+                 + (f", {best[0] / ms:.3f}x the first" if i and 0 not in dead else "")
+                 for i, (kw, ms) in enumerate(zip(kws, best)) if i not in dead]
         if not (a.no_baseline or a.no_rope):
             triton_bwd = attn.Tuning(mosaic_dq=False, mosaic_dkv=False)  # Mosaic forward, Triton backward
             tri = jax.jit(lambda q, k, v, do: jax.vjp(

@@ -67,7 +67,7 @@ def default_gemv_config(n_out: int, n_red: int, *, dx: bool = False, dtype=jnp.b
     64 weight rows x 2 blocks over 8 warps (16 packed bytes a thread: few registers, more warps),
     dx 16 rows x 8 blocks over 4 warps. 16-bit inputs decode to bf16-rounded NF4 values (prmt16,
     1.3x faster than exact), fp32 inputs to the exact ones."""
-    decode = "prmt" if dtype == jnp.float32 else "prmt16"
+    decode = mm.few_rows_decode(dtype)
     if dx:
         return GemvConfig(block_rows=16, blocks=8, num_warps=4, num_stages=3, decode=decode)
     return GemvConfig(block_rows=64, blocks=2, num_warps=8, num_stages=3, decode=decode)

@@ -93,6 +93,12 @@ def nf4_matmul_reference(x, q: NF4Tensor):
 NF4_CODE_BF16 = NF4_CODE.astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
+def few_rows_decode(dtype) -> str:
+    """The decode of the few-rows kernels: bf16-rounded codes for 16-bit inputs (half the table
+    work), the exact values for fp32 ones."""
+    return "prmt" if jnp.dtype(dtype) == jnp.float32 else "prmt16"
+
+
 def _lookup_nf4(codes, table=NF4_CODE):
     """int32 codes (0..15) -> their fp32 values in `table`, by a select tree (any backend)."""
     bits = [(codes & (1 << b)) != 0 for b in range(4)]
@@ -412,8 +418,7 @@ def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: in
     memory (each decoded weight tile then serves 256 rows)."""
     if m <= 16:  # weight as right operand; nibbles interleaved for the forward, apart for dx (two sweeps);
         # bf16-rounded codes for 16-bit inputs: 13-26% faster on the large 8B projections at M=16 (H200, nf4_NOTES session 8)
-        return TileConfig(16, 64, 128, 4, 4, 0, 8, "prmt" if dtype == jnp.float32 else "prmt16", False,
-                          interleave=not dx)
+        return TileConfig(16, 64, 128, 4, 4, 0, 8, few_rows_decode(dtype), False, interleave=not dx)
     if m <= 128 or dtype == jnp.float32:  # fp32 operands take twice the registers and SRAM
         return TileConfig(_pow2_at_most(m, 64), min(64, _pow2_at_most(n_out, 64)), 64, 4, 3, 0, 8,
                           "prmt", True)
