@@ -5,6 +5,10 @@ benchmark shapes next to our Triton backward (dq + dk/dv kernels) measured in th
 
     PYTHONPATH=$PWD timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel dq
     PYTHONPATH=$PWD timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel dkv --kwargs '{"p_regs": true}' --no-baseline
+    PYTHONPATH=$PWD timeout 300 python3 benchmarks/bench_mosaic_bwd.py --kernel bwd --no-rope --kwargs '[{"fused": false}, {"fused": true}]'
+
+--kernel bwd: the whole Mosaic backward (dk, dv, dq): {"fused": false} the dq and dk/dv kernels,
+{"fused": true} dk/dv with_dq (other keys go to the dk/dv kernel).
 
 --kwargs: launch settings of the kernel (JSON, e.g. stages, regs, pipelined, p_regs), or a list
 of them: variants timed in one process, in interleaved rounds (a variant that fails to compile is
@@ -58,17 +62,28 @@ def stats(q, k, v, do, cos, sin):
     return o, lse, delta
 
 
+def mosaic_bwd(q, k, v, do, lse, delta, cos, sin, *, scale, fused, **kw):
+    """dk, dv, dq by the fused dk/dv kernel or by the dq and dk/dv kernels."""
+    from pallas_kernels import attention_mosaic_dkv, attention_mosaic_dq
+    if fused:
+        return attention_mosaic_dkv.mosaic_dkv(q, k, v, do, lse, delta, cos, sin, scale=scale, with_dq=True, **kw)
+    dk, dv = attention_mosaic_dkv.mosaic_dkv(q, k, v, do, lse, delta, cos, sin, scale=scale, **kw)
+    return dk, dv, attention_mosaic_dq.mosaic_dq(q, k, v, do, lse, delta, cos, sin, scale=scale)
+
+
 def variant_fn(kernel, kw):
     """The kernel function and its launch settings; kw["module"] (popped) names another module
     holding mosaic_<kernel> (e.g. an earlier version kept beside the tree for an A/B)."""
     kw = {n: tuple(x) if isinstance(x, list) else x for n, x in kw.items()}
+    if kernel == "bwd":
+        return mosaic_bwd, kw
     mod = importlib.import_module(kw.pop("module", f"pallas_kernels.attention_mosaic_{kernel}"))
     return getattr(mod, f"mosaic_{kernel}"), kw
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", choices=("dq", "dkv"), required=True)
+    p.add_argument("--kernel", choices=("dq", "dkv", "bwd"), required=True)
     p.add_argument("--kwargs", default="{}",
                    help="JSON launch settings passed to the kernel; a list of them: variants timed in the "
                         "same process, in interleaved rounds")
@@ -96,7 +111,7 @@ def main():
         if check:
             _, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, inv_freq=inv_freq), q, k, v)
             dq, dk, dv = vjp(do)
-            want = (dq,) if a.kernel == "dq" else (dk, dv)
+            want = {"dq": (dq,), "dkv": (dk, dv), "bwd": (dk, dv, dq)}[a.kernel]
             for n, (kw, f) in enumerate(zip(kws, fs)):
                 if f is None:
                     continue
@@ -119,7 +134,7 @@ def main():
             for i, f in enumerate(fs):
                 if f is not None:
                     best[i] = min(best[i], timeit(f, *args))
-        gemms = 3 if a.kernel == "dq" else 4  # dq: S, dP, dQ; dk/dv: S, dP, dV, dK (causal halves)
+        gemms = {"dq": 3, "dkv": 4, "bwd": 5}[a.kernel]  # dq: S, dP, dQ; dk/dv: S, dP, dV, dK; bwd: the 5 (causal halves)
         fl = gemms * 2 * B * Hq * T * T * 128 / 2
         lines = [f"{a.kernel} {json.dumps(kw)} B={B} T={T} Hq/Hkv={Hq}/{Hkv}: {ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s)"
                  + (f", {best[0] / ms:.3f}x the first" if i and 0 not in dead else "")

@@ -37,6 +37,8 @@ VARIANTS = {
     "s3_regs_norope": dict(stages=3, regs=REGS, rope=False),  # q/k pre-rotated outside (timing the rotation)
     # session 7, without RoPE (the default since session 6): the old launch order
     "s3_regs_norope_inorder": dict(stages=3, regs=REGS, rope=False, longest_first=False),
+    # session 9: without RoPE the producer only issues copies, so FA3's (240, 24) split
+    "s3_regs240_norope": dict(stages=3, regs=(240, 24), rope=False),
 }
 TINY = (1, 256, 4, 2, 128)
 BIG = [(8, 2048, 32, 8, 128), (2, 8192, 32, 8, 128)]

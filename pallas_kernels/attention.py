@@ -166,6 +166,13 @@ class Tuning:
     # cta_grid); against the old head-major order (False) on the H200: fwd+bwd 2-3% faster at 8k in
     # two calls, within noise at 2k and 32k, the forward kernel 4.8% at 2k (attention_NOTES.md session 7).
     mosaic_longest_first: bool = True
+    # The fused Mosaic backward: dq from the dk/dv kernel's dS tiles, reduce-added in fp32
+    # (attention_mosaic_dkv with_dq; 5 GEMMs per tile pair instead of 7), where both Mosaic
+    # backward kernels run without RoPE tables. Off by default: on the H200 fwd+bwd took 1.13x /
+    # 1.03x / 0.98x the time of the separate dq and dk/dv kernels at 2k / 8k / 32k
+    # (attention_NOTES.md session 9: the zeroed fp32 accumulator, its epilogue and a consumer sync per
+    # tile cost more than the 2 GEMMs it saves, except at 32k).
+    mosaic_fused_bwd: bool = False
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -737,6 +744,10 @@ def _flash_bwd(cfg, res, dout):
     qp, kp, vp, dop = _pad(q, cfg), _pad(k, cfg), _pad(v, cfg), _pad(dout, cfg)
     triton = (qp, kp, vp, aux, dop, jnp.swapaxes(lse, 1, 2) if cfg.mosaic_fwd else lse, delta)
     mosaic = (qp, kp, vp, dop, lse, jnp.swapaxes(delta, 1, 2), aux.get("cos"), aux.get("sin"), aux.get("seg"))
+    if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd:
+        dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
+                                                     longest_first=cfg.tuning.mosaic_longest_first, with_dq=True)
+        return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,
                                            longest_first=cfg.tuning.mosaic_longest_first)

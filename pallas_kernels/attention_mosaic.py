@@ -18,6 +18,7 @@ has no `layout_cast`, transposed wgmma operand or register A operand: under it P
 shared memory and QK^T is a jnp dot. The compiled path was checked on the H100 against the Triton
 kernels and the reference (benchmarks/run_mosaic_attention.py, attention_NOTES.md session 4).
 """
+import dataclasses
 import functools
 import math
 
@@ -103,6 +104,24 @@ def block_index(block_name, blocks, longest_first, heavy_last):
     (query blocks under causal masking) so that they get the first launch slots."""
     i = lax.axis_index(block_name)
     return blocks - 1 - i if longest_first and heavy_last else i
+
+
+def launch_kernel(entry, out_type, *, zero_outputs=False, interpret=None, **mesh):
+    """plgpu.kernel(entry, ...) as a function of the kernel's arguments, which may include mutable
+    `jax.new_ref` arrays (accumulators the kernel adds into: those go through pl.kernel, which aliases
+    them in and out). zero_outputs (interpreter only): the outputs start as zeros, not NaN."""
+    compiler_params = mesh.pop("compiler_params")
+    if zero_outputs:
+        assert interpret is not None, "zero_outputs: the interpreter only"
+        interpret = dataclasses.replace(interpret, uninitialized_memory="zero")
+
+    def call(*args):
+        if not any(isinstance(a, jax.Ref) for a in args):
+            return plgpu.kernel(entry, out_type=tuple(out_type), compiler_params=compiler_params,
+                                interpret=interpret, **mesh)(*args)
+        return pl.kernel(entry, out_type=tuple(out_type), mesh=plgpu.Mesh(**mesh),
+                         compiler_params=compiler_params, interpret=interpret)(*args)
+    return call
 
 
 class Values:

@@ -32,6 +32,7 @@ Shared memory at stages=2 with RoPE: ~214 KB (stages=3 does not fit: 264 KB > 22
 Under JAX's Mosaic GPU interpreter (no transposed wgmma operand, no load with a layout), S^T and
 dP^T are jnp dots of the shared-memory tiles and lse/delta plain loads (tests/test_attention_mosaic_dkv.py).
 """
+import functools
 import math
 
 import jax
@@ -40,8 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention_mosaic import (Values, block_index, check_regs, cta_grid, rotate_halves, segment_ranges,
-                                             smem_tiles)
+from pallas_kernels.attention_mosaic import (Values, block_index, check_regs, cta_grid, launch_kernel, rotate_halves,
+                                             segment_ranges, smem_tiles)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -50,7 +51,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, pipelined=True, stages=2,
-               regs=(200, 104), p_regs=None, longest_first=True, interpret=None):
+               regs="auto", p_regs=None, longest_first=True, with_dq=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -58,10 +59,19 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     un-rotated k.
 
     stages: query-tile slots in flight (pipelined). regs: (consumer, producer) registers per thread
-    for setmaxnreg (2*128*c + 128*p <= 65536) or None. p_regs (pipelined, compiled only): P^T /
+    for setmaxnreg (2*128*c + 128*p <= 65536) or None; "auto": (240, 24) without RoPE tables (the
+    producer then only issues copies; FA3's split), (200, 104) with them (the producer rotates Q). p_regs (pipelined, compiled only): P^T /
     dS^T as register A operands of the dV / dK wgmmas instead of through shared memory; None = when
     compiled (the interpreter cannot run it). longest_first: launch order (attention_mosaic.cta_grid;
-    causal: the first key blocks see the most queries)."""
+    causal: the first key blocks see the most queries).
+
+    with_dq (pipelined, no RoPE tables): also dq (q's shape and dtype), from the same dS^T tiles
+    (the fused backward: 5 GEMMs per tile pair instead of the 7 of this kernel and
+    attention_mosaic_dq together). Per step both consumers put dS^T in shared memory; each then
+    computes one half of D of the tile's dQ = dS K over all 128 keys and reduce-adds it (fp32, TMA)
+    into a zeroed accumulator that every key block of the row adds to. The interpreter has no
+    reduce-add: there every key block stores its partial in its own slice of a zeroed
+    [T/128, B, T, Hq, D] output and XLA sums them."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -73,11 +83,15 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     nq = T // t
+    if regs == "auto":
+        regs = (200, 104) if rope else (240, 24)
     check_regs(regs)
     use_regs = pipelined and regs is not None and not interp
     if p_regs is None:
         p_regs = pipelined and not interp
     assert not (p_regs and (interp or not pipelined)), "p_regs: the compiled pipelined kernel only"
+    assert not with_dq or (pipelined and not rope), "with_dq: the pipelined kernel without tables"
+    n_kb = T // BLOCK_K
     val = Values(interp)
     vec = val.vec  # dim 0: along the keys (rows), 1: the queries (columns) of a [keys, queries] tile
 
@@ -153,7 +167,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             for p in range(2):
                 plgpu.wgmma(refs[p], ds_t, q_parts.at[p])
         dk0, dk1 = pl.run_state(dk)((plgpu.ACC.init(dk0), plgpu.ACC.init(dk1)))
-        return dv, dk0, dk1
+        return (dv, dk0, dk1), ds_t
 
     def load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, bar,
                seg_ref=None, my_seg=None):
@@ -198,8 +212,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
 
     # ------------------------------------------------------------------ simple (two independent wgs)
     def simple_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref,
-                      dk_ref, dv_ref, scratch):
-        del seg_ref, rng_ref  # no segment ids here (asserted above)
+                      dk_ref, dv_ref, dq_ref, scratch):
+        del seg_ref, rng_ref, dq_ref  # no segment ids nor dq here (asserted above)
         (qh, dos, cs, sn, kh, vs, ps, lses, deltas), (qbar, kbar, tbar) = scratch
         kvh, b = lax.axis_index("h"), lax.axis_index("b")
         kb = block_index("k", T // BLOCK_K, longest_first, heavy_last=False)
@@ -207,7 +221,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         tb = b if table_b > 1 else 0
         k0 = kb * BLOCK_K + wg * t
         keys = pl.ds(k0, t)
-        my_q, my_do, my_k, my_v, my_p = qh.at[wg], dos.at[wg], kh.at[wg], vs.at[wg], ps.at[wg]
+        my_q, my_do, my_k, my_v, my_p = qh.at[wg], dos.at[wg], kh.at[wg], vs.at[wg], ps.at[0, wg]
         my_c, my_s = (cs.at[wg], sn.at[wg]) if rope else (None, None)
         my_lse, my_delta, my_qbar = lses.at[wg], deltas.at[wg], qbar.at[wg]
         load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, kbar.at[wg])
@@ -249,8 +263,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
 
     # ------------------------------------------------------------------ pipelined (producer + 2 consumers)
     def pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref,
-                    dk_ref, dv_ref, scratch):
-        (qh, cq, sq, dos, lses, deltas, kh, vs, ck, sk, ps, segk, segq), (qraw, qready, dbar, consumed, kbar) = scratch
+                    dk_ref, dv_ref, dq_ref, scratch):
+        (qh, cq, sq, dos, lses, deltas, kh, vs, ck, sk, ps, segk, segq, dqs), \
+            (qraw, qready, dbar, consumed, kbar, ds_ready) = scratch
         kvh, b = lax.axis_index("h"), lax.axis_index("b")
         kb = block_index("k", T // BLOCK_K, longest_first, heavy_last=False)
         wg = lax.axis_index("wg")
@@ -269,22 +284,59 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.set_max_registers(regs[0], action="increase")
             k0 = kb * BLOCK_K + wg * t
             keys = pl.ds(k0, t)
-            my_k, my_v, my_p = kh.at[wg], vs.at[wg], ps.at[wg]
+            my_k, my_v = kh.at[wg], vs.at[wg]
             my_c, my_s = (ck.at[wg], sk.at[wg]) if rope else (None, None)
             load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, kbar.at[wg],
                    seg_ref, segk.at[wg] if segs else None)
             key_ids = vec(segk.at[wg], 0) if segs else None
 
+            def p_buf(j):  # with_dq: by step parity (the other consumer may still read step j - 1's)
+                return ps.at[lax.rem(j, jnp.int32(2)) if with_dq else 0, wg]
+
             def seg_of(slot):
                 return (key_ids, segq.at[slot]) if segs else None
+
+            def dq_partial(j, ds_t=None):
+                """This tile's dQ[:, my half of D] over both consumers' keys: dS (from the two
+                dS^T tiles of step j's parity; ds_t: mine, still to be written) times K_rot's half;
+                reduce-added. Writing step j's dS^T is safe without a second barrier: the other
+                consumer arrived at step j - 1's ds_ready after reading step j - 2's."""
+                h, i = tile_of(j)
+                if ds_t is not None:
+                    p_buf(j)[...] = ds_t
+                    plgpu.commit_smem()
+                plgpu.barrier_arrive(ds_ready)
+                plgpu.barrier_wait(ds_ready)
+                ds_tiles = ps.at[lax.rem(j, jnp.int32(2))]
+                if interp:  # no transposed wgmma operand in the interpreter
+                    acc = sum(lax.dot_general(ds_tiles.at[w][...], kh.at[w, wg][...], (((0,), (0,)), ((), ())),
+                                              preferred_element_type=jnp.float32) for w in range(2))
+                else:
+                    def ds_k(acc):
+                        for w in range(2):
+                            plgpu.wgmma(acc, plgpu.transpose_ref(ds_tiles.at[w], (1, 0)), kh.at[w, wg])
+                        plgpu.wgmma_wait(0)
+                        return acc[...]
+                    acc = pl.run_scoped(ds_k, plgpu.ACC((t, half), jnp.float32))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's reduce read dqs
+                dqs.at[wg][...] = acc
+                plgpu.commit_smem()
+                cols = pl.ds(wg * half, half)
+                rows = pl.ds(i * t, t)
+                if interp:
+                    plgpu.copy_smem_to_gmem(dqs.at[wg], dq_ref.at[kb, b, rows, h, cols])
+                else:
+                    plgpu.copy_smem_to_gmem(dqs.at[wg], dq_ref.at[b, rows, h, cols], reduction_op="add")
 
             def step(accs, j, masked):
                 slot = lax.rem(j, jnp.int32(stages))
                 _, i = tile_of(j)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
-                tile_math(accs, my_k, my_v, my_p, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
+                tile_math(accs, my_k, my_v, p_buf(j), qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
                           k0, i * t, masked, seg_of(slot))
+                if with_dq:
+                    dq_partial(j)
                 plgpu.barrier_arrive(consumed.at[slot])
 
             def skip(j):  # a tile above this consumer's diagonal: keep the barriers' phases in step
@@ -296,16 +348,19 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             def loop(accs):
                 def head(g, _):
                     j0 = g * per_head
-
-                    @pl.when(wg == 0)
-                    def _():
+                    if with_dq:  # both consumers take part in every dQ tile (the upper one's P = 0)
                         step(accs, j0, masked=True)
-                        step(accs, j0 + 1, masked=False)
-
-                    @pl.when(wg == 1)
-                    def _():
-                        skip(j0)
                         step(accs, j0 + 1, masked=True)
+                    else:
+                        @pl.when(wg == 0)
+                        def _():
+                            step(accs, j0, masked=True)
+                            step(accs, j0 + 1, masked=False)
+
+                        @pl.when(wg == 1)
+                        def _():
+                            skip(j0)
+                            step(accs, j0 + 1, masked=True)
                     lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: step(accs, j, masked=False), None)
                 lax.fori_loop(0, G, head, None)
 
@@ -314,8 +369,10 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 _, i = tile_of(j)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
-                accs = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot],
-                                      deltas.at[slot], k0, i * t, masked, seg_of(slot))
+                accs, ds_t = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot],
+                                            deltas.at[slot], k0, i * t, masked, seg_of(slot))
+                if with_dq:
+                    dq_partial(j, ds_t)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return accs
 
@@ -330,6 +387,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 dv, dk0, dk1 = lax.fori_loop(0, G, head_regs, (wg_zeros(D), wg_zeros(half), wg_zeros(half)))
             else:
                 dv, dk0, dk1 = accumulate(loop)
+            if with_dq:  # the other consumer is done with my K (finish reuses the buffer)
+                plgpu.barrier_arrive(ds_ready)
+                plgpu.barrier_wait(ds_ready)
             finish(dv, dk0, dk1, my_k, my_v, my_c, my_s, dk_ref, dv_ref, b, keys, kvh, lambda: None)
 
         @pl.when(wg == 2)
@@ -380,23 +440,30 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         refs = list(refs)
         cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
         seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
+        dq_ref = None
+        if with_dq:  # compiled: the accumulator is an argument (before the outputs); interpreted, an output
+            dq_ref = refs.pop(-1 if interp else 0)
         dk_ref, dv_ref = refs
         smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
         table = (lambda n: smem((n, t, half), cos.dtype)) if rope else (lambda n: None)
         k_loads = 3 + (2 if rope else 0) + (1 if segs else 0)  # K halves, V (+ cos, sin) (+ ids)
         kv_bufs = (smem((2, 2, t, half), k.dtype), smem((2, t, D), v.dtype))
-        p_buf = smem((2, t, t), q.dtype)
+        p_buf = smem((2 if with_dq else 1, 2, t, t), q.dtype)  # [parity,] consumer
         if pipelined:
+            dq_stage = plgpu.SMEM((2, t, half), jnp.float32,  # 128-byte swizzle: 32 floats per row
+                                  transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
             buffers = (smem((stages, 2, t, half), q.dtype), table(stages), table(stages),
                        smem((stages, t, D), do.dtype), plgpu.SMEM((stages, t), jnp.float32),
                        plgpu.SMEM((stages, t), jnp.float32), *kv_bufs, table(2), table(2), p_buf,
                        plgpu.SMEM((2, t), jnp.int32) if segs else None,
-                       plgpu.SMEM((stages, t), jnp.int32) if segs else None)
+                       plgpu.SMEM((stages, t), jnp.int32) if segs else None,
+                       dq_stage if with_dq else None)
             barriers = (plgpu.Barrier(num_arrivals=2 + (2 if rope else 0), num_barriers=stages),
                         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                         plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),
                         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-                        plgpu.Barrier(num_arrivals=k_loads, num_barriers=2))
+                        plgpu.Barrier(num_arrivals=k_loads, num_barriers=2),
+                        plgpu.Barrier(num_arrivals=2) if with_dq else None)  # both consumers' dS^T
             body = pipe_kernel
         else:
             buffers = (smem((2, 2, t, half), q.dtype), smem((2, t, D), do.dtype), table(2), table(2),
@@ -406,16 +473,23 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                         plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope else None)
             body = simple_kernel
         pl.run_scoped(lambda *scr: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
-                                        seg_ref, rng_ref, dk_ref, dv_ref, scr),
+                                        seg_ref, rng_ref, dk_ref, dv_ref, dq_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
     grid, grid_names = cta_grid(Hkv, T // BLOCK_K, B, "k", longest_first)
-    f = plgpu.kernel(
-        entry,
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        grid=grid, grid_names=grid_names, num_threads=3 if pipelined else 2,
-        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret,
-    )
+    out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     extra = ((cos, sin) if rope else ()) + ((seg, segment_ranges(seg)[1] if ranges is None else ranges) if segs else ())
-    return f(q, k, v, do, lse, delta, *extra)
+    launch = functools.partial(
+        launch_kernel, entry, grid=grid, grid_names=grid_names, num_threads=3 if pipelined else 2,
+        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
+    if not with_dq:
+        return launch(out_type)(q, k, v, do, lse, delta, *extra)
+    if interp:  # per key block partials in a zeroed output (the interpreter has no reduce-add)
+        out_type.append(jax.ShapeDtypeStruct((n_kb, *q.shape), jnp.float32))
+        dk, dv, parts = launch(out_type, zero_outputs=True)(q, k, v, do, lse, delta, *extra)
+        dq = parts.sum(0)
+    else:
+        acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+        dk, dv = launch(out_type)(q, k, v, do, lse, delta, *extra, acc)
+        dq = acc[...]
+    return dk, dv, (dq * scale).astype(q.dtype)
