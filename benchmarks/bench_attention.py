@@ -274,6 +274,17 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         f16 = lambda x: x.astype(jnp.float16)  # noqa: E731 - its kernel is float16-only inside
         return (lambda q, k, v: mgpu.attention(q, k, v, cfg)), (f16(qr), f16(kr), f16(v))
 
+    def tokamax_mosaic():
+        # tokamax's Mosaic GPU flash attention (forward and backward; GQA native), pre-rotated q/k.
+        # Not on the GPU image: carry its wheels (benchmarks/prepare_tokamax_site.sh).
+        import tokamax
+
+        def f(q, k, v):
+            return tokamax.dot_product_attention(q, k, v, is_causal=True, implementation="mosaic")
+        err = jnp.max(jnp.abs(jax.jit(f)(qr, kr, v).astype(jnp.float32) - jax.jit(cudnn)(qr, kr, v).astype(jnp.float32)))
+        log(f"  tokamax {tokamax.__version__}: max |out - cuDNN's| {float(err):.2e}")
+        return f, (qr, kr, v)
+
     table = {
         "ours": (ours, (q, k, v)),
         "ours, RoPE in kernel": (ours_rope_in_kernel, (q, k, v)),
@@ -289,6 +300,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "XLA reference": (reference, (q, k, v)),
         "jax pallas mha (pre-rot, K/V repeated)": "jax_mha",
         "jax mosaic gpu (pre-rot, fwd only)": "jax_mosaic",
+        "tokamax mosaic (pre-rotated)": "tokamax",
     }
     for name, spec in table.items():
         if impls is not None and name not in impls:
@@ -297,7 +309,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
             log(f"  (budget reached, skipping {name} T={T})")
             continue
         try:
-            fn, args = {"jax_mha": jax_mha, "jax_mosaic": jax_mosaic}[spec]() if isinstance(spec, str) else spec
+            fn, args = {"jax_mha": jax_mha, "jax_mosaic": jax_mosaic, "tokamax": tokamax_mosaic}[spec]() if isinstance(spec, str) else spec
             f_ms = timeit(jax.jit(fn), *args)
         except Exception as e:
             record_error(f"time_{name}_T{T}", e)

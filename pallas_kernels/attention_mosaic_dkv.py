@@ -28,6 +28,13 @@ T = 2k / 8k: pipelined + p_regs + setmaxnreg (200, 104) 1.98 / 5.95 ms; the same
 limits 2.73 / 9.14; P^T through shared memory 3.15 / 9.86 (no limits; with (216, 80) it did not
 finish within 90 s: hang not diagnosed); the two-warpgroup fallback 2.92 / 9.73.
 Shared memory at stages=2 with RoPE: ~214 KB (stages=3 does not fit: 264 KB > 227 KB).
+Without RoPE tables (the default path: XLA rotates before the kernels) the producer only issues
+copies and the consumers get 240 registers (FA3's split): 1.11-1.14x faster than (200, 104) at
+2k / 8k (2026-12-02, benchmarks/RESULTS.md 00000000).
+
+with_dq: the fused backward (dq from the same dS^T tiles, reduce-added; see mosaic_dkv). Opt-in:
+correct on the H200 but fwd+bwd 1.13x / 1.03x slower than the separate dq kernel at 2k / 8k, 2%
+faster at 32k (attention_NOTES.md session 9).
 
 Under JAX's Mosaic GPU interpreter (no transposed wgmma operand, no load with a layout), S^T and
 dP^T are jnp dots of the shared-memory tiles and lse/delta plain loads (tests/test_attention_mosaic_dkv.py).
