@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""The Mosaic GPU attention backward kernels (pallas_kernels/attention_mosaic_dq.py / _dkv.py) on the
-GPU: a correctness check against the reference's VJP at a small shape, then their times at the
-benchmark shapes next to our Triton backward (dq + dk/dv kernels) measured in the same process.
+"""The Mosaic GPU attention kernels (backward: pallas_kernels/attention_mosaic_dq.py / _dkv.py; the
+forward with --kernel fwd) on the GPU: a correctness check against the reference (its VJP) at small
+shapes, then their times at the benchmark shapes, for the backward next to our Triton backward
+(dq + dk/dv kernels) measured in the same process.
 
     PYTHONPATH=$PWD timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel dq
     PYTHONPATH=$PWD timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel dkv --kwargs '{"p_regs": true}' --no-baseline
     PYTHONPATH=$PWD timeout 300 python3 benchmarks/bench_mosaic_bwd.py --kernel bwd --no-rope --kwargs '[{"fused": false}, {"fused": true}]'
 
 --kernel bwd: the whole Mosaic backward (dk, dv, dq): {"fused": false} the dq and dk/dv kernels,
-{"fused": true} dk/dv with_dq (other keys go to the dk/dv kernel).
+{"fused": true} dk/dv with_dq (other keys go to the dk/dv kernel, e.g. "dq_tiles": "own_keys").
+--kernel fwd: the Mosaic forward (attention_mosaic.mosaic_forward), its output checked, e.g.
+    ... --kernel fwd --no-rope --kwargs '[{}, {"regs": [240, 24]}]'
 
 --kwargs: launch settings of the kernel (JSON, e.g. stages, regs, pipelined, p_regs), or a list
 of them: variants timed in one process, in interleaved rounds (a variant that fails to compile is
@@ -71,19 +74,26 @@ def mosaic_bwd(q, k, v, do, lse, delta, cos, sin, *, scale, fused, **kw):
     return dk, dv, attention_mosaic_dq.mosaic_dq(q, k, v, do, lse, delta, cos, sin, scale=scale)
 
 
+def mosaic_fwd(q, k, v, do, lse, delta, cos, sin, *, scale, **kw):
+    """The forward's output (its arguments as the backward kernels', for one timing loop)."""
+    from pallas_kernels import attention_mosaic
+    del do, lse, delta
+    return attention_mosaic.mosaic_forward(q, k, v, cos, sin, scale=scale, **kw)[0]
+
+
 def variant_fn(kernel, kw):
     """The kernel function and its launch settings; kw["module"] (popped) names another module
     holding mosaic_<kernel> (e.g. an earlier version kept beside the tree for an A/B)."""
     kw = {n: tuple(x) if isinstance(x, list) else x for n, x in kw.items()}
-    if kernel == "bwd":
-        return mosaic_bwd, kw
+    if kernel in ("bwd", "fwd"):
+        return {"bwd": mosaic_bwd, "fwd": mosaic_fwd}[kernel], kw
     mod = importlib.import_module(kw.pop("module", f"pallas_kernels.attention_mosaic_{kernel}"))
     return getattr(mod, f"mosaic_{kernel}"), kw
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", choices=("dq", "dkv", "bwd"), required=True)
+    p.add_argument("--kernel", choices=("dq", "dkv", "bwd", "fwd"), required=True)
     p.add_argument("--kwargs", default="{}",
                    help="JSON launch settings passed to the kernel; a list of them: variants timed in the "
                         "same process, in interleaved rounds")
@@ -109,9 +119,9 @@ def main():
         fs = [None if i in dead else f for i, f in enumerate(fs)]
         args = (q, k, v, do, lse, delta)
         if check:
-            _, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, inv_freq=inv_freq), q, k, v)
+            out, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, inv_freq=inv_freq), q, k, v)
             dq, dk, dv = vjp(do)
-            want = {"dq": (dq,), "dkv": (dk, dv), "bwd": (dk, dv, dq)}[a.kernel]
+            want = {"dq": (dq,), "dkv": (dk, dv), "bwd": (dk, dv, dq), "fwd": (out,)}[a.kernel]
             for n, (kw, f) in enumerate(zip(kws, fs)):
                 if f is None:
                     continue
@@ -134,12 +144,12 @@ def main():
             for i, f in enumerate(fs):
                 if f is not None:
                     best[i] = min(best[i], timeit(f, *args))
-        gemms = {"dq": 3, "dkv": 4, "bwd": 5}[a.kernel]  # dq: S, dP, dQ; dk/dv: S, dP, dV, dK; bwd: the 5 (causal halves)
+        gemms = {"dq": 3, "dkv": 4, "bwd": 5, "fwd": 2}[a.kernel]  # dq: S, dP, dQ; dk/dv: S, dP, dV, dK; bwd: the 5; fwd: S, PV (causal halves)
         fl = gemms * 2 * B * Hq * T * T * 128 / 2
         lines = [f"{a.kernel} {json.dumps(kw)} B={B} T={T} Hq/Hkv={Hq}/{Hkv}: {ms:.3f} ms ({fl / ms / 1e9:.0f} TF/s)"
                  + (f", {best[0] / ms:.3f}x the first" if i and 0 not in dead else "")
                  for i, (kw, ms) in enumerate(zip(kws, best)) if i not in dead]
-        if not (a.no_baseline or a.no_rope):
+        if not (a.no_baseline or a.no_rope or a.kernel == "fwd"):
             triton_bwd = attn.Tuning(mosaic_dq=False, mosaic_dkv=False)  # Mosaic forward, Triton backward
             tri = jax.jit(lambda q, k, v, do: jax.vjp(
                 lambda *x: attn.flash_attention(*x, inv_freq=inv_freq, tuning=triton_bwd), q, k, v)[1](do))

@@ -58,7 +58,8 @@ TILE = 64      # key rows per consumer and query rows per step
 
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, pipelined=True, stages=2,
-               regs="auto", p_regs=None, longest_first=True, with_dq=False, interpret=None):
+               regs="auto", p_regs=None, longest_first=True, with_dq=False, dq_tiles="split_d",
+               interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -78,7 +79,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     computes one half of D of the tile's dQ = dS K over all 128 keys and reduce-adds it (fp32, TMA)
     into a zeroed accumulator that every key block of the row adds to. The interpreter has no
     reduce-add: there every key block stores its partial in its own slice of a zeroed
-    [T/128, B, T, Hq, D] output and XLA sums them."""
+    [T/128, B, T, Hq, D] output and XLA sums them. dq_tiles="own_keys": instead, each consumer
+    reduce-adds its own keys' dQ over all of D (two halves, 64 KB of staging): no meeting of the
+    consumers per step, twice the reduce-add traffic."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -98,6 +101,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         p_regs = pipelined and not interp
     assert not (p_regs and (interp or not pipelined)), "p_regs: the compiled pipelined kernel only"
     assert not with_dq or (pipelined and not rope), "with_dq: the pipelined kernel without tables"
+    assert dq_tiles in ("split_d", "own_keys"), dq_tiles
+    shared_ds = with_dq and dq_tiles == "split_d"  # the consumers read each other's dS^T tiles
     n_kb = T // BLOCK_K
     val = Values(interp)
     vec = val.vec  # dim 0: along the keys (rows), 1: the queries (columns) of a [keys, queries] tile
@@ -297,13 +302,45 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                    seg_ref, segk.at[wg] if segs else None)
             key_ids = vec(segk.at[wg], 0) if segs else None
 
-            def p_buf(j):  # with_dq: by step parity (the other consumer may still read step j - 1's)
-                return ps.at[lax.rem(j, jnp.int32(2)) if with_dq else 0, wg]
+            def p_buf(j):  # shared_ds: by step parity (the other consumer may still read step j - 1's)
+                return ps.at[lax.rem(j, jnp.int32(2)) if shared_ds else 0, wg]
 
             def seg_of(slot):
                 return (key_ids, segq.at[slot]) if segs else None
 
-            def dq_partial(j, ds_t=None):
+            def dq_own_keys(j, ds_t=None):
+                """This tile's dQ over my keys: dS (my dS^T tile; ds_t: still to be written) times
+                each half of K_rot, reduce-added from its own staging tile."""
+                h, i = tile_of(j)
+                my_p = p_buf(j)
+                if ds_t is not None:
+                    my_p[...] = ds_t
+                    plgpu.commit_smem()
+                for part in range(2):
+                    if interp:
+                        acc = lax.dot_general(my_p[...], kh.at[wg, part][...], (((0,), (0,)), ((), ())),
+                                              preferred_element_type=jnp.float32)
+                    else:
+                        def ds_k(acc):
+                            plgpu.wgmma(acc, plgpu.transpose_ref(my_p, (1, 0)), kh.at[wg, part])
+                            plgpu.wgmma_wait(0)
+                            return acc[...]
+                        acc = pl.run_scoped(ds_k, plgpu.ACC((t, half), jnp.float32))
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this tile's previous reduce read it
+                    dqs.at[wg, part][...] = acc
+                    plgpu.commit_smem()
+                    store_dq(dqs.at[wg, part], 2 * kb + wg, i, h, part)
+
+            def store_dq(src, part_index, i, h, col_half):
+                """Reduce-add src into dQ[rows of tile i, head h, a half of D] (interpreted: a plain
+                store into this CTA's partials slice part_index)."""
+                rows, cols = pl.ds(i * t, t), pl.ds(col_half * half, half)
+                if interp:
+                    plgpu.copy_smem_to_gmem(src, dq_ref.at[part_index, b, rows, h, cols])
+                else:
+                    plgpu.copy_smem_to_gmem(src, dq_ref.at[b, rows, h, cols], reduction_op="add")
+
+            def dq_split_d(j, ds_t=None):
                 """This tile's dQ[:, my half of D] over both consumers' keys: dS (from the two
                 dS^T tiles of step j's parity; ds_t: mine, still to be written) times K_rot's half;
                 reduce-added. Writing step j's dS^T is safe without a second barrier: the other
@@ -328,12 +365,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's reduce read dqs
                 dqs.at[wg][...] = acc
                 plgpu.commit_smem()
-                cols = pl.ds(wg * half, half)
-                rows = pl.ds(i * t, t)
-                if interp:
-                    plgpu.copy_smem_to_gmem(dqs.at[wg], dq_ref.at[kb, b, rows, h, cols])
-                else:
-                    plgpu.copy_smem_to_gmem(dqs.at[wg], dq_ref.at[b, rows, h, cols], reduction_op="add")
+                store_dq(dqs.at[wg], kb, i, h, wg)
+
+            dq_tile = dq_split_d if shared_ds else dq_own_keys
 
             def step(accs, j, masked):
                 slot = lax.rem(j, jnp.int32(stages))
@@ -343,7 +377,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 tile_math(accs, my_k, my_v, p_buf(j), qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
                           k0, i * t, masked, seg_of(slot))
                 if with_dq:
-                    dq_partial(j)
+                    dq_tile(j)
                 plgpu.barrier_arrive(consumed.at[slot])
 
             def skip(j):  # a tile above this consumer's diagonal: keep the barriers' phases in step
@@ -379,7 +413,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 accs, ds_t = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot],
                                             deltas.at[slot], k0, i * t, masked, seg_of(slot))
                 if with_dq:
-                    dq_partial(j, ds_t)
+                    dq_tile(j, ds_t)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return accs
 
@@ -394,7 +428,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 dv, dk0, dk1 = lax.fori_loop(0, G, head_regs, (wg_zeros(D), wg_zeros(half), wg_zeros(half)))
             else:
                 dv, dk0, dk1 = accumulate(loop)
-            if with_dq:  # the other consumer is done with my K (finish reuses the buffer)
+            if shared_ds:  # the other consumer is done with my K (finish reuses the buffer)
                 plgpu.barrier_arrive(ds_ready)
                 plgpu.barrier_wait(ds_ready)
             finish(dv, dk0, dk1, my_k, my_v, my_c, my_s, dk_ref, dv_ref, b, keys, kvh, lambda: None)
@@ -455,10 +489,10 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         table = (lambda n: smem((n, t, half), cos.dtype)) if rope else (lambda n: None)
         k_loads = 3 + (2 if rope else 0) + (1 if segs else 0)  # K halves, V (+ cos, sin) (+ ids)
         kv_bufs = (smem((2, 2, t, half), k.dtype), smem((2, t, D), v.dtype))
-        p_buf = smem((2 if with_dq else 1, 2, t, t), q.dtype)  # [parity,] consumer
+        p_buf = smem((2 if shared_ds else 1, 2, t, t), q.dtype)  # [parity,] consumer
         if pipelined:
-            dq_stage = plgpu.SMEM((2, t, half), jnp.float32,  # 128-byte swizzle: 32 floats per row
-                                  transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+            dq_stage = plgpu.SMEM((2, t, half) if shared_ds else (2, 2, t, half), jnp.float32,  # 128-byte swizzle:
+                                  transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))  # 32 floats a row
             buffers = (smem((stages, 2, t, half), q.dtype), table(stages), table(stages),
                        smem((stages, t, D), do.dtype), plgpu.SMEM((stages, t), jnp.float32),
                        plgpu.SMEM((stages, t), jnp.float32), *kv_bufs, table(2), table(2), p_buf,
@@ -470,7 +504,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                         plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),
                         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                         plgpu.Barrier(num_arrivals=k_loads, num_barriers=2),
-                        plgpu.Barrier(num_arrivals=2) if with_dq else None)  # both consumers' dS^T
+                        plgpu.Barrier(num_arrivals=2) if shared_ds else None)  # both consumers' dS^T
             body = pipe_kernel
         else:
             buffers = (smem((2, 2, t, half), q.dtype), smem((2, t, D), do.dtype), table(2), table(2),
@@ -492,7 +526,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     if not with_dq:
         return launch(out_type)(q, k, v, do, lse, delta, *extra)
     if interp:  # per key block partials in a zeroed output (the interpreter has no reduce-add)
-        out_type.append(jax.ShapeDtypeStruct((n_kb, *q.shape), jnp.float32))
+        out_type.append(jax.ShapeDtypeStruct((n_kb * (1 if shared_ds else 2), *q.shape), jnp.float32))
         dk, dv, parts = launch(out_type, zero_outputs=True)(q, k, v, do, lse, delta, *extra)
         dq = parts.sum(0)
     else:
