@@ -106,11 +106,11 @@ def block_index(block_name, blocks, longest_first, heavy_last):
     return blocks - 1 - i if longest_first and heavy_last else i
 
 
-def launch_kernel(entry, out_type, *, zero_outputs=False, interpret=None, **mesh):
+def launch_kernel(entry, out_type, *, compiler_params, zero_outputs=False, interpret=None, **mesh):
     """plgpu.kernel(entry, ...) as a function of the kernel's arguments, which may include mutable
     `jax.new_ref` arrays (accumulators the kernel adds into: those go through pl.kernel, which aliases
-    them in and out). zero_outputs (interpreter only): the outputs start as zeros, not NaN."""
-    compiler_params = mesh.pop("compiler_params")
+    them in and out). mesh: plgpu.Mesh's arguments (grid, grid_names, num_threads, thread_name).
+    zero_outputs (interpreter only): the outputs start as zeros, not NaN."""
     if zero_outputs:
         assert interpret is not None, "zero_outputs: the interpreter only"
         interpret = dataclasses.replace(interpret, uninitialized_memory="zero")
