@@ -308,37 +308,44 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             def seg_of(slot):
                 return (key_ids, segq.at[slot]) if segs else None
 
-            def dq_own_keys(j, ds_t=None):
-                """This tile's dQ over my keys: dS (my dS^T tile; ds_t: still to be written) times
-                each half of K_rot, reduce-added from its own staging tile."""
-                h, i = tile_of(j)
-                my_p = p_buf(j)
-                if ds_t is not None:
-                    my_p[...] = ds_t
-                    plgpu.commit_smem()
-                for part in range(2):
-                    if interp:
-                        acc = lax.dot_general(my_p[...], kh.at[wg, part][...], (((0,), (0,)), ((), ())),
-                                              preferred_element_type=jnp.float32)
-                    else:
-                        def ds_k(acc):
-                            plgpu.wgmma(acc, plgpu.transpose_ref(my_p, (1, 0)), kh.at[wg, part])
-                            plgpu.wgmma_wait(0)
-                            return acc[...]
-                        acc = pl.run_scoped(ds_k, plgpu.ACC((t, half), jnp.float32))
-                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this tile's previous reduce read it
-                    dqs.at[wg, part][...] = acc
-                    plgpu.commit_smem()
-                    store_dq(dqs.at[wg, part], 2 * kb + wg, i, h, part)
+            def ds_times_k(pairs):
+                """sum of dS_w K_w over (dS^T tile, K part) pairs: a [queries, D/2] float32 value."""
+                if interp:  # no transposed wgmma operand in the interpreter
+                    return sum(lax.dot_general(d[...], k_[...], (((0,), (0,)), ((), ())),
+                                               preferred_element_type=jnp.float32) for d, k_ in pairs)
 
-            def store_dq(src, part_index, i, h, col_half):
-                """Reduce-add src into dQ[rows of tile i, head h, a half of D] (interpreted: a plain
-                store into this CTA's partials slice part_index)."""
+                def mm(acc):
+                    for d, k_ in pairs:
+                        plgpu.wgmma(acc, plgpu.transpose_ref(d, (1, 0)), k_)
+                    plgpu.wgmma_wait(0)
+                    return acc[...]
+                return pl.run_scoped(mm, plgpu.ACC((t, half), jnp.float32))
+
+            def add_dq(acc, stage, pending, part_index, i, h, col_half):
+                """Reduce-add acc into dQ[rows of tile i, head h, a half of D] through the staging
+                tile (once at most `pending` earlier reduce-adds are still reading staging tiles;
+                interpreted: a plain store into this CTA's partials slice part_index)."""
+                plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
+                stage[...] = acc
+                plgpu.commit_smem()
                 rows, cols = pl.ds(i * t, t), pl.ds(col_half * half, half)
                 if interp:
-                    plgpu.copy_smem_to_gmem(src, dq_ref.at[part_index, b, rows, h, cols])
+                    plgpu.copy_smem_to_gmem(stage, dq_ref.at[part_index, b, rows, h, cols])
                 else:
-                    plgpu.copy_smem_to_gmem(src, dq_ref.at[b, rows, h, cols], reduction_op="add")
+                    plgpu.copy_smem_to_gmem(stage, dq_ref.at[b, rows, h, cols], reduction_op="add")
+
+            def write_ds(j, ds_t):
+                if ds_t is not None:  # the register path; the shared-memory one wrote it already
+                    p_buf(j)[...] = ds_t
+                    plgpu.commit_smem()
+
+            def dq_own_keys(j, ds_t=None):
+                """This tile's dQ over my keys: dS (my dS^T tile; ds_t: still to be written) times
+                each half of K_rot, each half reduce-added from its own staging tile."""
+                h, i = tile_of(j)
+                write_ds(j, ds_t)
+                for part in range(2):
+                    add_dq(ds_times_k([(p_buf(j), kh.at[wg, part])]), dqs.at[wg, part], 1, 2 * kb + wg, i, h, part)
 
             def dq_split_d(j, ds_t=None):
                 """This tile's dQ[:, my half of D] over both consumers' keys: dS (from the two
@@ -346,26 +353,12 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 reduce-added. Writing step j's dS^T is safe without a second barrier: the other
                 consumer arrived at step j - 1's ds_ready after reading step j - 2's."""
                 h, i = tile_of(j)
-                if ds_t is not None:
-                    p_buf(j)[...] = ds_t
-                    plgpu.commit_smem()
+                write_ds(j, ds_t)
                 plgpu.barrier_arrive(ds_ready)
                 plgpu.barrier_wait(ds_ready)
                 ds_tiles = ps.at[lax.rem(j, jnp.int32(2))]
-                if interp:  # no transposed wgmma operand in the interpreter
-                    acc = sum(lax.dot_general(ds_tiles.at[w][...], kh.at[w, wg][...], (((0,), (0,)), ((), ())),
-                                              preferred_element_type=jnp.float32) for w in range(2))
-                else:
-                    def ds_k(acc):
-                        for w in range(2):
-                            plgpu.wgmma(acc, plgpu.transpose_ref(ds_tiles.at[w], (1, 0)), kh.at[w, wg])
-                        plgpu.wgmma_wait(0)
-                        return acc[...]
-                    acc = pl.run_scoped(ds_k, plgpu.ACC((t, half), jnp.float32))
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's reduce read dqs
-                dqs.at[wg][...] = acc
-                plgpu.commit_smem()
-                store_dq(dqs.at[wg], kb, i, h, wg)
+                acc = ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)])
+                add_dq(acc, dqs.at[wg], 0, kb, i, h, wg)
 
             dq_tile = dq_split_d if shared_ds else dq_own_keys
 
