@@ -19,6 +19,8 @@ dropped; one that hangs takes the process, so run untried launch settings alone 
 A "module" key times mosaic_<kernel> from another module, e.g. the file at an earlier commit:
     git show b32b62a:pallas_kernels/attention_mosaic_dq.py > benchmarks/dq_before_s8.py
     ... --kernel dq --no-rope --kwargs '[{"module": "benchmarks.dq_before_s8"}, {}]'
+(--kernel fwd: mosaic_forward from that module.) "ctas": "sms" runs the forward or dq kernel
+persistent, one CTA per SM.
 """
 import argparse
 import functools
@@ -74,18 +76,17 @@ def mosaic_bwd(q, k, v, do, lse, delta, cos, sin, *, scale, fused, **kw):
     return dk, dv, attention_mosaic_dq.mosaic_dq(q, k, v, do, lse, delta, cos, sin, scale=scale)
 
 
-def mosaic_fwd(q, k, v, do, lse, delta, cos, sin, *, scale, **kw):
+def mosaic_fwd(q, k, v, do, lse, delta, cos, sin, *, scale, module="pallas_kernels.attention_mosaic", **kw):
     """The forward's output (its arguments as the backward kernels', for one timing loop)."""
-    from pallas_kernels import attention_mosaic
     del do, lse, delta
-    return attention_mosaic.mosaic_forward(q, k, v, cos, sin, scale=scale, **kw)[0]
+    return importlib.import_module(module).mosaic_forward(q, k, v, cos, sin, scale=scale, **kw)[0]
 
 
 def variant_fn(kernel, kw):
     """The kernel function and its launch settings; kw["module"] (popped) names another module
     holding mosaic_<kernel> (e.g. an earlier version kept beside the tree for an A/B)."""
     kw = {n: tuple(x) if isinstance(x, list) else x for n, x in kw.items()}
-    if kernel in ("bwd", "fwd"):
+    if kernel in ("bwd", "fwd"):  # (fwd takes "module" itself)
         return {"bwd": mosaic_bwd, "fwd": mosaic_fwd}[kernel], kw
     mod = importlib.import_module(kw.pop("module", f"pallas_kernels.attention_mosaic_{kernel}"))
     return getattr(mod, f"mosaic_{kernel}"), kw

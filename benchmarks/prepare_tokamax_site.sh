@@ -19,6 +19,10 @@ pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
 rm -rf "$SITE" && mkdir -p "$SITE"
 for w in "$WHL"/*.whl; do python3 -m zipfile -e "$w" "$SITE"; done
 find "$SITE" -name "*_test.py" -delete
+# tokamax's benchmarking module imports xprof (a profiler UI, ~100 MB) for one helper that
+# attention never calls; a stub module stands in for it.
+mkdir -p "$SITE/xprof/cli" && touch "$SITE/xprof/__init__.py" "$SITE/xprof/cli/__init__.py"
+echo "get_kernel_stats_tool = None  # stub: see prepare_tokamax_site.sh" > "$SITE/xprof/cli/tools.py"
 ls "$WHL" > "$SITE/MANIFEST.txt"
 rm -rf "$WHL"
 du -sh "$SITE"

@@ -166,83 +166,181 @@ def rotate_halves(x_parts, c_ref, s_ref, rows, chunk):
         x_parts.at[1, sl][...] = (x2 * c + x1 * s).astype(x_parts.dtype)
 
 
-def skip_kv_steps(bars, start, stop, stages):
+class QTiles:
+    """Which tiles (query block qi, batch row b, head h) each CTA of a Q-stationary kernel (the
+    forward, dq) runs. ctas None: one CTA per tile, in `cta_grid`'s order. An int: a persistent
+    kernel of that many CTAs (one per SM), each looping over tiles in longest-first order, round
+    by round, snaking (CTA c takes the c-th tile of even rounds and the c-th from the end of odd
+    ones) so that the CTAs get about equal work. Persistence is for the per-CTA fixed cost: the
+    producer streams the next tile's K/V while the consumers finish the last one."""
+
+    def __init__(self, batch, heads, blocks, ctas, longest_first):
+        self.batch, self.heads, self.blocks, self.longest_first = batch, heads, blocks, longest_first
+        self.tiles = batch * heads * blocks
+        self.ctas = None if ctas is None else max(1, min(int(ctas), self.tiles))
+        if self.ctas is None:
+            self.grid, self.grid_names = cta_grid(heads, blocks, batch, "q", longest_first)
+        else:
+            self.grid, self.grid_names = (self.ctas,), ("cta",)
+
+    def count(self):
+        """How many tiles this CTA runs (a Python int without persistence)."""
+        if self.ctas is None:
+            return 1
+        rounds, rest = divmod(self.tiles, self.ctas)
+        c = lax.axis_index("cta")
+        in_last = (c < rest) if rounds % 2 == 0 else (c >= self.ctas - rest)  # the partial round
+        return rounds + in_last.astype(jnp.int32)
+
+    def coords(self, i):
+        """(qi, b, h) of this CTA's i-th tile."""
+        if self.ctas is None:
+            qi = block_index("q", self.blocks, self.longest_first, heavy_last=True)
+            return qi, lax.axis_index("b"), lax.axis_index("h")
+        c = lax.axis_index("cta")
+        t = i * self.ctas + jnp.where(lax.rem(i, 2) == 0, c, self.ctas - 1 - c)
+        per_block = self.batch * self.heads  # the heads of a GQA group side by side (same K/V)
+        qi = self.blocks - 1 - lax.div(t, jnp.int32(per_block))
+        r = lax.rem(t, jnp.int32(per_block))
+        return qi, lax.div(r, jnp.int32(self.heads)), lax.rem(r, jnp.int32(self.heads))
+
+
+def for_each_tile(tiles, kv_range, body):
+    """body(i, tile, kv_min, kv_max, off) for each of this CTA's tiles in order, tile = (qi, b, h),
+    its key tiles [kv_min, kv_max) = kv_range(*tile); off: the K/V steps run before this tile minus
+    kv_min, so that key tile j of this tile is global step j + off (its slot: (j + off) % stages).
+    Returns the number of steps of all tiles."""
+    def run(i, g):
+        tile = tiles.coords(i)
+        lo, hi = kv_range(*tile)
+        body(i, tile, lo, hi, g - lo)
+        return g + hi - lo
+    n = tiles.count()
+    if isinstance(n, int) and n == 1:
+        return run(jnp.int32(0), jnp.int32(0))
+    return lax.fori_loop(jnp.int32(0), n, run, jnp.int32(0))
+
+
+def when_any_tile(tiles, f, after=None):
+    """f() if this CTA has a tile after its `after`-th (None: any tile at all)."""
+    n = tiles.count()
+    if isinstance(n, int):  # one tile each
+        if after is None:
+            f()
+        return
+    pl.when(n > (0 if after is None else after + 1))(f)
+
+
+def causal_kv_range(rng_ref):
+    """kv_range of a Q-stationary kernel (for_each_tile): query block qi's key tiles under causal
+    masking, from the first one sharing a segment (rng_ref: segment_ranges(seg)[0], or None)."""
+    def kv_range(qi, b, h):
+        del h
+        hi = lax.div(qi * BLOCK_Q + BLOCK_Q + BLOCK_K - 1, jnp.int32(BLOCK_K))
+        return (rng_ref[b, qi, 0] if rng_ref is not None else jnp.int32(0)), hi
+    return kv_range
+
+
+def step_slot(j, off, stages):
+    return lax.rem(j + off, jnp.int32(stages))
+
+
+def skip_kv_steps(bars, start, stop, off, stages):
     """A consumer's steps [start, stop) that only the other consumer needs: wait and arrive anyway,
     so every barrier phase is observed by every waiter (the interpreter checks it; waiting too, not
-    only arriving as JAX's own kernel does, measured 15% faster at 2k)."""
-    _, kready, vbar, consumed = bars
+    only arriving as JAX's own kernel does, measured 15% faster at 2k). bars: (K, V, consumed)."""
+    kbar, vbar, consumed = bars
 
     def skip(j, _):
-        slot = lax.rem(j, jnp.int32(stages))
-        plgpu.barrier_wait(kready.at[slot])
+        slot = step_slot(j, off, stages)
+        plgpu.barrier_wait(kbar.at[slot])
         plgpu.barrier_wait(vbar.at[slot])
         plgpu.barrier_arrive(consumed.at[slot])
     lax.fori_loop(start, stop, skip, None)
 
 
-def kv_producer(refs, bufs, bars, *, b, tb, kvh, kv_min, kv_max, stages, n_tiles, bk):
-    """The producer warpgroup of the forward and dq kernels: TMA-loads key tiles kv_min..kv_max-1
-    (K halves, cos/sin and segment ids on the "raw" barrier, V on its own) into `stages` slots,
-    rotates each K tile once in shared memory, releases it on "K ready" and refills a slot once both
-    consumers arrived on its "consumed" barrier.
+def kv_producer(refs, bufs, bars, *, tiles, kv_range, group, table_b, stages, bk):
+    """The producer warpgroup of the forward and dq kernels: streams the key tiles of all of this
+    CTA's tiles (K halves, cos/sin and segment ids on the "raw" barrier, V on its own) through
+    `stages` slots, refilling a slot once both consumers arrived on its "consumed" barrier. With
+    RoPE tables it rotates each K tile once in shared memory, one step behind the loads, and releases
+    it on "K ready"; without, the consumers wait on "raw" itself.
     refs: (k, v, cos, sin, seg) in GMEM; bufs: (K halves, cos, sin, ids, V) slots; bars: (raw,
-    ready, V, consumed). cos/sin (seg) and their buffers are None without RoPE (segment ids)."""
+    ready, V, consumed). cos/sin (seg) and their buffers are None without RoPE (segment ids).
+    group: query heads per K/V head; table_b: batch rows of the tables (1: shared)."""
     k_ref, v_ref, cos_ref, sin_ref, seg_ref = refs
     kh, ck, sk, segk, vs = bufs
     kraw, kready, vbar, consumed = bars
     half = kh.shape[-1]
+    rope = cos_ref is not None
 
-    def issue(step, slot):
+    def issue(b, kvh, step, slot):
         rows = pl.ds(step * bk, bk)
         for part in range(2):
             plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh, pl.ds(part * half, half)], kh.at[slot, part], kraw.at[slot])
-        if cos_ref is not None:
+        if rope:
+            tb = b if table_b > 1 else 0
             plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], ck.at[slot], kraw.at[slot])
             plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sk.at[slot], kraw.at[slot])
         if seg_ref is not None:
             plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk.at[slot], kraw.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], vs.at[slot], vbar.at[slot])
 
-    for s_ in range(min(stages, n_tiles)):  # static bound: no out-of-range slice is traced
-        first = kv_min + s_  # a Python int (static slot) unless segments moved the start
-
-        @pl.when(first < kv_max)
-        def _():
-            issue(first, first % stages if isinstance(first, int) else lax.rem(first, jnp.int32(stages)))
-
-    def body(j, _):
-        slot = lax.rem(j, jnp.int32(stages))
+    def rotate(g):  # global step g's K tile, loaded one step earlier: rotate and release it
+        slot = step_slot(g, 0, stages)
         plgpu.barrier_wait(kraw.at[slot])
-        if cos_ref is not None:
-            rotate_halves(kh.at[slot], ck.at[slot], sk.at[slot], bk, 64)
-            plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
+        rotate_halves(kh.at[slot], ck.at[slot], sk.at[slot], bk, 64)
+        plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
         plgpu.barrier_arrive(kready.at[slot])
-        refill = j - 1 + stages  # the step that goes where step j - 1 was
 
-        @pl.when((j > kv_min) & (refill < kv_max))
+    def tile(i, tile, kv_min, kv_max, off):
+        _, b, h = tile
+        kvh = lax.div(h, jnp.int32(group))
+
+        def step(j, _):
+            g = j + off
+            slot = step_slot(j, off, stages)
+
+            @pl.when(g >= stages)  # the slot's previous step was released
+            def _():
+                plgpu.barrier_wait(consumed.at[slot])
+            issue(b, kvh, j, slot)
+            if rope:
+                @pl.when(g >= 1)
+                def _():
+                    rotate(g - 1)
+        lax.fori_loop(kv_min, kv_max, step, None)
+
+    g = for_each_tile(tiles, kv_range, tile)
+    if rope:
+        @pl.when(g >= 1)
         def _():
-            prev = lax.rem(j - 1, jnp.int32(stages))
-            plgpu.barrier_wait(consumed.at[prev])
-            issue(refill, prev)
-    lax.fori_loop(kv_min, kv_max, body, None)
+            rotate(g - 1)
 
     def drain(j, _):  # the last steps' slots are not refilled: observe their release anyway
-        plgpu.barrier_wait(consumed.at[lax.rem(j, jnp.int32(stages))])
-    lax.fori_loop(jnp.maximum(kv_max - stages, kv_min), kv_max, drain, None)
+        plgpu.barrier_wait(consumed.at[step_slot(j, 0, stages)])
+    lax.fori_loop(jnp.maximum(g - stages, 0), g, drain, None)
+
+
+def sm_count():
+    """Streaming multiprocessors of the default device (the CTAs of a persistent kernel)."""
+    return getattr(jax.devices()[0], "core_count", None) or 132
 
 
 def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=3, regs=(200, 104),
-                   longest_first=True, interpret=None):
+                   longest_first=True, ctas=None, interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
     if already computed). Returns o [B, T, Hq, D] and lse
     [B, Hq, T] (log2-sum-exp2 of the scores times scale * log2(e), as the Triton kernels keep it).
 
-    stages: K/V slots in flight (3 fits shared memory because the output leaves through the
-      consumer's Q buffer). regs: (consumer, producer) registers per thread for setmaxnreg
+    stages: K/V slots in flight. regs: (consumer, producer) registers per thread for setmaxnreg
       (2*128*c + 128*p <= 65536), or None. longest_first: launch order (`cta_grid`).
-      interpret: InterpretGPUParams to run on the CPU.
-    Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest)."""
+      ctas: None, one CTA per 128 query rows of a head; an int ("sms": the device's SM count), a
+      persistent kernel (`QTiles`). interpret: InterpretGPUParams to run on the CPU.
+    Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest).
+    Without RoPE tables the output leaves through its own buffer, so a consumer loads its next Q
+    tile before writing the last one out; with them (no shared memory left) through the Q buffer."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -253,106 +351,122 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     p_smem = interp  # the interpreter has no register A operand for wgmma
+    own_out = not rope  # a separate output buffer: the next Q tile loads under the epilogue
     check_regs(regs)
     val = Values(interp)
     cast, vec = val.cast, val.vec
+    tiles = QTiles(B, Hq, T // cta_q, sm_count() if ctas == "sms" else ctas, longest_first)
 
     def iota(dim):
         return val.iota((bq, bk), dim)
 
     def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref, lse_ref, scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
-        (qh, cq, sq, kh, ck, sk, vs, ps, lses, segq, segk), (qbar, kraw, kready, vbar, consumed) = scratch
-        h, b = lax.axis_index("h"), lax.axis_index("b")
-        qi = block_index("q", T // cta_q, longest_first, heavy_last=True)
+        (qh, oh, cq, sq, kh, ck, sk, vs, ps, lses, segq, segk), (qbar, kraw, kready, vbar, consumed) = scratch
         wg = lax.axis_index("wg")
-        kvh = lax.div(h, jnp.int32(G))
-        tb = b if table_b > 1 else 0
-        kv_max = lax.div(qi * cta_q + cta_q + bk - 1, jnp.int32(bk))
-        kv_min = rng_ref[b, qi, 0] if segs else 0  # the first key tile sharing a segment
+        kbar = kready if rope else kraw  # what a consumer waits for before reading a K tile
 
+        kv_range = causal_kv_range(rng_ref)
         @pl.when(wg < 2)
         def _consumer():
             if regs and not interp:
                 plgpu.set_max_registers(regs[0], action="increase")
-            q0 = qi * cta_q + wg * bq
             my_q, my_bar = qh.at[wg], qbar.at[wg]
+            my_o = oh.at[wg] if own_out else my_q
             my_cq, my_sq = (cq.at[wg], sq.at[wg]) if rope else (None, None)
-            for part in range(2):
-                plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h, pl.ds(part * half, half)], my_q.at[part], my_bar)
-            if rope:
-                plgpu.copy_gmem_to_smem(cos_ref.at[tb, pl.ds(q0, bq)], my_cq, my_bar)
-                plgpu.copy_gmem_to_smem(sin_ref.at[tb, pl.ds(q0, bq)], my_sq, my_bar)
-            if segs:
-                plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(q0, bq)], segq.at[wg], my_bar)
-            plgpu.barrier_wait(my_bar)
-            if rope:
-                rotate_halves(my_q, my_cq, my_sq, bq, bq)
-                plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
-            seg_rows = vec(segq.at[wg], 0) if segs else None
-            kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
 
-            def step(j, carry, masked):
-                o, m, l = carry
-                slot = lax.rem(j, jnp.int32(stages))
-                plgpu.barrier_wait(kready.at[slot])
-                if interp:  # the interpreter's wgmma takes no transposed operand
-                    s = sum(lax.dot_general(my_q.at[p][...], kh.at[slot, p][...], (((1,), (1,)), ((), ())),
-                                            preferred_element_type=jnp.float32) for p in range(2))
-                else:
-                    def qk(acc):
-                        for p in range(2):
-                            plgpu.wgmma(acc, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
-                        plgpu.wgmma_wait(0)
-                        return acc[...]
-                    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-                s = s * (scale * LOG2E)
-                if masked:
-                    s = jnp.where(iota(0) + q0 >= iota(1) + j * bk, s, -jnp.inf)
+            def load_q(qi, b, h):
+                q0 = qi * cta_q + wg * bq
+                tb = b if table_b > 1 else 0
+                for part in range(2):
+                    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h, pl.ds(part * half, half)], my_q.at[part], my_bar)
+                if rope:
+                    plgpu.copy_gmem_to_smem(cos_ref.at[tb, pl.ds(q0, bq)], my_cq, my_bar)
+                    plgpu.copy_gmem_to_smem(sin_ref.at[tb, pl.ds(q0, bq)], my_sq, my_bar)
                 if segs:
-                    same = (lax.broadcast_in_dim(seg_rows, s.shape, [0])
-                            == lax.broadcast_in_dim(vec(segk.at[slot], 1), s.shape, [1]))
-                    s = jnp.where(same, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=1))
-                alpha = jnp.exp2(m - m_new)
-                p16 = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                l = l * alpha + p16.sum(axis=1)
-                p16 = p16.astype(q.dtype)
-                o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
-                plgpu.barrier_wait(vbar.at[slot])
-                if p_smem:
-                    ps.at[wg][...] = p16
-                    plgpu.commit_smem()  # generic-proxy writes of P -> visible to wgmma
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(q0, bq)], segq.at[wg], my_bar)
 
-                    def pv(acc):
-                        plgpu.wgmma(acc, ps.at[wg], vs.at[slot])
-                        return acc[...]
-                    o = o + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
-                else:
-                    def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p16, vs.at[slot])
-                    o = pl.run_state(pv)(plgpu.ACC.init(o))
-                plgpu.barrier_arrive(consumed.at[slot])
-                return o, m_new, l
+            def run_tile(i, tile, kv_min, kv_max, off):
+                qi, b, h = tile
+                q0 = qi * cta_q + wg * bq
+                if not own_out:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left the Q buffer
+                    load_q(qi, b, h)
+                plgpu.barrier_wait(my_bar)
+                if rope:
+                    rotate_halves(my_q, my_cq, my_sq, bq, bq)
+                    plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
+                seg_rows = vec(segq.at[wg], 0) if segs else None
+                kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
 
-            o = cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
-            # finite: with segments a row may see no key of a tile (exp2(-inf - -inf) would be NaN)
-            m = cast(jnp.full((bq,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            l = cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
-            carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (o, m, l))
-            o, m, l = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
+                def step(j, carry, masked):
+                    o, m, l = carry
+                    slot = step_slot(j, off, stages)
+                    plgpu.barrier_wait(kbar.at[slot])
+                    if interp:  # the interpreter's wgmma takes no transposed operand
+                        s = sum(lax.dot_general(my_q.at[p][...], kh.at[slot, p][...], (((1,), (1,)), ((), ())),
+                                                preferred_element_type=jnp.float32) for p in range(2))
+                    else:
+                        def qk(acc):
+                            for p in range(2):
+                                plgpu.wgmma(acc, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
+                            plgpu.wgmma_wait(0)
+                            return acc[...]
+                        s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                    s = s * (scale * LOG2E)
+                    if masked:
+                        s = jnp.where(iota(0) + q0 >= iota(1) + j * bk, s, -jnp.inf)
+                    if segs:
+                        same = (lax.broadcast_in_dim(seg_rows, s.shape, [0])
+                                == lax.broadcast_in_dim(vec(segk.at[slot], 1), s.shape, [1]))
+                        s = jnp.where(same, s, -jnp.inf)
+                    m_new = jnp.maximum(m, s.max(axis=1))
+                    alpha = jnp.exp2(m - m_new)
+                    p16 = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    l = l * alpha + p16.sum(axis=1)
+                    p16 = p16.astype(q.dtype)
+                    o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+                    plgpu.barrier_wait(vbar.at[slot])
+                    if p_smem:
+                        ps.at[wg][...] = p16
+                        plgpu.commit_smem()  # generic-proxy writes of P -> visible to wgmma
 
-            skip_kv_steps((kraw, kready, vbar, consumed), kv_steps, kv_max, stages)
+                        def pv(acc):
+                            plgpu.wgmma(acc, ps.at[wg], vs.at[slot])
+                            return acc[...]
+                        o = o + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
+                    else:
+                        def pv(acc_ref):
+                            plgpu.wgmma(acc_ref, p16, vs.at[slot])
+                        o = pl.run_state(pv)(plgpu.ACC.init(o))
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return o, m_new, l
 
-            o = (o / lax.broadcast_in_dim(l, o.shape, [0])).astype(q.dtype)
-            for part in range(2):  # out through the Q buffer: every wgmma reading it was waited for
-                my_q.at[part][...] = o[:, part * half:(part + 1) * half]
-            lses.at[wg][...] = m + jnp.log2(l)
-            plgpu.commit_smem()
-            for part in range(2):
-                plgpu.copy_smem_to_gmem(my_q.at[part], o_ref.at[b, pl.ds(q0, bq), h, pl.ds(part * half, half)])
-            plgpu.copy_smem_to_gmem(lses.at[wg], lse_ref.at[b, h, pl.ds(q0, bq)])
+                o = cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
+                # finite: with segments a row may see no key of a tile (exp2(-inf - -inf) would be NaN)
+                m = cast(jnp.full((bq,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                l = cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
+                carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (o, m, l))
+                o, m, l = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
+
+                skip_kv_steps((kbar, vbar, consumed), kv_steps, kv_max, off, stages)
+                if own_out:  # every wgmma reading Q was waited for: the next tile's Q comes in now
+                    when_any_tile(tiles, lambda: load_q(*tiles.coords(i + 1)), after=i)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left my_o
+
+                o = (o / lax.broadcast_in_dim(l, o.shape, [0])).astype(q.dtype)
+                for part in range(2):
+                    my_o.at[part][...] = o[:, part * half:(part + 1) * half]
+                lses.at[wg][...] = m + jnp.log2(l)
+                plgpu.commit_smem()
+                for part in range(2):
+                    plgpu.copy_smem_to_gmem(my_o.at[part], o_ref.at[b, pl.ds(q0, bq), h, pl.ds(part * half, half)])
+                plgpu.copy_smem_to_gmem(lses.at[wg], lse_ref.at[b, h, pl.ds(q0, bq)])
+
+            if own_out:
+                when_any_tile(tiles, lambda: load_q(*tiles.coords(jnp.int32(0))))
+            for_each_tile(tiles, kv_range, run_tile)
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -361,8 +475,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                 plgpu.set_max_registers(regs[1], action="decrease")
 
             kv_producer((k_ref, v_ref, cos_ref, sin_ref, seg_ref), (kh, ck, sk, segk, vs),
-                        (kraw, kready, vbar, consumed), b=b, tb=tb, kvh=kvh, kv_min=kv_min, kv_max=kv_max,
-                        stages=stages, n_tiles=T // bk, bk=bk)
+                        (kraw, kready, vbar, consumed), tiles=tiles, kv_range=kv_range, group=G,
+                        table_b=table_b, stages=stages, bk=bk)
 
     def entry(q_ref, k_ref, v_ref, *refs):
         refs = list(refs)
@@ -371,7 +485,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
         o_ref, lse_ref = refs
         smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
         table = (lambda shape: smem(shape, cos.dtype)) if rope else (lambda shape: None)
-        buffers = (smem((2, 2, bq, half), q.dtype), table((2, bq, half)), table((2, bq, half)),
+        buffers = (smem((2, 2, bq, half), q.dtype), smem((2, 2, bq, half), q.dtype) if own_out else None,
+                   table((2, bq, half)), table((2, bq, half)),
                    smem((stages, 2, bk, half), k.dtype), table((stages, bk, half)),
                    table((stages, bk, half)), smem((stages, bk, D), v.dtype),
                    smem((2, bq, bk), q.dtype) if p_smem else None,
@@ -382,17 +497,17 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
         loads = 2 + (2 if rope else 0) + (1 if segs else 0)
         barriers = (plgpu.Barrier(num_arrivals=loads, num_barriers=2),
                     plgpu.Barrier(num_arrivals=loads, num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=1, num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=1, num_barriers=stages) if rope else None,
+                    plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages))
         pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref,
                                           lse_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
-    grid, grid_names = cta_grid(Hq, T // cta_q, B, "q", longest_first)
     f = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)),
-        grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg",
+        grid=tiles.grid, grid_names=tiles.grid_names, num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )

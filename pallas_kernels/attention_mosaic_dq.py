@@ -31,8 +31,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention_mosaic import (Values, block_index, check_regs, cta_grid, kv_producer, rotate_halves,
-                                             segment_ranges, skip_kv_steps, smem_tiles)
+from pallas_kernels.attention_mosaic import (QTiles, Values, causal_kv_range, check_regs, for_each_tile, kv_producer,
+                                             rotate_halves, segment_ranges, skip_kv_steps, sm_count, smem_tiles,
+                                             step_slot)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -41,7 +42,7 @@ BLOCK_K = 64
 
 
 def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=None,
-              longest_first=True, interpret=None):
+              longest_first=True, ctas=None, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -51,7 +52,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     stages: K/V slots in flight; None: 2 with RoPE (3 would need 248 KB of shared memory, over
     the 227 KB limit), 3 without. regs: (consumer,
     producer) registers per thread for setmaxnreg, or None. longest_first: launch order
-    (attention_mosaic.cta_grid). interpret: InterpretGPUParams to run on the CPU."""
+    (attention_mosaic.cta_grid). ctas: None, or a persistent kernel of that many CTAs ("sms": one
+    per SM; attention_mosaic.QTiles). interpret: InterpretGPUParams to run on the CPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -66,6 +68,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     check_regs(regs)
     val = Values(interp)
     cast, vec = val.cast, val.vec
+    tiles = QTiles(B, Hq, T // cta_q, sm_count() if ctas == "sms" else ctas, longest_first)
 
     def iota(dim):
         return val.iota((bq, bk), dim)
@@ -77,101 +80,105 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
         (qh, dos, cq, sq, kh, ck, sk, vs, dss, lses, deltas, segq, segk), (qbar, kraw, kready, vbar, consumed) = scratch
-        h, b = lax.axis_index("h"), lax.axis_index("b")
-        qi = block_index("q", T // cta_q, longest_first, heavy_last=True)
         wg = lax.axis_index("wg")
-        kvh = lax.div(h, jnp.int32(G))
-        tb = b if table_b > 1 else 0
-        kv_max = lax.div(qi * cta_q + cta_q + bk - 1, jnp.int32(bk))
-        kv_min = rng_ref[b, qi, 0] if segs else 0  # the first key tile sharing a segment
+        kbar = kready if rope else kraw  # what a consumer waits for before reading a K tile
 
+        kv_range = causal_kv_range(rng_ref)
         @pl.when(wg < 2)
         def _consumer():
             if regs and not interp:
                 plgpu.set_max_registers(regs[0], action="increase")
-            q0 = qi * cta_q + wg * bq
-            rows = pl.ds(q0, bq)
             my_q, my_do, my_bar = qh.at[wg], dos.at[wg], qbar.at[wg]
             my_cq, my_sq = (cq.at[wg], sq.at[wg]) if rope else (None, None)
-            for part in range(2):
-                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(part * half, half)], my_q.at[part], my_bar)
-            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, my_bar)
-            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lses.at[wg], my_bar)
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], deltas.at[wg], my_bar)
-            if rope:
-                plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], my_cq, my_bar)
-                plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], my_sq, my_bar)
-            if segs:
-                plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq.at[wg], my_bar)
-            plgpu.barrier_wait(my_bar)
-            if rope:
-                rotate_halves(my_q, my_cq, my_sq, bq, bq)
-                plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
-            lse_v = vec(lses.at[wg], 0)
-            delta_v = vec(deltas.at[wg], 0)
-            seg_rows = vec(segq.at[wg], 0) if segs else None
-            kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
 
-            def step(j, carry, masked):
-                dq0, dq1 = carry
-                slot = lax.rem(j, jnp.int32(stages))
-                plgpu.barrier_wait(kready.at[slot])
-                plgpu.barrier_wait(vbar.at[slot])
-                if interp:  # the interpreter's wgmma takes no transposed operand
-                    s = sum(dot_t(my_q.at[p][...], kh.at[slot, p][...]) for p in range(2))
-                    dp = dot_t(my_do[...], vs.at[slot][...])
-                else:
-                    def qk_dov(s_ref, dp_ref):  # both issued before either is read
-                        for p in range(2):
-                            plgpu.wgmma(s_ref, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
-                        plgpu.wgmma(dp_ref, my_do, plgpu.transpose_ref(vs.at[slot], (1, 0)))
-                        plgpu.wgmma_wait(0)
-                        return s_ref[...], dp_ref[...]
-                    s, dp = pl.run_scoped(qk_dov, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
-                s = s * (scale * LOG2E)
-                if masked:
-                    s = jnp.where(iota(0) + q0 >= iota(1) + j * bk, s, -jnp.inf)
+            def run_tile(i, tile, kv_min, kv_max, off):
+                del i
+                qi, b, h = tile
+                q0 = qi * cta_q + wg * bq
+                rows = pl.ds(q0, bq)
+                tb = b if table_b > 1 else 0
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last dq left the Q buffer
+                for part in range(2):
+                    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(part * half, half)], my_q.at[part], my_bar)
+                plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, my_bar)
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lses.at[wg], my_bar)
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], deltas.at[wg], my_bar)
+                if rope:
+                    plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], my_cq, my_bar)
+                    plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], my_sq, my_bar)
                 if segs:
-                    same = (lax.broadcast_in_dim(seg_rows, s.shape, [0])
-                            == lax.broadcast_in_dim(vec(segk.at[slot], 1), s.shape, [1]))
-                    s = jnp.where(same, s, -jnp.inf)
-                p_ = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
-                ds = (p_ * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0]))).astype(k.dtype)
-                if interp:  # no register A operand: dS through shared memory
-                    dss.at[wg][...] = ds
-                    plgpu.commit_smem()  # generic-proxy writes of dS -> visible to wgmma
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq.at[wg], my_bar)
+                plgpu.barrier_wait(my_bar)
+                if rope:
+                    rotate_halves(my_q, my_cq, my_sq, bq, bq)
+                    plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
+                lse_v = vec(lses.at[wg], 0)
+                delta_v = vec(deltas.at[wg], 0)
+                seg_rows = vec(segq.at[wg], 0) if segs else None
+                kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
 
-                    def dsk(acc, p):
-                        plgpu.wgmma(acc, dss.at[wg], kh.at[slot, p])
-                        return acc[...]
-                    dq0 = dq0 + pl.run_scoped(functools.partial(dsk, p=0), plgpu.ACC((bq, half), jnp.float32))
-                    dq1 = dq1 + pl.run_scoped(functools.partial(dsk, p=1), plgpu.ACC((bq, half), jnp.float32))
-                else:
-                    def dsk(accs):
-                        for p in range(2):
-                            plgpu.wgmma(accs[p], ds, kh.at[slot, p])
-                    dq0, dq1 = pl.run_state(dsk)((plgpu.ACC.init(dq0), plgpu.ACC.init(dq1)))
-                plgpu.barrier_arrive(consumed.at[slot])
-                return dq0, dq1
+                def step(j, carry, masked):
+                    dq0, dq1 = carry
+                    slot = step_slot(j, off, stages)
+                    plgpu.barrier_wait(kbar.at[slot])
+                    plgpu.barrier_wait(vbar.at[slot])
+                    if interp:  # the interpreter's wgmma takes no transposed operand
+                        s = sum(dot_t(my_q.at[p][...], kh.at[slot, p][...]) for p in range(2))
+                        dp = dot_t(my_do[...], vs.at[slot][...])
+                    else:
+                        def qk_dov(s_ref, dp_ref):  # both issued before either is read
+                            for p in range(2):
+                                plgpu.wgmma(s_ref, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
+                            plgpu.wgmma(dp_ref, my_do, plgpu.transpose_ref(vs.at[slot], (1, 0)))
+                            plgpu.wgmma_wait(0)
+                            return s_ref[...], dp_ref[...]
+                        s, dp = pl.run_scoped(qk_dov, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
+                    s = s * (scale * LOG2E)
+                    if masked:
+                        s = jnp.where(iota(0) + q0 >= iota(1) + j * bk, s, -jnp.inf)
+                    if segs:
+                        same = (lax.broadcast_in_dim(seg_rows, s.shape, [0])
+                                == lax.broadcast_in_dim(vec(segk.at[slot], 1), s.shape, [1]))
+                        s = jnp.where(same, s, -jnp.inf)
+                    p_ = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
+                    ds = (p_ * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0]))).astype(k.dtype)
+                    if interp:  # no register A operand: dS through shared memory
+                        dss.at[wg][...] = ds
+                        plgpu.commit_smem()  # generic-proxy writes of dS -> visible to wgmma
 
-            zero = cast(jnp.zeros((bq, half), jnp.float32), plgpu.Layout.WGMMA)
-            first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
-            carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (zero, zero))
-            dq0, dq1 = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
+                        def dsk(acc, p):
+                            plgpu.wgmma(acc, dss.at[wg], kh.at[slot, p])
+                            return acc[...]
+                        dq0 = dq0 + pl.run_scoped(functools.partial(dsk, p=0), plgpu.ACC((bq, half), jnp.float32))
+                        dq1 = dq1 + pl.run_scoped(functools.partial(dsk, p=1), plgpu.ACC((bq, half), jnp.float32))
+                    else:
+                        def dsk(accs):
+                            for p in range(2):
+                                plgpu.wgmma(accs[p], ds, kh.at[slot, p])
+                        dq0, dq1 = pl.run_state(dsk)((plgpu.ACC.init(dq0), plgpu.ACC.init(dq1)))
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return dq0, dq1
 
-            skip_kv_steps((kraw, kready, vbar, consumed), kv_steps, kv_max, stages)
+                zero = cast(jnp.zeros((bq, half), jnp.float32), plgpu.Layout.WGMMA)
+                first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
+                carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (zero, zero))
+                dq0, dq1 = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
 
-            dq0, dq1 = dq0 * scale, dq1 * scale
-            if rope:  # gradient w.r.t. the un-rotated q: the transpose of the rotation
-                c = my_cq[...].astype(jnp.float32)
-                s_ = my_sq[...].astype(jnp.float32)
-                dq0, dq1 = dq0 * c + dq1 * s_, dq1 * c - dq0 * s_
-            # out through the Q buffer: every wgmma reading it was waited for
-            my_q.at[0][...] = dq0.astype(my_q.dtype)
-            my_q.at[1][...] = dq1.astype(my_q.dtype)
-            plgpu.commit_smem()
-            for part in range(2):
-                plgpu.copy_smem_to_gmem(my_q.at[part], dq_ref.at[b, rows, h, pl.ds(part * half, half)])
+                skip_kv_steps((kbar, vbar, consumed), kv_steps, kv_max, off, stages)
+
+                dq0, dq1 = dq0 * scale, dq1 * scale
+                if rope:  # gradient w.r.t. the un-rotated q: the transpose of the rotation
+                    c = my_cq[...].astype(jnp.float32)
+                    s_ = my_sq[...].astype(jnp.float32)
+                    dq0, dq1 = dq0 * c + dq1 * s_, dq1 * c - dq0 * s_
+                # out through the Q buffer: every wgmma reading it was waited for
+                my_q.at[0][...] = dq0.astype(my_q.dtype)
+                my_q.at[1][...] = dq1.astype(my_q.dtype)
+                plgpu.commit_smem()
+                for part in range(2):
+                    plgpu.copy_smem_to_gmem(my_q.at[part], dq_ref.at[b, rows, h, pl.ds(part * half, half)])
+
+            for_each_tile(tiles, kv_range, run_tile)
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -180,8 +187,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                 plgpu.set_max_registers(regs[1], action="decrease")
 
             kv_producer((k_ref, v_ref, cos_ref, sin_ref, seg_ref), (kh, ck, sk, segk, vs),
-                        (kraw, kready, vbar, consumed), b=b, tb=tb, kvh=kvh, kv_min=kv_min, kv_max=kv_max,
-                        stages=stages, n_tiles=T // bk, bk=bk)
+                        (kraw, kready, vbar, consumed), tiles=tiles, kv_range=kv_range, group=G,
+                        table_b=table_b, stages=stages, bk=bk)
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         refs = list(refs)
@@ -202,17 +209,17 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
         k_loads = 2 + (2 if rope else 0) + (1 if segs else 0)  # K halves (+ cos, sin) (+ ids)
         barriers = (plgpu.Barrier(num_arrivals=q_loads, num_barriers=2),
                     plgpu.Barrier(num_arrivals=k_loads, num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=1, num_barriers=stages), plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=1, num_barriers=stages) if rope else None,
+                    plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages))
         pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
                                           seg_ref, rng_ref, dq_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
-    grid, grid_names = cta_grid(Hq, T // cta_q, B, "q", longest_first)
     f = plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg",
+        grid=tiles.grid, grid_names=tiles.grid_names, num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )

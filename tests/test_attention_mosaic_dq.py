@@ -13,19 +13,21 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments", [
-    (1, 256, 4, 2, True, False), (1, 128, 2, 1, False, False), (2, 256, 2, 1, True, True)])
-def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments):
+@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,ctas", [
+    (1, 256, 4, 2, True, False, None), (1, 128, 2, 1, False, False, None), (2, 256, 2, 1, True, True, None),
+    (2, 256, 2, 1, False, True, 3)])  # persistent: 8 tiles on 3 CTAs
+def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, ctas):
     args, seg, scale, (dq_ref, _, _) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
-    dq = M.mosaic_dq(*args, seg=seg, scale=scale, interpret=_interpret_params())
+    dq = M.mosaic_dq(*args, seg=seg, scale=scale, ctas=ctas, interpret=_interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
     assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
 
 
-@pytest.mark.parametrize("rope,regs,segments", [(True, None, False), (False, None, False), (True, (200, 104), False),
-                                                (True, None, True)])
-def test_mosaic_dq_lowers_for_cuda(rope, regs, segments):
+@pytest.mark.parametrize("rope,regs,segments,ctas", [(True, None, False, None), (False, None, False, None),
+                                                     (True, (200, 104), False, None), (True, None, True, None),
+                                                     (False, None, True, 5)])
+def test_mosaic_dq_lowers_for_cuda(rope, regs, segments, ctas):
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
-    f = lambda *a: M.mosaic_dq(*a, seg=seg, scale=scale, regs=regs)  # noqa: E731
+    f = lambda *a: M.mosaic_dq(*a, seg=seg, scale=scale, regs=regs, ctas=ctas)  # noqa: E731
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
