@@ -234,6 +234,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_in_order(q, k, v):  # the Mosaic kernels' launch order before session 7
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_longest_first=False))
 
+    def ours_one_tile_per_cta(q, k, v):  # the forward before session 10 (not persistent)
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_persistent_fwd=False))
+
     def ours_norope(q, k, v):
         return flash_attention(q, k, v)
 
@@ -290,6 +293,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, RoPE in kernel": (ours_rope_in_kernel, (q, k, v)),
         "ours (no RoPE)": (ours_norope, (q, k, v)),
         "ours, in-order grid": (ours_in_order, (q, k, v)),
+        "ours, fwd not persistent": (ours_one_tile_per_cta, (q, k, v)),
         "ours, Triton (RoPE in kernel)": (ours_triton, (q, k, v)),
         "ours, Triton (RoPE by XLA)": (ours_triton_rope_xla, (q, k, v)),
         "ours, Triton bwd": (ours_triton_bwd, (q, k, v)),

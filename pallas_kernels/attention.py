@@ -173,6 +173,11 @@ class Tuning:
     # (attention_NOTES.md session 9: the zeroed fp32 accumulator, its epilogue and a consumer sync per
     # tile cost more than the 2 GEMMs it saves, except at 32k).
     mosaic_fused_bwd: bool = False
+    # The Mosaic forward as a persistent kernel (one CTA per SM looping over query tiles, the next
+    # tile's K/V and Q loaded under the last one's epilogue; attention_mosaic.QTiles) where it runs
+    # without RoPE tables. The forward kernel alone on the H200: 1.07x at 2k, 1.01x at 8k (same
+    # process, attention_NOTES.md session 10); with tables 1.04x / 0.97x, so not there.
+    mosaic_persistent_fwd: bool = True
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -727,7 +732,8 @@ def _flash_fwd(cfg, q, k, v, aux):
     if cfg.mosaic_fwd:  # D = 128, so only T is padded (to a multiple of 128)
         out, lse = attention_mosaic.mosaic_forward(
             *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
-            scale=cfg.scale, longest_first=cfg.tuning.mosaic_longest_first)  # lse [B, Hq, Tp]
+            scale=cfg.scale, longest_first=cfg.tuning.mosaic_longest_first,
+            ctas="sms" if cfg.tuning.mosaic_persistent_fwd and not cfg.rope else None)  # lse [B, Hq, Tp]
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)
