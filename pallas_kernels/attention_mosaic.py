@@ -231,12 +231,13 @@ def when_any_tile(tiles, f, after=None):
     pl.when(n > (0 if after is None else after + 1))(f)
 
 
-def causal_kv_range(rng_ref):
-    """kv_range of a Q-stationary kernel (for_each_tile): query block qi's key tiles under causal
-    masking, from the first one sharing a segment (rng_ref: segment_ranges(seg)[0], or None)."""
+def causal_kv_range(rng_ref, bk=BLOCK_K):
+    """kv_range of a Q-stationary kernel (for_each_tile): query block qi's `bk`-key tiles under
+    causal masking, from the first one sharing a segment (rng_ref: segment_block_ranges(seg,
+    BLOCK_Q, bk), or None)."""
     def kv_range(qi, b, h):
         del h
-        hi = lax.div(qi * BLOCK_Q + BLOCK_Q + BLOCK_K - 1, jnp.int32(BLOCK_K))
+        hi = lax.div(qi * BLOCK_Q + BLOCK_Q + bk - 1, jnp.int32(bk))
         return (rng_ref[b, qi, 0] if rng_ref is not None else jnp.int32(0)), hi
     return kv_range
 
@@ -327,14 +328,16 @@ def sm_count():
     return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=3, regs=(200, 104),
-                   longest_first=True, ctas=None, interpret=None):
+def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=(200, 104),
+                   longest_first=True, ctas=None, key_block=BLOCK_K, interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
     if already computed). Returns o [B, T, Hq, D] and lse
     [B, Hq, T] (log2-sum-exp2 of the scores times scale * log2(e), as the Triton kernels keep it).
 
-    stages: K/V slots in flight. regs: (consumer, producer) registers per thread for setmaxnreg
+    stages: K/V slots in flight (None: 3 for 64-key tiles, 2 for 128). key_block: keys per step
+      (64, or 128 without RoPE tables: half the steps and their fixed work, QK^T at N = 128;
+      not timed yet). regs: (consumer, producer) registers per thread for setmaxnreg
       (2*128*c + 128*p <= 65536), or None. longest_first: launch order (`cta_grid`).
       ctas: None, one CTA per 128 query rows of a head; an int ("sms": the device's SM count), a
       persistent kernel (`QTiles`). interpret: InterpretGPUParams to run on the CPU.
@@ -344,8 +347,16 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
-    half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, BLOCK_K
+    half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, key_block
     assert D == HEAD_DIM and T % cta_q == 0, (q.shape, "see supported()")
+    assert bk in (64, 128), key_block
+    if bk != BLOCK_K and cos is not None:
+        raise ValueError("mosaic_forward: key_block=128 takes no RoPE tables (their slots would not fit "
+                         "in shared memory); rotate q/k before the call (Tuning.rope_in_kernel=False)")
+    if stages is None:
+        stages = 3 if bk == 64 else 2  # 3 slots of 128 keys would take 256 KB of shared memory
+    if seg is not None and bk != BLOCK_K:  # segment_ranges' blocks are 64 keys
+        ranges = segment_block_ranges(seg, BLOCK_Q, bk)
     rope = cos is not None
     segs = seg is not None
     table_b = cos.shape[0] if rope else 1
@@ -366,7 +377,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
         wg = lax.axis_index("wg")
         kbar = kready if rope else kraw  # what a consumer waits for before reading a K tile
 
-        kv_range = causal_kv_range(rng_ref)
+        kv_range = causal_kv_range(rng_ref, bk)
+
         @pl.when(wg < 2)
         def _consumer():
             if regs and not interp:

@@ -47,15 +47,17 @@ def test_segment_block_ranges_match_a_brute_force_count():
     (1, 256, 4, 2, True, False, True, None), (2, 256, 2, 2, False, False, False, None),
     (2, 256, 2, 1, True, True, True, None),
     # persistent: 8 tiles on 3 CTAs (3, 3, 2 tiles: the partial last round), with and without tables
-    (2, 256, 2, 1, False, True, True, 3), (1, 256, 4, 2, True, False, True, 3)])
+    (2, 256, 2, 1, False, True, True, 3), (1, 256, 4, 2, True, False, True, 3),
+    (2, 256, 2, 1, False, True, True, (3, 128)), (1, 384, 2, 2, False, False, True, (None, 128))])  # 128-key tiles
 def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, longest_first, ctas):
+    ctas, key_block = ctas if isinstance(ctas, tuple) else (ctas, M.BLOCK_K)
     q, k, v, inv_freq = _inputs(B, T, Hq, Hkv, seed=T + Hq)
     seg = packed_segments(B, T, seed=T) if segments else None
     inv_freq = inv_freq if rope else None
     scale = M.HEAD_DIM ** -0.5
     tables = rope_tables(T, inv_freq) if rope else ()
     o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=2, longest_first=longest_first,
-                              ctas=ctas, interpret=_interpret_params())
+                              ctas=ctas, key_block=key_block, interpret=_interpret_params())
     ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg)
     err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
     assert o.shape == q.shape and o.dtype == q.dtype
@@ -130,12 +132,20 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
         assert err < 2e-2, (name, err)
 
 
-@pytest.mark.parametrize("rope,segments,ctas", [(False, False, 5), (False, True, "sms"), (True, False, 5)])
-def test_persistent_mosaic_forward_lowers_for_cuda(rope, segments, ctas):
-    """The compiled path of the persistent forward (wgmma with register P, setmaxnreg), lowered for
-    CUDA on the CPU: catches layout errors that the interpreter does not see."""
+@pytest.mark.parametrize("rope,segments,ctas,key_block", [(False, False, 5, 64), (False, True, "sms", 64),
+                                                         (True, False, 5, 64), (False, True, "sms", 128),
+                                                         (False, False, None, 128)])
+def test_persistent_mosaic_forward_lowers_for_cuda(rope, segments, ctas, key_block):
+    """The compiled path of the persistent forward and of 128-key tiles (wgmma with register P,
+    setmaxnreg), lowered for CUDA on the CPU: catches layout errors that the interpreter does not see."""
     q, k, v, inv_freq = _inputs(1, 512, 4, 2, seed=2)
     tables = rope_tables(512, inv_freq) if rope else ()
     seg = packed_segments(1, 512, seed=3) if segments else None
-    f = lambda *a: M.mosaic_forward(*a, seg=seg, scale=M.HEAD_DIM ** -0.5, ctas=ctas)  # noqa: E731
+    f = lambda *a: M.mosaic_forward(*a, seg=seg, scale=M.HEAD_DIM ** -0.5, ctas=ctas, key_block=key_block)  # noqa: E731
     assert "mosaic_gpu" in jax.jit(f).trace(q, k, v, *tables).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_128_key_tiles_refuse_rope_tables():
+    q, k, v, inv_freq = _inputs(1, 256, 2, 1, seed=2)
+    with pytest.raises(ValueError, match="key_block=128 takes no RoPE tables"):
+        M.mosaic_forward(q, k, v, *rope_tables(256, inv_freq), scale=0.1, key_block=128)
