@@ -178,6 +178,10 @@ class Tuning:
     # without RoPE tables. The forward kernel alone on the H200: 1.07x at 2k, 1.01x at 8k (same
     # process, attention_NOTES.md session 10); with tables 1.04x / 0.97x, so not there.
     mosaic_persistent_fwd: bool = True
+    # Keys per step of the Mosaic forward without RoPE tables: 64, or 128 (2 stages; half the steps
+    # and their fixed work, QK^T at N = 128 as tokamax's forward). 128 is checked in the
+    # interpreter and lowered for CUDA, not yet timed (attention_NOTES.md session 10).
+    mosaic_fwd_key_block: int = 64
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -733,7 +737,8 @@ def _flash_fwd(cfg, q, k, v, aux):
         out, lse = attention_mosaic.mosaic_forward(
             *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
             scale=cfg.scale, longest_first=cfg.tuning.mosaic_longest_first,
-            ctas="sms" if cfg.tuning.mosaic_persistent_fwd and not cfg.rope else None)  # lse [B, Hq, Tp]
+            ctas="sms" if cfg.tuning.mosaic_persistent_fwd and not cfg.rope else None,
+            key_block=64 if cfg.rope else cfg.tuning.mosaic_fwd_key_block)  # lse [B, Hq, Tp]
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)

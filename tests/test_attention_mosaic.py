@@ -103,8 +103,10 @@ def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, m
     assert ("flash_attention_fwd" in text) == triton
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments,rope_in_kernel", [(1, 128, 4, 2, False, None), (2, 100, 2, 1, True, True)])
-def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B, T, Hq, Hkv, segments, rope_in_kernel):
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,rope_in_kernel,key_block", [
+    (1, 128, 4, 2, False, None, 64), (2, 100, 2, 1, True, True, 64), (2, 200, 2, 1, True, None, 128)])
+def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B, T, Hq, Hkv, segments, rope_in_kernel,
+                                                                 key_block):
     """flash_attention's Mosaic wiring end to end (lse / delta layouts, RoPE by XLA before the
     kernels (the default there) or by the kernels from their tables, segment ids, T padded to a
     multiple of 128, the custom_vjp): with sm_90 pretended and the three Mosaic kernels run by the
@@ -125,7 +127,8 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
         out, vjp = jax.vjp(lambda *a: f(*a, **kw), q, k, v)
         return (out, *vjp(do))
 
-    got = run(functools.partial(attn.flash_attention, tuning=attn.Tuning(rope_in_kernel=rope_in_kernel)))
+    tuning = attn.Tuning(rope_in_kernel=rope_in_kernel, mosaic_fwd_key_block=key_block)
+    got = run(functools.partial(attn.flash_attention, tuning=tuning))
     want = run(flash_attention_reference)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))) / jnp.max(jnp.abs(w.astype(jnp.float32))))
