@@ -59,7 +59,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, pipelined=True, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False, dq_tiles="split_d",
-               interpret=None):
+               ds_under_dv=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -81,7 +81,11 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     reduce-add: there every key block stores its partial in its own slice of a zeroed
     [T/128, B, T, Hq, D] output and XLA sums them. dq_tiles="own_keys": instead, each consumer
     reduce-adds its own keys' dQ over all of D (two halves, 64 KB of staging): no meeting of the
-    consumers per step, twice the reduce-add traffic."""
+    consumers per step, twice the reduce-add traffic.
+
+    ds_under_dv (p_regs, without with_dq): issue dP^T before dV and wait for dP^T only, so dS^T
+    is computed while the dV wgmma runs (tokamax's order; ours waits for both). Lowered for CUDA on
+    the CPU only (the interpreter cannot run p_regs), not yet run on a GPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -102,6 +106,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     assert not (p_regs and (interp or not pipelined)), "p_regs: the compiled pipelined kernel only"
     assert not with_dq or (pipelined and not rope), "with_dq: the pipelined kernel without tables"
     assert dq_tiles in ("split_d", "own_keys"), dq_tiles
+    assert not ds_under_dv or (p_regs and not with_dq), "ds_under_dv: p_regs without with_dq"
     shared_ds = with_dq and dq_tiles == "split_d"  # the consumers read each other's dS^T tiles
     n_kb = T // BLOCK_K
     val = Values(interp)
@@ -166,12 +171,24 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         (compiled path only: the interpreter has no register A operand nor run_state)."""
         dv, dk0, dk1 = accs
         p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t)
+        zeros = plgpu.layout_cast(jnp.zeros((t, t), jnp.float32), plgpu.Layout.WGMMA)
+        if ds_under_dv:  # one run_state: dV stays in flight while dS^T is computed
+            def step(refs):
+                dv_ref, dp_ref, dk_refs = refs
+                plgpu.wgmma(dp_ref, my_v, plgpu.transpose_ref(do_t, (1, 0)))
+                plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
+                dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dP^T done, dV may run on
+                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1]))).astype(q.dtype)
+                for p in range(2):
+                    plgpu.wgmma(dk_refs[p], ds_t, q_parts.at[p])
+            dv, _, (dk0, dk1) = pl.run_state(step)(
+                (plgpu.ACC.init(dv), plgpu.ACC.init(zeros), (plgpu.ACC.init(dk0), plgpu.ACC.init(dk1))))
+            return (dv, dk0, dk1), None
 
         def dv_dp(refs):
             dv_ref, dp_ref = refs
             plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
             plgpu.wgmma(dp_ref, my_v, plgpu.transpose_ref(do_t, (1, 0)))
-        zeros = plgpu.layout_cast(jnp.zeros((t, t), jnp.float32), plgpu.Layout.WGMMA)
         dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
         ds_t = (p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1]))).astype(q.dtype)
 
