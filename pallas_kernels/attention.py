@@ -182,6 +182,9 @@ class Tuning:
     # and their fixed work, QK^T at N = 128 as tokamax's forward). 128 is checked in the
     # interpreter and lowered for CUDA, not yet timed (attention_NOTES.md session 10).
     mosaic_fwd_key_block: int = 64
+    # With 128-key steps: the two consumers take turns on the tensor cores (ping-pong, FA3's
+    # schedule), so one's softmax runs under the other's wgmmas. Interpreter-checked, not timed.
+    mosaic_fwd_pingpong: bool = False
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -738,7 +741,9 @@ def _flash_fwd(cfg, q, k, v, aux):
             *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
             scale=cfg.scale, longest_first=cfg.tuning.mosaic_longest_first,
             ctas="sms" if cfg.tuning.mosaic_persistent_fwd and not cfg.rope else None,
-            key_block=64 if cfg.rope else cfg.tuning.mosaic_fwd_key_block)  # lse [B, Hq, Tp]
+            key_block=64 if cfg.rope else cfg.tuning.mosaic_fwd_key_block,
+            pingpong=cfg.tuning.mosaic_fwd_pingpong and not cfg.rope and cfg.tuning.mosaic_fwd_key_block == 128)
+        # lse [B, Hq, Tp]
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)

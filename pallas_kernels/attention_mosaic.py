@@ -329,7 +329,7 @@ def sm_count():
 
 
 def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=(200, 104),
-                   longest_first=True, ctas=None, key_block=BLOCK_K, interpret=None):
+                   longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
     if already computed). Returns o [B, T, Hq, D] and lse
@@ -337,7 +337,9 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
 
     stages: K/V slots in flight (None: 3 for 64-key tiles, 2 for 128). key_block: keys per step
       (64, or 128 without RoPE tables: half the steps and their fixed work, QK^T at N = 128;
-      not timed yet). regs: (consumer, producer) registers per thread for setmaxnreg
+      not timed yet). pingpong (key_block 128): the consumers take turns on the tensor cores
+      (one's QK^T, the other's, one's PV, the other's), so one's softmax runs under the other's
+      wgmmas (FA3's schedule; not timed yet). regs: (consumer, producer) registers per thread for setmaxnreg
       (2*128*c + 128*p <= 65536), or None. longest_first: launch order (`cta_grid`).
       ctas: None, one CTA per 128 query rows of a head; an int ("sms": the device's SM count), a
       persistent kernel (`QTiles`). interpret: InterpretGPUParams to run on the CPU.
@@ -350,6 +352,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, key_block
     assert D == HEAD_DIM and T % cta_q == 0, (q.shape, "see supported()")
     assert bk in (64, 128), key_block
+    assert not pingpong or bk == 128, "pingpong: key_block=128 (both consumers then run the same steps)"
     if bk != BLOCK_K and cos is not None:
         raise ValueError("mosaic_forward: key_block=128 takes no RoPE tables (their slots would not fit "
                          "in shared memory); rotate q/k before the call (Tuning.rope_in_kernel=False)")
@@ -373,8 +376,16 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
 
     def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref, lse_ref, scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
-        (qh, oh, cq, sq, kh, ck, sk, vs, ps, lses, segq, segk), (qbar, kraw, kready, vbar, consumed) = scratch
+        (qh, oh, cq, sq, kh, ck, sk, vs, ps, lses, segq, segk), (qbar, kraw, kready, vbar, consumed, turn) = scratch
         wg = lax.axis_index("wg")
+
+        def my_turn():  # pingpong: wait until the other consumer issued its wgmmas
+            if pingpong:
+                plgpu.barrier_wait(turn.at[wg])
+
+        def your_turn():
+            if pingpong:
+                plgpu.barrier_arrive(turn.at[1 - wg])
         kbar = kready if rope else kraw  # what a consumer waits for before reading a K tile
 
         kv_range = causal_kv_range(rng_ref, bk)
@@ -415,13 +426,16 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                     o, m, l = carry
                     slot = step_slot(j, off, stages)
                     plgpu.barrier_wait(kbar.at[slot])
+                    my_turn()
                     if interp:  # the interpreter's wgmma takes no transposed operand
                         s = sum(lax.dot_general(my_q.at[p][...], kh.at[slot, p][...], (((1,), (1,)), ((), ())),
                                                 preferred_element_type=jnp.float32) for p in range(2))
+                        your_turn()
                     else:
                         def qk(acc):
                             for p in range(2):
                                 plgpu.wgmma(acc, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
+                            your_turn()
                             plgpu.wgmma_wait(0)
                             return acc[...]
                         s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
@@ -442,14 +456,19 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                     if p_smem:
                         ps.at[wg][...] = p16
                         plgpu.commit_smem()  # generic-proxy writes of P -> visible to wgmma
+                        my_turn()
 
                         def pv(acc):
                             plgpu.wgmma(acc, ps.at[wg], vs.at[slot])
+                            your_turn()
                             return acc[...]
                         o = o + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
                     else:
+                        my_turn()
+
                         def pv(acc_ref):
                             plgpu.wgmma(acc_ref, p16, vs.at[slot])
+                            your_turn()
                         o = pl.run_state(pv)(plgpu.ACC.init(o))
                     plgpu.barrier_arrive(consumed.at[slot])
                     return o, m_new, l
@@ -478,7 +497,11 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
 
             if own_out:
                 when_any_tile(tiles, lambda: load_q(*tiles.coords(jnp.int32(0))))
+            if pingpong:  # the lower rows go first; their last turn is observed below
+                pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
             for_each_tile(tiles, kv_range, run_tile)
+            if pingpong:
+                pl.when(wg == 0)(lambda: plgpu.barrier_wait(turn.at[0]))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -511,7 +534,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                     plgpu.Barrier(num_arrivals=loads, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages) if rope else None,
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+                    plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=1, num_barriers=2) if pingpong else None)
         pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref,
                                           lse_ref, scr),
                       buffers, barriers, collective_axes="wg")

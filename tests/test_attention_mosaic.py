@@ -48,16 +48,17 @@ def test_segment_block_ranges_match_a_brute_force_count():
     (2, 256, 2, 1, True, True, True, None),
     # persistent: 8 tiles on 3 CTAs (3, 3, 2 tiles: the partial last round), with and without tables
     (2, 256, 2, 1, False, True, True, 3), (1, 256, 4, 2, True, False, True, 3),
-    (2, 256, 2, 1, False, True, True, (3, 128)), (1, 384, 2, 2, False, False, True, (None, 128))])  # 128-key tiles
+    (2, 256, 2, 1, False, True, True, (3, 128)), (1, 384, 2, 2, False, False, True, (None, 128)),  # 128-key tiles
+    (2, 256, 2, 1, False, True, True, (3, 128, True))])  # and ping-pong consumers
 def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, longest_first, ctas):
-    ctas, key_block = ctas if isinstance(ctas, tuple) else (ctas, M.BLOCK_K)
+    ctas, key_block, pingpong = (*ctas, False)[:3] if isinstance(ctas, tuple) else (ctas, M.BLOCK_K, False)
     q, k, v, inv_freq = _inputs(B, T, Hq, Hkv, seed=T + Hq)
     seg = packed_segments(B, T, seed=T) if segments else None
     inv_freq = inv_freq if rope else None
     scale = M.HEAD_DIM ** -0.5
     tables = rope_tables(T, inv_freq) if rope else ()
     o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=2, longest_first=longest_first,
-                              ctas=ctas, key_block=key_block, interpret=_interpret_params())
+                              ctas=ctas, key_block=key_block, pingpong=pingpong, interpret=_interpret_params())
     ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg)
     err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
     assert o.shape == q.shape and o.dtype == q.dtype
@@ -137,14 +138,15 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
 
 @pytest.mark.parametrize("rope,segments,ctas,key_block", [(False, False, 5, 64), (False, True, "sms", 64),
                                                          (True, False, 5, 64), (False, True, "sms", 128),
-                                                         (False, False, None, 128)])
+                                                         (False, False, None, 128), (False, True, "sms", "pingpong")])
 def test_persistent_mosaic_forward_lowers_for_cuda(rope, segments, ctas, key_block):
     """The compiled path of the persistent forward and of 128-key tiles (wgmma with register P,
     setmaxnreg), lowered for CUDA on the CPU: catches layout errors that the interpreter does not see."""
     q, k, v, inv_freq = _inputs(1, 512, 4, 2, seed=2)
     tables = rope_tables(512, inv_freq) if rope else ()
     seg = packed_segments(1, 512, seed=3) if segments else None
-    f = lambda *a: M.mosaic_forward(*a, seg=seg, scale=M.HEAD_DIM ** -0.5, ctas=ctas, key_block=key_block)  # noqa: E731
+    kw = dict(key_block=128, pingpong=True) if key_block == "pingpong" else dict(key_block=key_block)
+    f = lambda *a: M.mosaic_forward(*a, seg=seg, scale=M.HEAD_DIM ** -0.5, ctas=ctas, **kw)  # noqa: E731
     assert "mosaic_gpu" in jax.jit(f).trace(q, k, v, *tables).lower(lowering_platforms=("cuda",)).as_text()
 
 
