@@ -146,6 +146,19 @@ class Values:
         return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
 
 
+def scores_log2(s, scale, val, q0, k0, masked, seg_rows=None, seg_cols=None):
+    """QK^T scores [queries, keys] times scale * log2(e), -inf where causal masking hides a key (masked:
+    the tile crosses the diagonal; q0 / k0: its first query / key) or it is in another segment
+    (seg_rows / seg_cols: the ids along the rows / columns, or None). val: `Values`."""
+    s = s * (scale * LOG2E)
+    if masked:
+        s = jnp.where(val.iota(s.shape, 0) + q0 >= val.iota(s.shape, 1) + k0, s, -jnp.inf)
+    if seg_rows is not None:
+        same = (lax.broadcast_in_dim(seg_rows, s.shape, [0]) == lax.broadcast_in_dim(seg_cols, s.shape, [1]))
+        s = jnp.where(same, s, -jnp.inf)
+    return s
+
+
 def check_regs(regs):
     """setmaxnreg settings (consumer, producer) for 2 consumer + 1 producer warpgroups, or None."""
     if regs is not None:
@@ -371,9 +384,6 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     cast, vec = val.cast, val.vec
     tiles = QTiles(B, Hq, T // cta_q, sm_count() if ctas == "sms" else ctas, longest_first)
 
-    def iota(dim):
-        return val.iota((bq, bk), dim)
-
     def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref, lse_ref, scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
         (qh, oh, cq, sq, kh, ck, sk, vs, ps, lses, segq, segk), (qbar, kraw, kready, vbar, consumed, turn) = scratch
@@ -439,13 +449,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                             plgpu.wgmma_wait(0)
                             return acc[...]
                         s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-                    s = s * (scale * LOG2E)
-                    if masked:
-                        s = jnp.where(iota(0) + q0 >= iota(1) + j * bk, s, -jnp.inf)
-                    if segs:
-                        same = (lax.broadcast_in_dim(seg_rows, s.shape, [0])
-                                == lax.broadcast_in_dim(vec(segk.at[slot], 1), s.shape, [1]))
-                        s = jnp.where(same, s, -jnp.inf)
+                    s = scores_log2(s, scale, val, q0, j * bk, masked, seg_rows,
+                                    vec(segk.at[slot], 1) if segs else None)
                     m_new = jnp.maximum(m, s.max(axis=1))
                     alpha = jnp.exp2(m - m_new)
                     p16 = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))

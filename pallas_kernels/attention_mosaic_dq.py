@@ -32,8 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import (QTiles, Values, causal_kv_range, check_regs, for_each_tile, kv_producer,
-                                             rotate_halves, segment_ranges, skip_kv_steps, sm_count, smem_tiles,
-                                             step_slot)
+                                             rotate_halves, scores_log2, segment_ranges, skip_kv_steps, sm_count,
+                                             smem_tiles, step_slot)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -69,9 +69,6 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     val = Values(interp)
     cast, vec = val.cast, val.vec
     tiles = QTiles(B, Hq, T // cta_q, sm_count() if ctas == "sms" else ctas, longest_first)
-
-    def iota(dim):
-        return val.iota((bq, bk), dim)
 
     def dot_t(a, b):  # a [m, k] . b [n, k]^T, for the interpreter
         return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -133,13 +130,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                             plgpu.wgmma_wait(0)
                             return s_ref[...], dp_ref[...]
                         s, dp = pl.run_scoped(qk_dov, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
-                    s = s * (scale * LOG2E)
-                    if masked:
-                        s = jnp.where(iota(0) + q0 >= iota(1) + j * bk, s, -jnp.inf)
-                    if segs:
-                        same = (lax.broadcast_in_dim(seg_rows, s.shape, [0])
-                                == lax.broadcast_in_dim(vec(segk.at[slot], 1), s.shape, [1]))
-                        s = jnp.where(same, s, -jnp.inf)
+                    s = scores_log2(s, scale, val, q0, j * bk, masked, seg_rows,
+                                    vec(segk.at[slot], 1) if segs else None)
                     p_ = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
                     ds = (p_ * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0]))).astype(k.dtype)
                     if interp:  # no register A operand: dS through shared memory
