@@ -10,7 +10,8 @@ tile once in shared memory (so the 4-8 query heads of a GQA group do not each ro
 consumers (64 rows each) rotate their Q tile once, run QK^T and PV on wgmma with P kept in
 registers, and hand each slot back on a "consumed" barrier. Causal: key tiles past the diagonal
 are never loaded; the consumer of the lower rows runs fewer steps and only keeps the barriers'
-phases in step for the rest. Packing (segment ids): each CTA starts at the first key tile that can
+phases in step for the rest. Persistent (`ctas`, the default without tables): one CTA per SM
+loops over query tiles (`QTiles`), the producer streaming K/V across them. Packing (segment ids): each CTA starts at the first key tile that can
 share a segment with its rows (`segment_block_ranges`), and every tile is masked by segment.
 
 Developed against JAX's Mosaic GPU interpreter on the CPU (tests/test_attention_mosaic.py), which
