@@ -737,13 +737,13 @@ def _flash(cfg, q, k, v, aux):
 def _flash_fwd(cfg, q, k, v, aux):
     padded = _pad(q, cfg), _pad(k, cfg), _pad(v, cfg)
     if cfg.mosaic_fwd:  # D = 128, so only T is padded (to a multiple of 128)
-        out, lse = attention_mosaic.mosaic_forward(
+        tn = cfg.tuning
+        key_block = attention_mosaic.BLOCK_K if cfg.rope else tn.mosaic_fwd_key_block  # tables: 64 only
+        out, lse = attention_mosaic.mosaic_forward(  # lse [B, Hq, Tp]
             *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
-            scale=cfg.scale, longest_first=cfg.tuning.mosaic_longest_first,
-            ctas="sms" if cfg.tuning.mosaic_persistent_fwd and not cfg.rope else None,
-            key_block=64 if cfg.rope else cfg.tuning.mosaic_fwd_key_block,
-            pingpong=cfg.tuning.mosaic_fwd_pingpong and not cfg.rope and cfg.tuning.mosaic_fwd_key_block == 128)
-        # lse [B, Hq, Tp]
+            scale=cfg.scale, longest_first=tn.mosaic_longest_first,
+            ctas="sms" if tn.mosaic_persistent_fwd and not cfg.rope else None,
+            key_block=key_block, pingpong=tn.mosaic_fwd_pingpong and key_block == 128)
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)

@@ -11,8 +11,9 @@ consumers (64 rows each) rotate their Q tile once, run QK^T and PV on wgmma with
 registers, and hand each slot back on a "consumed" barrier. Causal: key tiles past the diagonal
 are never loaded; the consumer of the lower rows runs fewer steps and only keeps the barriers'
 phases in step for the rest. Persistent (`ctas`, the default without tables): one CTA per SM
-loops over query tiles (`QTiles`), the producer streaming K/V across them. Packing (segment ids): each CTA starts at the first key tile that can
-share a segment with its rows (`segment_block_ranges`), and every tile is masked by segment.
+loops over query tiles (`QTiles`), the producer streaming K/V across them. Packing (segment ids):
+each CTA starts at the first key tile that can share a segment with its rows
+(`segment_block_ranges`), and every tile is masked by segment.
 
 Developed against JAX's Mosaic GPU interpreter on the CPU (tests/test_attention_mosaic.py), which
 has no `layout_cast`, transposed wgmma operand or register A operand: under it P goes through
@@ -247,12 +248,14 @@ def when_any_tile(tiles, f, after=None):
 
 def causal_kv_range(rng_ref, bk=BLOCK_K):
     """kv_range of a Q-stationary kernel (for_each_tile): query block qi's `bk`-key tiles under
-    causal masking, from the first one sharing a segment (rng_ref: segment_block_ranges(seg,
-    BLOCK_Q, bk), or None)."""
+    causal masking, from the first one sharing a segment (rng_ref: segment_ranges(seg)[0], in
+    BLOCK_K tiles whatever bk, or None)."""
     def kv_range(qi, b, h):
         del h
         hi = lax.div(qi * BLOCK_Q + BLOCK_Q + bk - 1, jnp.int32(bk))
-        return (rng_ref[b, qi, 0] if rng_ref is not None else jnp.int32(0)), hi
+        if rng_ref is None:
+            return jnp.int32(0), hi
+        return lax.div(rng_ref[b, qi, 0], jnp.int32(bk // BLOCK_K)), hi  # the bk tile holding that key
     return kv_range
 
 
@@ -308,7 +311,8 @@ def kv_producer(refs, bufs, bars, *, tiles, kv_range, group, table_b, stages, bk
         plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
         plgpu.barrier_arrive(kready.at[slot])
 
-    def tile(i, tile, kv_min, kv_max, off):
+    def stream_tile(i, tile, kv_min, kv_max, off):
+        del i
         _, b, h = tile
         kvh = lax.div(h, jnp.int32(group))
 
@@ -326,7 +330,7 @@ def kv_producer(refs, bufs, bars, *, tiles, kv_range, group, table_b, stages, bk
                     rotate(g - 1)
         lax.fori_loop(kv_min, kv_max, step, None)
 
-    g = for_each_tile(tiles, kv_range, tile)
+    g = for_each_tile(tiles, kv_range, stream_tile)
     if rope:
         @pl.when(g >= 1)
         def _():
@@ -372,8 +376,6 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                          "in shared memory); rotate q/k before the call (Tuning.rope_in_kernel=False)")
     if stages is None:
         stages = 3 if bk == 64 else 2  # 3 slots of 128 keys would take 256 KB of shared memory
-    if seg is not None and bk != BLOCK_K:  # segment_ranges' blocks are 64 keys
-        ranges = segment_block_ranges(seg, BLOCK_Q, bk)
     rope = cos is not None
     segs = seg is not None
     table_b = cos.shape[0] if rope else 1

@@ -81,6 +81,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
         kbar = kready if rope else kraw  # what a consumer waits for before reading a K tile
 
         kv_range = causal_kv_range(rng_ref)
+
         @pl.when(wg < 2)
         def _consumer():
             if regs and not interp:
