@@ -179,11 +179,13 @@ class Tuning:
     # process, attention_NOTES.md session 10); with tables 1.04x / 0.97x, so not there.
     mosaic_persistent_fwd: bool = True
     # Keys per step of the Mosaic forward without RoPE tables: 64, or 128 (2 stages; half the steps
-    # and their fixed work, QK^T at N = 128 as tokamax's forward). 128 is checked in the
-    # interpreter and lowered for CUDA, not yet timed (attention_NOTES.md session 10).
-    mosaic_fwd_key_block: int = 64
+    # and their fixed work, QK^T at N = 128 as tokamax's forward). 128 on the H200, persistent, the
+    # kernel alone in one process: 1.10x at 2k, 1.11x at 8k; the forward at 32k 18.46 -> 16.94 ms
+    # (attention_NOTES.md session 11).
+    mosaic_fwd_key_block: int = 128
     # With 128-key steps: the two consumers take turns on the tensor cores (ping-pong, FA3's
-    # schedule), so one's softmax runs under the other's wgmmas. Interpreter-checked, not timed.
+    # schedule), so one's softmax runs under the other's wgmmas. Measured equal to 128-key steps
+    # without it (1.08x / 1.12x over 64-key steps against 1.10x / 1.11x, session 11): off.
     mosaic_fwd_pingpong: bool = False
 
 

@@ -59,7 +59,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, pipelined=True, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False, dq_tiles="split_d",
-               ds_under_dv=False, interpret=None):
+               ds_under_dv=None, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -84,8 +84,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     consumers per step, twice the reduce-add traffic.
 
     ds_under_dv (p_regs, without with_dq): issue dP^T before dV and wait for dP^T only, so dS^T
-    is computed while the dV wgmma runs (tokamax's order; ours waits for both). Lowered for CUDA on
-    the CPU only (the interpreter cannot run p_regs), not yet run on a GPU."""
+    is computed while the dV wgmma runs (tokamax's order; the other waits for both). None = where
+    measured: p_regs without with_dq and without RoPE tables (H200, same process: 1.01x at 2k,
+    1.07x at 8k; RESULTS.md 0000000000). The interpreter cannot run it (p_regs)."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -106,6 +107,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     assert not (p_regs and (interp or not pipelined)), "p_regs: the compiled pipelined kernel only"
     assert not with_dq or (pipelined and not rope), "with_dq: the pipelined kernel without tables"
     assert dq_tiles in ("split_d", "own_keys"), dq_tiles
+    if ds_under_dv is None:
+        ds_under_dv = p_regs and not with_dq and not rope
     assert not ds_under_dv or (p_regs and not with_dq), "ds_under_dv: p_regs without with_dq"
     shared_ds = with_dq and dq_tiles == "split_d"  # the consumers read each other's dS^T tiles
     n_kb = T // BLOCK_K
