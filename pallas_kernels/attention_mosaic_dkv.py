@@ -59,7 +59,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, pipelined=True, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False, dq_tiles="split_d",
-               ds_under_dv=None, interpret=None):
+               ds_under_dv=None, dq_deferred=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -81,9 +81,12 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     reduce-add: there every key block stores its partial in its own slice of a zeroed
     [T/128, B, T, Hq, D] output and XLA sums them. dq_tiles="own_keys": instead, each consumer
     reduce-adds its own keys' dQ over all of D (two halves, 64 KB of staging): no meeting of the
-    consumers per step, twice the reduce-add traffic.
+    consumers per step, twice the reduce-add traffic. dq_deferred (split_d): step j computes tile
+    j-1's dQ after tile j's GEMMs, with three dS^T buffers, so a consumer waits for the other's
+    dS^T of step j-1 only after its own step-j GEMMs (one step of slack instead of a meeting in
+    every step).
 
-    ds_under_dv (p_regs, without with_dq): issue dP^T before dV and wait for dP^T only, so dS^T
+    ds_under_dv (p_regs): issue dP^T before dV and wait for dP^T only, so dS^T
     is computed while the dV wgmma runs (tokamax's order; the other waits for both). None = where
     measured: p_regs without with_dq and without RoPE tables (H200, same process: 1.01x at 2k,
     1.07x at 8k; RESULTS.md 0000000000). The interpreter cannot run it (p_regs)."""
@@ -109,8 +112,10 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     assert dq_tiles in ("split_d", "own_keys"), dq_tiles
     if ds_under_dv is None:
         ds_under_dv = p_regs and not with_dq and not rope
-    assert not ds_under_dv or (p_regs and not with_dq), "ds_under_dv: p_regs without with_dq"
+    assert not ds_under_dv or p_regs, "ds_under_dv: p_regs"
     shared_ds = with_dq and dq_tiles == "split_d"  # the consumers read each other's dS^T tiles
+    assert not dq_deferred or shared_ds, "dq_deferred: with_dq and dq_tiles='split_d'"
+    ds_bufs = (3 if dq_deferred else 2) if shared_ds else 1  # dS^T buffers per consumer, by step
     n_kb = T // BLOCK_K
     val = Values(interp)
     vec = val.vec  # dim 0: along the keys (rows), 1: the queries (columns) of a [keys, queries] tile
@@ -169,9 +174,16 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             plgpu.wgmma(dk_accs[p], my_p, q_parts.at[p])
         plgpu.wgmma_wait(0)
 
-    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None):
+    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, ds_out=None):
         """tile_math with P^T and dS^T as register A operands and the accumulators as values
-        (compiled path only: the interpreter has no register A operand nor run_state)."""
+        (compiled path only: the interpreter has no register A operand nor run_state); dS^T also
+        into the shared-memory tile ds_out if given (the fused backward's dQ reads it)."""
+
+        def store_ds(ds_t):
+            if ds_out is not None:
+                ds_out[...] = ds_t
+                plgpu.commit_smem()
+
         dv, dk0, dk1 = accs
         p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t)
         zeros = plgpu.layout_cast(jnp.zeros((t, t), jnp.float32), plgpu.Layout.WGMMA)
@@ -184,9 +196,10 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 ds_t = (p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1]))).astype(q.dtype)
                 for p in range(2):
                     plgpu.wgmma(dk_refs[p], ds_t, q_parts.at[p])
+                store_ds(ds_t)
             dv, _, (dk0, dk1) = pl.run_state(step)(
                 (plgpu.ACC.init(dv), plgpu.ACC.init(zeros), (plgpu.ACC.init(dk0), plgpu.ACC.init(dk1))))
-            return (dv, dk0, dk1), None
+            return dv, dk0, dk1
 
         def dv_dp(refs):
             dv_ref, dp_ref = refs
@@ -199,7 +212,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             for p in range(2):
                 plgpu.wgmma(refs[p], ds_t, q_parts.at[p])
         dk0, dk1 = pl.run_state(dk)((plgpu.ACC.init(dk0), plgpu.ACC.init(dk1)))
-        return (dv, dk0, dk1), ds_t
+        store_ds(ds_t)
+        return dv, dk0, dk1
 
     def load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, bar,
                seg_ref=None, my_seg=None):
@@ -322,8 +336,14 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                    seg_ref, segk.at[wg] if segs else None)
             key_ids = vec(segk.at[wg], 0) if segs else None
 
-            def p_buf(j):  # shared_ds: by step parity (the other consumer may still read step j - 1's)
-                return ps.at[lax.rem(j, jnp.int32(2)) if shared_ds else 0, wg]
+            def ds_slot(j):  # shared_ds: dS^T buffers by step (the other consumer may still read earlier ones)
+                return lax.rem(j, jnp.int32(ds_bufs))
+
+            def ds_bar(j):  # "my dS^T of step j is written" (deferred: "and step j - 1's read")
+                return ds_ready.at[ds_slot(j)] if dq_deferred else ds_ready
+
+            def p_buf(j):
+                return ps.at[ds_slot(j), wg]
 
             def seg_of(slot):
                 return (key_ids, segq.at[slot]) if segs else None
@@ -354,33 +374,45 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 else:
                     plgpu.copy_smem_to_gmem(stage, dq_ref.at[b, rows, h, cols], reduction_op="add")
 
-            def write_ds(j, ds_t):
-                if ds_t is not None:  # the register path; the shared-memory one wrote it already
-                    p_buf(j)[...] = ds_t
-                    plgpu.commit_smem()
-
-            def dq_own_keys(j, ds_t=None):
-                """This tile's dQ over my keys: dS (my dS^T tile; ds_t: still to be written) times
-                each half of K_rot, each half reduce-added from its own staging tile."""
+            def dq_own_keys(j):
+                """This tile's dQ over my keys: dS (my dS^T tile) times each half of K_rot, each
+                half reduce-added from its own staging tile."""
                 h, i = tile_of(j)
-                write_ds(j, ds_t)
                 for part in range(2):
                     add_dq(ds_times_k([(p_buf(j), kh.at[wg, part])]), dqs.at[wg, part], 1, 2 * kb + wg, i, h, part)
 
-            def dq_split_d(j, ds_t=None):
-                """This tile's dQ[:, my half of D] over both consumers' keys: dS (from the two
-                dS^T tiles of step j's parity; ds_t: mine, still to be written) times K_rot's half;
-                reduce-added. Writing step j's dS^T is safe without a second barrier: the other
-                consumer arrived at step j - 1's ds_ready after reading step j - 2's."""
+            def dq_split_d(j):
+                """Tile j's dQ[:, my half of D] over both consumers' keys: dS (their two dS^T tiles
+                of step j, both written) times K_rot's half; reduce-added."""
                 h, i = tile_of(j)
-                write_ds(j, ds_t)
-                plgpu.barrier_arrive(ds_ready)
-                plgpu.barrier_wait(ds_ready)
-                ds_tiles = ps.at[lax.rem(j, jnp.int32(2))]
+                ds_tiles = ps.at[ds_slot(j)]
                 acc = ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)])
                 add_dq(acc, dqs.at[wg], 0, kb, i, h, wg)
 
-            dq_tile = dq_split_d if shared_ds else dq_own_keys
+            def dq_tile(j):
+                """The dQ work of step j, after tile j's GEMMs wrote my dS^T of tile j."""
+                if not shared_ds:
+                    dq_own_keys(j)
+                elif not dq_deferred:  # meet, then tile j's dQ. Writing step j's dS^T was safe: the
+                    plgpu.barrier_arrive(ds_bar(j))  # other consumer arrived at step j - 1's
+                    plgpu.barrier_wait(ds_bar(j))    # barrier after reading step j - 2's tiles
+                    dq_split_d(j)
+                else:  # tile j - 1's dQ. Step j's buffer was free: at step j - 1 this consumer saw
+                    @pl.when(j > 0)  # the other's end of step j - 2, when it had read tile j - 3's
+                    def _():
+                        plgpu.barrier_wait(ds_bar(j - 1))
+                        dq_split_d(j - 1)
+                    plgpu.barrier_arrive(ds_bar(j))
+
+            def finish_dq():
+                """After the last step: the deferred last dQ tile, then wait until the other
+                consumer is done with my K (finish reuses the buffer)."""
+                if dq_deferred:
+                    plgpu.barrier_wait(ds_bar(n_steps - 1))
+                    dq_split_d(n_steps - 1)
+                if shared_ds:
+                    plgpu.barrier_arrive(ds_bar(n_steps))
+                    plgpu.barrier_wait(ds_bar(n_steps))
 
             def step(accs, j, masked):
                 slot = lax.rem(j, jnp.int32(stages))
@@ -423,10 +455,10 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 _, i = tile_of(j)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
-                accs, ds_t = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot],
-                                            deltas.at[slot], k0, i * t, masked, seg_of(slot))
+                accs = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
+                                      k0, i * t, masked, seg_of(slot), ds_out=p_buf(j) if with_dq else None)
                 if with_dq:
-                    dq_tile(j, ds_t)
+                    dq_tile(j)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return accs
 
@@ -441,9 +473,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 dv, dk0, dk1 = lax.fori_loop(0, G, head_regs, (wg_zeros(D), wg_zeros(half), wg_zeros(half)))
             else:
                 dv, dk0, dk1 = accumulate(loop)
-            if shared_ds:  # the other consumer is done with my K (finish reuses the buffer)
-                plgpu.barrier_arrive(ds_ready)
-                plgpu.barrier_wait(ds_ready)
+            finish_dq()
             finish(dv, dk0, dk1, my_k, my_v, my_c, my_s, dk_ref, dv_ref, b, keys, kvh, lambda: None)
 
         @pl.when(wg == 2)
@@ -502,7 +532,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         table = (lambda n: smem((n, t, half), cos.dtype)) if rope else (lambda n: None)
         k_loads = 3 + (2 if rope else 0) + (1 if segs else 0)  # K halves, V (+ cos, sin) (+ ids)
         kv_bufs = (smem((2, 2, t, half), k.dtype), smem((2, t, D), v.dtype))
-        p_buf = smem((2 if shared_ds else 1, 2, t, t), q.dtype)  # [parity,] consumer
+        p_buf = smem((ds_bufs, 2, t, t), q.dtype)  # [step's buffer, consumer]
         if pipelined:
             dq_stage = plgpu.SMEM((2, t, half) if shared_ds else (2, 2, t, half), jnp.float32,  # 128-byte swizzle:
                                   transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))  # 32 floats a row
@@ -517,7 +547,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                         plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),
                         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                         plgpu.Barrier(num_arrivals=k_loads, num_barriers=2),
-                        plgpu.Barrier(num_arrivals=2) if shared_ds else None)  # both consumers' dS^T
+                        plgpu.Barrier(num_arrivals=2, num_barriers=ds_bufs) if dq_deferred else  # both consumers' dS^T
+                        plgpu.Barrier(num_arrivals=2) if shared_ds else None)
             body = pipe_kernel
         else:
             buffers = (smem((2, 2, t, half), q.dtype), smem((2, t, D), do.dtype), table(2), table(2),
