@@ -263,9 +263,6 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_fused_bwd(q, k, v):  # dq from the dk/dv kernel (reduce-adds) instead of the dq kernel
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fused_bwd=True))
 
-    def ours_fused_deferred(q, k, v):  # the same, dS^T under dV, each tile's dQ one step later
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fused_bwd=True, mosaic_fused_deferred=True))
-
     def ours_triton_dkv(q, k, v):  # the Mosaic forward and dq, the Triton dk/dv
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv=False))
 
@@ -316,7 +313,6 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, Triton bwd": (ours_triton_bwd, (q, k, v)),
         "ours, Triton dk/dv": (ours_triton_dkv, (q, k, v)),
         "ours, fused bwd": (ours_fused_bwd, (q, k, v)),
-        "ours, fused bwd, deferred": (ours_fused_deferred, (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

@@ -171,11 +171,10 @@ class Tuning:
     # backward kernels run without RoPE tables. Off by default: on the H200 fwd+bwd took 1.13x /
     # 1.03x / 0.98x the time of the separate dq and dk/dv kernels at 2k / 8k / 32k
     # (attention_NOTES.md session 9: the zeroed fp32 accumulator, its epilogue and a consumer sync per
-    # tile cost more than the 2 GEMMs it saves, except at 32k).
+    # tile cost more than the 2 GEMMs it saves, except at 32k). Session 11, with dS^T under the dV
+    # wgmma: 0.79x / 0.93x of the separate kernels at 2k / 8k; deferring each tile's dQ by a step
+    # (no meeting per step) was slower still (0.78x / 0.85x), so the meeting is not the cost.
     mosaic_fused_bwd: bool = False
-    # The fused backward's schedule: dS^T under the dV wgmma and each tile's dQ one step later
-    # (mosaic_dkv ds_under_dv, dq_deferred: no consumer meeting in every step). Not yet timed.
-    mosaic_fused_deferred: bool = False
     # The Mosaic forward as a persistent kernel (one CTA per SM looping over query tiles, the next
     # tile's K/V and Q loaded under the last one's epilogue; attention_mosaic.QTiles) where it runs
     # without RoPE tables. The forward kernel alone on the H200: 1.07x at 2k, 1.01x at 8k (same
@@ -766,10 +765,8 @@ def _flash_bwd(cfg, res, dout):
     triton = (qp, kp, vp, aux, dop, jnp.swapaxes(lse, 1, 2) if cfg.mosaic_fwd else lse, delta)
     mosaic = (qp, kp, vp, dop, lse, jnp.swapaxes(delta, 1, 2), aux.get("cos"), aux.get("sin"), aux.get("seg"))
     if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd:
-        deferred = cfg.tuning.mosaic_fused_deferred or None  # None: the kernel's default
         dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
-                                                     longest_first=cfg.tuning.mosaic_longest_first, with_dq=True,
-                                                     ds_under_dv=deferred, dq_deferred=bool(deferred))
+                                                     longest_first=cfg.tuning.mosaic_longest_first, with_dq=True)
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,

@@ -59,7 +59,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, pipelined=True, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False, dq_tiles="split_d",
-               ds_under_dv=None, dq_deferred=False, interpret=None):
+               ds_under_dv=None, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -81,15 +81,12 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     reduce-add: there every key block stores its partial in its own slice of a zeroed
     [T/128, B, T, Hq, D] output and XLA sums them. dq_tiles="own_keys": instead, each consumer
     reduce-adds its own keys' dQ over all of D (two halves, 64 KB of staging): no meeting of the
-    consumers per step, twice the reduce-add traffic. dq_deferred (split_d): step j computes tile
-    j-1's dQ after tile j's GEMMs, with three dS^T buffers, so a consumer waits for the other's
-    dS^T of step j-1 only after its own step-j GEMMs (one step of slack instead of a meeting in
-    every step).
+    consumers per step, twice the reduce-add traffic.
 
     ds_under_dv (p_regs): issue dP^T before dV and wait for dP^T only, so dS^T
     is computed while the dV wgmma runs (tokamax's order; the other waits for both). None = where
-    measured: p_regs without with_dq and without RoPE tables (H200, same process: 1.01x at 2k,
-    1.07x at 8k; RESULTS.md 0000000000). The interpreter cannot run it (p_regs)."""
+    measured: p_regs without RoPE tables (H200, same process: 1.01x / 1.07x at 2k / 8k, fused
+    1.06x / 1.07x; RESULTS.md 0000000000). The interpreter cannot run it (p_regs)."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -111,11 +108,10 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     assert not with_dq or (pipelined and not rope), "with_dq: the pipelined kernel without tables"
     assert dq_tiles in ("split_d", "own_keys"), dq_tiles
     if ds_under_dv is None:
-        ds_under_dv = p_regs and not with_dq and not rope
+        ds_under_dv = p_regs and not rope
     assert not ds_under_dv or p_regs, "ds_under_dv: p_regs"
     shared_ds = with_dq and dq_tiles == "split_d"  # the consumers read each other's dS^T tiles
-    assert not dq_deferred or shared_ds, "dq_deferred: with_dq and dq_tiles='split_d'"
-    ds_bufs = (3 if dq_deferred else 2) if shared_ds else 1  # dS^T buffers per consumer, by step
+    ds_bufs = 2 if shared_ds else 1  # dS^T buffers per consumer, by step parity
     n_kb = T // BLOCK_K
     val = Values(interp)
     vec = val.vec  # dim 0: along the keys (rows), 1: the queries (columns) of a [keys, queries] tile
@@ -336,11 +332,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                    seg_ref, segk.at[wg] if segs else None)
             key_ids = vec(segk.at[wg], 0) if segs else None
 
-            def ds_slot(j):  # shared_ds: dS^T buffers by step (the other consumer may still read earlier ones)
+            def ds_slot(j):  # shared_ds: by step parity (the other consumer may still read step j - 1's)
                 return lax.rem(j, jnp.int32(ds_bufs))
-
-            def ds_bar(j):  # "my dS^T of step j is written" (deferred: "and step j - 1's read")
-                return ds_ready.at[ds_slot(j)] if dq_deferred else ds_ready
 
             def p_buf(j):
                 return ps.at[ds_slot(j), wg]
@@ -393,26 +386,11 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 """The dQ work of step j, after tile j's GEMMs wrote my dS^T of tile j."""
                 if not shared_ds:
                     dq_own_keys(j)
-                elif not dq_deferred:  # meet, then tile j's dQ. Writing step j's dS^T was safe: the
-                    plgpu.barrier_arrive(ds_bar(j))  # other consumer arrived at step j - 1's
-                    plgpu.barrier_wait(ds_bar(j))    # barrier after reading step j - 2's tiles
-                    dq_split_d(j)
-                else:  # tile j - 1's dQ. Step j's buffer was free: at step j - 1 this consumer saw
-                    @pl.when(j > 0)  # the other's end of step j - 2, when it had read tile j - 3's
-                    def _():
-                        plgpu.barrier_wait(ds_bar(j - 1))
-                        dq_split_d(j - 1)
-                    plgpu.barrier_arrive(ds_bar(j))
-
-            def finish_dq():
-                """After the last step: the deferred last dQ tile, then wait until the other
-                consumer is done with my K (finish reuses the buffer)."""
-                if dq_deferred:
-                    plgpu.barrier_wait(ds_bar(n_steps - 1))
-                    dq_split_d(n_steps - 1)
-                if shared_ds:
-                    plgpu.barrier_arrive(ds_bar(n_steps))
-                    plgpu.barrier_wait(ds_bar(n_steps))
+                    return
+                # Meet, then tile j's dQ. Writing step j's dS^T was safe: the other consumer
+                plgpu.barrier_arrive(ds_ready)  # arrived at step j - 1's meeting after reading
+                plgpu.barrier_wait(ds_ready)    # step j - 2's tiles
+                dq_split_d(j)
 
             def step(accs, j, masked):
                 slot = lax.rem(j, jnp.int32(stages))
@@ -473,7 +451,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 dv, dk0, dk1 = lax.fori_loop(0, G, head_regs, (wg_zeros(D), wg_zeros(half), wg_zeros(half)))
             else:
                 dv, dk0, dk1 = accumulate(loop)
-            finish_dq()
+            if shared_ds:  # the other consumer is done with my K (finish reuses the buffer)
+                plgpu.barrier_arrive(ds_ready)
+                plgpu.barrier_wait(ds_ready)
             finish(dv, dk0, dk1, my_k, my_v, my_c, my_s, dk_ref, dv_ref, b, keys, kvh, lambda: None)
 
         @pl.when(wg == 2)
@@ -547,8 +527,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                         plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),
                         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                         plgpu.Barrier(num_arrivals=k_loads, num_barriers=2),
-                        plgpu.Barrier(num_arrivals=2, num_barriers=ds_bufs) if dq_deferred else  # both consumers' dS^T
-                        plgpu.Barrier(num_arrivals=2) if shared_ds else None)
+                        plgpu.Barrier(num_arrivals=2) if shared_ds else None)  # both consumers' dS^T
             body = pipe_kernel
         else:
             buffers = (smem((2, 2, t, half), q.dtype), smem((2, t, D), do.dtype), table(2), table(2),

@@ -41,23 +41,17 @@ def test_mosaic_dkv_lowers_for_cuda(rope, pipelined, p_regs, segments, ds_under_
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-FUSED_VARIANTS = {"split_d": dict(dq_tiles="split_d"), "own_keys": dict(dq_tiles="own_keys"),
-                  "deferred": dict(dq_tiles="split_d", dq_deferred=True)}
-
-
 @pytest.mark.parametrize("B,T,Hq,Hkv,segments,dq_tiles", [
     (1, 256, 4, 2, False, "split_d"),  # two key blocks adding into the same query tiles, GQA 2
     (2, 256, 2, 1, True, "split_d"),   # packed documents (key blocks stop at their last shared segment)
     (1, 256, 4, 2, False, "own_keys"),
-    (1, 384, 4, 2, False, "deferred"),  # tile j - 1's dQ in step j: 3 dS^T buffers cycled over 6-12 steps
-    (2, 256, 2, 1, True, "deferred"),
 ])
 def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, dq_tiles):
     """The fused backward: dq from the dk/dv kernel's dS^T tiles (in the interpreter each key block
     stores its dQ partial, summed by XLA, where the GPU reduce-adds), dk/dv unchanged by it."""
     args, seg, scale, (dq_ref, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=False, segments=segments,
                                                                seed=T + Hq + 7)
-    dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, **FUSED_VARIANTS[dq_tiles],
+    dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, dq_tiles=dq_tiles,
                               interpret=_interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
     for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
@@ -66,8 +60,7 @@ def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, 
 
 @pytest.mark.parametrize("p_regs,segments,dq_tiles,ds_under_dv", [
     (None, False, "split_d", None), (False, False, "split_d", None), (None, True, "split_d", None),
-    (None, False, "own_keys", None), (None, False, "deferred", True), (None, True, "deferred", True),
-    (False, False, "deferred", False), (None, False, "split_d", True)])
+    (None, False, "own_keys", None), (None, True, "split_d", False), (None, False, "own_keys", False)])
 def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, dq_tiles, ds_under_dv):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
     accumulator), inside a remat'ed scan as in the model."""
@@ -78,7 +71,7 @@ def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, dq_tiles, ds_under
     def f(*a):
         def layer(c, _):
             dk, dv, dq = M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs, with_dq=True,
-                                      ds_under_dv=ds_under_dv, **FUSED_VARIANTS[dq_tiles])
+                                      ds_under_dv=ds_under_dv, dq_tiles=dq_tiles)
             return c + dq.astype(jnp.float32).sum() + dk.astype(jnp.float32).sum(), None
         return jax.lax.scan(jax.checkpoint(layer), 0.0, None, length=2)[0]
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
