@@ -261,6 +261,8 @@ def sweep_configs(m, direction):
     Fields: block_m, block_n, block_k, warps, stages, split (0 = auto), group, decode, weight_lhs,
     interleave."""
     T = K.TileConfig
+    if direction in SWEEP_CFGS:
+        return [T(*fields) for fields in SWEEP_CFGS[direction]]
     if m <= 16:
         return [T(16, 64, 128, 4, 4, 0, 8, "prmt", lhs, il) for lhs in (True, False) for il in (True, False)] + [
             T(16, 64, 128, 4, 6, 0, 8, "prmt", False, False), T(16, 32, 128, 2, 4, 0, 8, "prmt", False, False),
@@ -269,6 +271,7 @@ def sweep_configs(m, direction):
             T(256, 64, 64, 4, 3, 1, 8, "prmt", False, False), T(256, 128, 64, 8, 3, 1, 8, "prmt", True, False),
             T(256, 128, 128, 8, 3, 1, 8, "prmt", True, False)]
 
+SWEEP_CFGS = {}  # --sweep-cfgs: {"fwd": [[TileConfig fields...], ...], "dx": [...]} replaces sweep_configs' lists
 GEMV_CFGS = {}  # --gemv-cfgs: {"fwd": [[fields...], ...], "dx": [...]} replaces the lists below
 
 
@@ -380,7 +383,7 @@ def phase_sweep(budget, results, n=14336, k=4096, ms=(1, 2048)):
             ref = None if isinstance(ref_exe, Exception) else ref_exe(a, qs[:1])[0]
             for i, cfg in enumerate(sweep_configs(m, direction)):
                 if not budget.ok(60):
-                    log("sweep: budget exhausted"); results["sweep"] = rows; return
+                    log("sweep: budget exhausted"); results.setdefault("sweep", []).extend(rows); return
                 exe = exes[(m, direction, i)]
                 row = dict(m=m, n=n, k=k, dir=direction, cfg=dataclasses.asdict(cfg))
                 try:
@@ -393,7 +396,7 @@ def phase_sweep(budget, results, n=14336, k=4096, ms=(1, 2048)):
                     row["error"] = repr(e)[:300]
                     log(f"sweep M={m} {direction} ERROR {cfg}: {repr(e)[:300]}")
                 rows.append(row)
-    results["sweep"] = rows
+    results.setdefault("sweep", []).extend(rows)
 
 
 def phase_dequant(budget, results, n=14336, k=4096):
@@ -524,7 +527,8 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--ms", default=",".join(map(str, MS)))
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
-    p.add_argument("--sweep-shape", default="14336x4096")
+    p.add_argument("--sweep-shape", default="14336x4096", help="out x in; several: comma-separated")
+    p.add_argument("--sweep-cfgs", default="", help='JSON {"fwd": [[TileConfig fields], ...], "dx": [...]}')
     p.add_argument("--sweep-ms", default="1,2048")
     p.add_argument("--gemv-ms", default="1,2,4")
     p.add_argument("--gemv-cfgs", default="", help='JSON {"fwd": [[GemvConfig fields], ...], "dx": [...]}')
@@ -537,6 +541,7 @@ def main():
     INTERPRET = args.interpret
     REPEAT = args.repeat
     GEMV_CFGS.update(json.loads(args.gemv_cfgs) if args.gemv_cfgs else {})
+    SWEEP_CFGS.update(json.loads(args.sweep_cfgs) if args.sweep_cfgs else {})
     DOUBLE_QUANT = not args.single_quant
     budget = Budget(args.budget)
     phases = args.phases.split(",")
@@ -562,8 +567,9 @@ def main():
         phase_gemv(budget, results, [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")],
                    [int(v) for v in args.gemv_ms.split(",")]); save()
     if "sweep" in phases:
-        sn, sk = (int(v) for v in args.sweep_shape.split("x"))
-        phase_sweep(budget, results, sn, sk, [int(v) for v in args.sweep_ms.split(",")]); save()
+        for shape in args.sweep_shape.split(","):
+            sn, sk = (int(v) for v in shape.split("x"))
+            phase_sweep(budget, results, sn, sk, [int(v) for v in args.sweep_ms.split(",")]); save()
     tuned = best_from_sweep(results)
     if args.tuned:
         for key, fields in json.loads(args.tuned).items():
