@@ -41,8 +41,8 @@ BLOCK_Q = 128  # query rows per CTA (two consumer warpgroups of 64)
 BLOCK_K = 64
 
 
-def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=None,
-              longest_first=True, ctas=None, interpret=None):
+def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs="auto",
+              longest_first=True, ctas=None, key_block=BLOCK_K, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -50,19 +50,30 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     dtype (the gradient w.r.t. the un-rotated q).
 
     stages: K/V slots in flight; None: 2 with RoPE (3 would need 248 KB of shared memory, over
-    the 227 KB limit), 3 without. regs: (consumer,
-    producer) registers per thread for setmaxnreg, or None. longest_first: launch order
+    the 227 KB limit) or 128-key steps, 3 otherwise. regs: (consumer, producer) registers per
+    thread for setmaxnreg, or None; "auto": (240, 24) for 128-key steps (S, dP and dQ are 192 fp32
+    registers a thread; the producer only issues copies), else None. longest_first: launch order
     (attention_mosaic.cta_grid). ctas: None, or a persistent kernel of that many CTAs ("sms": one
-    per SM; attention_mosaic.QTiles). interpret: InterpretGPUParams to run on the CPU."""
+    per SM; attention_mosaic.QTiles). key_block: keys per step, 64 or 128 (without RoPE tables:
+    half the steps, S / dP at N = 128 and dQ at K = 128, as the forward's 128-key steps; on the
+    H200 0.95x / 0.97x of 64-key steps at 2k / 8k, where the forward gains 1.10x: 192 fp32
+    registers of S, dP and dQ a thread against the forward's 128).
+    interpret: InterpretGPUParams to run on the CPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
-    half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, BLOCK_K
+    half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, key_block
     assert D == HEAD_DIM and T % cta_q == 0 and Hq % Hkv == 0, (q.shape, k.shape)
+    assert bk in (64, 128), key_block
     rope = cos is not None
     segs = seg is not None
+    if rope and bk == 128:
+        raise ValueError("mosaic_dq: key_block=128 takes no RoPE tables (their slots would not fit in shared "
+                         "memory); rotate q/k before the kernel (Tuning(rope_in_kernel=False))")
     if stages is None:
-        stages = 2 if rope else 3
+        stages = 2 if rope or bk == 128 else 3
+    if regs == "auto":
+        regs = (240, 24) if bk == 128 else None
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     check_regs(regs)
@@ -80,7 +91,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
         wg = lax.axis_index("wg")
         kbar = kready if rope else kraw  # what a consumer waits for before reading a K tile
 
-        kv_range = causal_kv_range(rng_ref)
+        kv_range = causal_kv_range(rng_ref, bk)
 
         @pl.when(wg < 2)
         def _consumer():

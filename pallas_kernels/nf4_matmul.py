@@ -486,6 +486,8 @@ def _launch(kernel, a, q, out_cols, red, cfg, interpret, out_dtype):
     steps = pl.cdiv(red, cfg.block_n if kernel is _dx_kernel else cfg.block_k)
     tiles = pl.cdiv(m, cfg.block_m) * pl.cdiv(out_cols, out_tile)
     split = cfg.split_k or _auto_split(tiles, steps)
+    if not cfg.split_k and m <= 16:  # few rows: also at most ~512 reduction elements a program
+        split = max(split, 1 << (max(1, red // 512).bit_length() - 1))  # (H200 M=16 sweeps, nf4_NOTES session 11)
     split = max(1, min(split, steps))
     while steps % split:
         split -= 1

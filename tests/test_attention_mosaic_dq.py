@@ -13,21 +13,29 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,ctas", [
-    (1, 256, 4, 2, True, False, None), (1, 128, 2, 1, False, False, None), (2, 256, 2, 1, True, True, None),
-    (2, 256, 2, 1, False, True, 3)])  # persistent: 8 tiles on 3 CTAs
-def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, ctas):
+@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,ctas,key_block", [
+    (1, 256, 4, 2, True, False, None, 64), (1, 128, 2, 1, False, False, None, 64), (2, 256, 2, 1, True, True, None, 64),
+    (2, 256, 2, 1, False, True, 3, 64),  # persistent: 8 tiles on 3 CTAs
+    (1, 384, 4, 2, False, False, None, 128), (2, 256, 2, 1, False, True, 3, 128)])  # 128-key steps
+def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, ctas, key_block):
     args, seg, scale, (dq_ref, _, _) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
-    dq = M.mosaic_dq(*args, seg=seg, scale=scale, ctas=ctas, interpret=_interpret_params())
+    dq = M.mosaic_dq(*args, seg=seg, scale=scale, ctas=ctas, key_block=key_block, interpret=_interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
     assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
 
 
-@pytest.mark.parametrize("rope,regs,segments,ctas", [(True, None, False, None), (False, None, False, None),
-                                                     (True, (200, 104), False, None), (True, None, True, None),
-                                                     (False, None, True, 5)])
-def test_mosaic_dq_lowers_for_cuda(rope, regs, segments, ctas):
+@pytest.mark.parametrize("rope,regs,segments,ctas,key_block", [
+    (True, None, False, None, 64), (False, None, False, None, 64), (True, (200, 104), False, None, 64),
+    (True, None, True, None, 64), (False, None, True, 5, 64), (False, "auto", False, None, 128),
+    (False, "auto", True, "sms", 128)])
+def test_mosaic_dq_lowers_for_cuda(rope, regs, segments, ctas, key_block):
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
-    f = lambda *a: M.mosaic_dq(*a, seg=seg, scale=scale, regs=regs, ctas=ctas)  # noqa: E731
+    f = lambda *a: M.mosaic_dq(*a, seg=seg, scale=scale, regs=regs, ctas=ctas, key_block=key_block)  # noqa: E731
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_mosaic_dq_128_key_steps_refuse_rope_tables():
+    args, _, scale, _ = backward_case(1, 256, 4, 2, rope=True, segments=False, seed=1)
+    with pytest.raises(ValueError, match="key_block=128 takes no RoPE tables"):
+        M.mosaic_dq(*args, scale=scale, key_block=128)
