@@ -56,8 +56,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     (attention_mosaic.cta_grid). ctas: None, or a persistent kernel of that many CTAs ("sms": one
     per SM; attention_mosaic.QTiles). key_block: keys per step, 64 or 128 (without RoPE tables:
     half the steps, S / dP at N = 128 and dQ at K = 128, as the forward's 128-key steps; on the
-    H200 0.95x / 0.97x of 64-key steps at 2k / 8k, where the forward gains 1.10x: 192 fp32
-    registers of S, dP and dQ a thread against the forward's 128).
+    H200 0.95x / 0.97x of 64-key steps at 2k / 8k, where the forward gains 1.10x; likely the
+    192 fp32 registers of S, dP and dQ a thread against the forward's 128, not yet profiled).
     interpret: InterpretGPUParams to run on the CPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
