@@ -433,15 +433,21 @@ def phase_dequant(budget, results, n=14336, k=4096):
 
 
 def best_from_sweep(results):
-    """{(m_class, dir): TileConfig} of the fastest correct sweep entry ('small' M <= 16, 'large')."""
-    best = {}
+    """{(m_class, dir): TileConfig} of the fastest correct sweep config ('small' M <= 16, 'large'):
+    with several sweep shapes, the lowest geometric-mean time among configs correct on all of them."""
+    times = {}  # (m_class, dir) -> {config: {(m, n, k): ms}}
     for r in results.get("sweep", []):
-        if "ms" not in r or not r.get("ok", False):
-            continue
         key = ("small" if r["m"] <= 16 else "large", r["dir"])
-        if key not in best or r["ms"] < best[key][0]:
-            best[key] = (r["ms"], K.TileConfig(**r["cfg"]))
-    return {k: v[1] for k, v in best.items()}
+        per_shape = times.setdefault(key, {}).setdefault(json.dumps(r["cfg"], sort_keys=True), {})
+        per_shape[(r["m"], r["n"], r["k"])] = r["ms"] if "ms" in r and r.get("ok", False) else math.inf
+    best = {}
+    for key, by_cfg in times.items():
+        n_shapes = max(len(v) for v in by_cfg.values())
+        score = {c: statistics.geometric_mean(v.values()) for c, v in by_cfg.items()
+                 if len(v) == n_shapes and math.inf not in v.values()}
+        if score:
+            best[key] = K.TileConfig(**json.loads(min(score, key=score.get)))
+    return best
 
 
 def phase_table(budget, results, shapes, ms, tuned):
