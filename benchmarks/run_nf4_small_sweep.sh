@@ -37,5 +37,6 @@ case ${1:-tiles} in
     ;;
   *) echo "usage: $0 tiles|splits|scale" >&2; exit 2 ;;
 esac
-timeout 420 python3 benchmarks/bench_nf4.py --out "${OUT:-/tmp/out}/nf4" --sweep-shape $S --sweep-ms 16 --budget 400 \
+B=${BUDGET:-400}
+timeout $((B + 20)) python3 benchmarks/bench_nf4.py --out "${OUT:-/tmp/out}/nf4" --sweep-shape $S --sweep-ms 16 --budget $B \
     --sweep-cfgs "{\"fwd\": $FWD, \"dx\": $DX}" "${EXTRA[@]}" 2>&1 | grep -v -i warn | grep "^sweep\|^table\|^ *16 "
