@@ -259,7 +259,7 @@ def phase_bnb(budget, results):
 def sweep_configs(m, direction):
     """Candidates for the sweep. For dx, block_n tiles the reduction (N) and block_k the output.
     Fields: block_m, block_n, block_k, warps, stages, split (0 = auto), group, decode, weight_lhs,
-    interleave, scale_after."""
+    interleave."""
     T = K.TileConfig
     if direction in SWEEP_CFGS:
         return [T(*fields) for fields in SWEEP_CFGS[direction]]

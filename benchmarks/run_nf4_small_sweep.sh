@@ -3,13 +3,12 @@
 #   bash benchmarks/run_nf4_small_sweep.sh tiles    # call 5: tiles, warps, stages, split 8/16; then the
 #                                                   #   table with the default tiles (--tuned pins them)
 #   bash benchmarks/run_nf4_small_sweep.sh splits   # call 8: split_k 2-32 with the default tiles
-#   bash benchmarks/run_nf4_small_sweep.sh scale    # session 12: absmax on every value vs after
-#                                                   #   (scale_after), A/B/A/B, then two tilings of it
+# (session 12's "scale" mode, absmax applied after the product, measured slower: `git show 0441b88`)
 set -u
 export PYTHONPATH=$PWD
-cfg() {  # one TileConfig as a JSON list: the M <= 16 tiles (16x64x128, 4 warps, prmt16) with changes
-  local bn=$1 bk=$2 warps=$3 stages=$4 split=$5 interleave=$6 after=${7:-false}
-  printf '[16,%s,%s,%s,%s,%s,8,"prmt16",false,%s,%s]' "$bn" "$bk" "$warps" "$stages" "$split" "$interleave" "$after"
+cfg() {  # one TileConfig as a JSON list: the M <= 16 default (16x64x128, 4 warps, prmt16) with changes
+  local bn=$1 bk=$2 warps=$3 stages=$4 split=$5 interleave=$6
+  printf '[16,%s,%s,%s,%s,%s,8,"prmt16",false,%s]' "$bn" "$bk" "$warps" "$stages" "$split" "$interleave"
 }
 join() { local IFS=,; echo "[$*]"; }
 case ${1:-tiles} in
@@ -27,15 +26,7 @@ case ${1:-tiles} in
     DX=$(join $(for s in 4 8 16 32; do cfg 64 128 4 4 $s false; echo; done))
     EXTRA=(--phases sweep)
     ;;
-  scale)
-    S=4096x4096,14336x4096,4096x14336,1024x4096
-    FWD=$(join "$(cfg 64 128 4 4 0 true)" "$(cfg 64 128 4 4 0 true true)" "$(cfg 64 128 4 4 0 true)" \
-               "$(cfg 64 128 4 4 0 true true)" "$(cfg 64 128 4 4 0 false true)" "$(cfg 64 256 4 4 0 true true)")
-    DX=$(join "$(cfg 64 128 4 4 0 false)" "$(cfg 64 128 4 4 0 false true)" "$(cfg 64 128 4 4 0 false)" \
-              "$(cfg 64 128 4 4 0 false true)" "$(cfg 64 128 4 4 0 true true)" "$(cfg 64 64 4 4 0 false true)")
-    EXTRA=(--phases sweep)
-    ;;
-  *) echo "usage: $0 tiles|splits|scale" >&2; exit 2 ;;
+  *) echo "usage: $0 tiles|splits" >&2; exit 2 ;;
 esac
 B=${BUDGET:-400}
 timeout $((B + 20)) python3 benchmarks/bench_nf4.py --out "${OUT:-/tmp/out}/nf4" --sweep-shape $S --sweep-ms 16 --budget $B \

@@ -63,12 +63,6 @@ class TileConfig:
       register shuffle). False keeps them apart: two half-width products against the even and
       the odd K columns of x (stride-2 loads), or, for dx, two accumulators stored to the even and
       odd output columns. Only the fast path (in % 64 == 0) has the choice.
-    scale_after: multiply by each 64-block's absmax on the small side of the product instead of
-      on every weight value: the forward scales each block's fp32 partial product [rows, cols],
-      dx scales dy's columns (rounded to x's dtype) before each block's product. The decode then
-      feeds the MMA the bare codes (bf16 "prmt16": the byte permutes write bf16 pairs, no fp32
-      step, no multiply, no conversion per value). bf16 inputs only (fp16 dy x absmax can
-      underflow), fast path only; within bf16 rounding of the reference, not bit-equal.
     """
     block_m: int = 64
     block_n: int = 64
@@ -80,7 +74,6 @@ class TileConfig:
     decode: str = "prmt"
     weight_lhs: bool = True
     interleave: bool = True
-    scale_after: bool = False
 
 
 # ---- reference ---------------------------------------------------------------------------------
@@ -115,7 +108,7 @@ def _lookup_nf4(codes, table=NF4_CODE):
     return level[0]
 
 
-def _prmt_pair_decode_asm(bf16_codes: bool = False, bf16_pairs: bool = False) -> str:
+def _prmt_pair_decode_asm(bf16_codes: bool = False) -> str:
     """PTX that turns 4 packed bytes ($8) into the fp32 NF4 values of their high nibbles
     ($0-$3, byte i -> $i) and of their low nibbles ($4-$7): exact, or (`bf16_codes`) the values
     rounded to bf16, which need only two byte planes of table.
@@ -129,11 +122,7 @@ def _prmt_pair_decode_asm(bf16_codes: bool = False, bf16_pairs: bool = False) ->
     (the select tree: ~50 per value). On the H100 this block ran 5-10% faster than one block per
     nibble, which had to compact the nibbles first (benchmarks/nf4_NOTES.md, session 3). With bf16
     codes the two planes are the upper half of each fp32: a prmt pairs two values' planes, a shift
-    and a mask place them (~30 instructions for 8 values). `bf16_pairs` (implies bf16 codes)
-    returns the values as bf16, two to a register as Triton packs 16-bit results ($0: high
-    nibbles of bytes 0, 1 (byte 0 in the low half), $1: of bytes 2, 3, $2/$3 the low nibbles;
-    the word is $4): one prmt per two values replaces the shift and the mask (~26 for 8)."""
-    bf16_codes = bf16_codes or bf16_pairs
+    and a mask place them (~30 instructions for 8 values)."""
     table = NF4_CODE_BF16 if bf16_codes else NF4_CODE
     bits = table.astype("<f4").view(np.uint8).reshape(16, 4)  # [code, byte plane]
     planes = (2, 3) if bf16_codes else (0, 1, 2, 3)  # bf16 values: planes 0, 1 are zero
@@ -143,17 +132,13 @@ def _prmt_pair_decode_asm(bf16_codes: bool = False, bf16_pairs: bool = False) ->
             word = sum(int(bits[quad * 4 + j, plane]) << (8 * j) for j in range(4))
             lines.append(f"mov.b32 t{i * 4 + quad}, {word:#010x};")
     # value order within a half word: (lo of byte 2h, hi of byte 2h, lo of byte 2h+1, hi of byte 2h+1)
-    word = "$4" if bf16_pairs else "$8"
     for half, outs in ((0, ("$4", "$0", "$5", "$1")), (1, ("$6", "$2", "$7", "$3"))):
-        lines += [f"shr.b32 w, {word}, {16 * half};", "and.b32 s, w, 0x7777;",
+        lines += [f"shr.b32 w, $8, {16 * half};", "and.b32 s, w, 0x7777;",
                   "shr.b32 m, w, 1;", "and.b32 m, m, 0x4444;", "or.b32 m, m, 0x3210;"]
         for i in range(len(planes)):
             t = i * 4
             lines += [f"prmt.b32 x, t{t}, t{t + 1}, s;", f"prmt.b32 y, t{t + 2}, t{t + 3}, s;",
                       f"prmt.b32 p{i}, x, y, m;"]
-        if bf16_pairs:  # p0 / p1: low / high bytes of (lo 2h, hi 2h, lo 2h+1, hi 2h+1)
-            lines += [f"prmt.b32 ${half}, p0, p1, 0x7351;", f"prmt.b32 ${2 + half}, p0, p1, 0x6240;"]
-            continue
         for pair_sel, (o1, o2) in (("0x5140", outs[:2]), ("0x7362", outs[2:])):
             if bf16_codes:  # x = two bf16 values (planes 2, 3 of each): low half, high half
                 lines += [f"prmt.b32 x, p0, p1, {pair_sel};", f"shl.b32 {o1}, x, 16;",
@@ -167,7 +152,6 @@ def _prmt_pair_decode_asm(bf16_codes: bool = False, bf16_pairs: bool = False) ->
 
 PRMT_PAIR_DECODE_ASM = _prmt_pair_decode_asm()
 PRMT_PAIR_DECODE_BF16_ASM = _prmt_pair_decode_asm(bf16_codes=True)
-PRMT_PAIR_DECODE_BF16_PAIRS_ASM = _prmt_pair_decode_asm(bf16_pairs=True)
 
 
 @functools.cache
@@ -211,19 +195,6 @@ def _decode_packed(packed_u8, decode):
     return hi, lo
 
 
-def _decode_codes(packed_u8, decode, dtype):
-    """uint8 packed codes -> the unscaled NF4 values of the high and of the low nibbles in
-    `dtype`; bf16 from "prmt16" straight from the byte permutes."""
-    if decode == "prmt16" and jnp.dtype(dtype) == jnp.bfloat16:
-        bf16 = jax.ShapeDtypeStruct(packed_u8.shape, jnp.bfloat16)
-        hi, lo = _inline_asm_primitive().bind(
-            packed_u8, asm=PRMT_PAIR_DECODE_BF16_PAIRS_ASM, constraints=",".join(["=r"] * 4 + ["r"]),
-            pack=4, result_shape_dtypes=(bf16, bf16))
-        return hi, lo
-    hi, lo = _decode_packed(packed_u8, decode)
-    return hi.astype(dtype), lo.astype(dtype)
-
-
 def _block_absmax(scale_refs, blk, double_quant):
     """fp32 absmax of the 64-blocks with flat indices `blk` (an int32 array)."""
     if not double_quant:
@@ -265,23 +236,11 @@ def _weight_tile_halves(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_
     return scaled(hi), scaled(lo)
 
 
-def _interleave(even, odd):
-    """[R, c] even and odd columns -> [R, 2c] in column order."""
-    return jnp.stack([even, odd], axis=-1).reshape(even.shape[0], 2 * even.shape[1])
-
-
 def _weight_tile_rows(w_ref, scale_refs, rows, k0, bk, **kw):
     """The same tile in K order, [R, bk]: element 2j is byte j's high nibble, 2j+1 its low one.
     (Scaled and rounded before the interleave, so that the shuffle moves 16-bit values.)"""
-    return _interleave(*_weight_tile_halves(w_ref, scale_refs, rows, k0, bk, **kw))
-
-
-def _block_codes(w_ref, scale_refs, rows, kb, *, bs, k_total, double_quant, decode, dtype):
-    """For `scale_after`: the bare codes of the 64-block starting at column kb of weight rows
-    `rows` (its even and odd columns, [R, bs/2] each, in `dtype`) and those blocks' absmax [R, 1]."""
-    packed = w_ref[rows, pl.ds(pl.multiple_of(kb // 2, bs // 2), bs // 2)]
-    hi, lo = _decode_codes(packed, decode, dtype)
-    return hi, lo, _tile_absmax(scale_refs, rows, kb // bs, 1, k_total // bs, double_quant)
+    even, odd = _weight_tile_halves(w_ref, scale_refs, rows, k0, bk, **kw)
+    return jnp.stack([even, odd], axis=-1).reshape(rows.shape[0], bk)
 
 
 def _weight_tile_flat(w_ref, scale_refs, rows, k0, bk, *, bs, k_total, double_quant, decode, dtype):
@@ -376,18 +335,6 @@ def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
             return _dot(wt, xt, dtype)
         return _dot(xt, wt, dtype)
 
-    def body_scale_after(kt, acc):  # one product per 64-block, scaled by the blocks' absmax after
-        for j in range(bk // bs):
-            kb = pl.multiple_of(kt * bk + j * bs, bs)
-            hi, lo, absmax = _block_codes(w_ref, scale_refs, cols, kb, **decode)
-            if cfg.interleave:
-                part = product(_interleave(hi, lo), x_ref[rows, pl.ds(kb, bs)])
-            else:
-                x_even, x_odd = (x_ref[rows, c] for c in _even_odd_cols(kb, bs))
-                part = product(hi, x_even) + product(lo, x_odd)
-            acc = acc + part * (absmax if cfg.weight_lhs else absmax.reshape(1, bn))
-        return acc
-
     def body(kt, acc):
         k0 = pl.multiple_of(kt * bk, bk)
         if aligned and not cfg.interleave:  # even K columns of W against even ones of x, odd with odd
@@ -404,8 +351,7 @@ def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
         tile = _weight_tile_rows if aligned else _weight_tile_flat
         return acc + product(tile(w_ref, scale_refs, cols, k0, bk, **decode), xt)
 
-    acc = _reduce(body_scale_after if cfg.scale_after else body, pl.cdiv(k, bk), cfg.split_k,
-                  _zeros(bn, bm) if cfg.weight_lhs else _zeros(bm, bn))
+    acc = _reduce(body, pl.cdiv(k, bk), cfg.split_k, _zeros(bn, bm) if cfg.weight_lhs else _zeros(bm, bn))
     _store(o_ref, acc.T if cfg.weight_lhs else acc, rows, _tile_cols(tn * bn, bn, n), cfg.split_k)
 
 
@@ -425,28 +371,15 @@ def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
             return _dot_tn(wt, dyt, dtype)
         return _dot_nn(dyt, wt, dtype)
 
-    def weight_rows_and_dy(nt):
+    def body(nt, accs):
         n0 = pl.multiple_of(nt * bn, bn)
         if n % bn == 0:
-            return n0 + jnp.arange(bn, dtype=jnp.int32), dy_ref[rows, pl.ds(n0, bn)]
-        # ragged reduction edge: clamp rows of W, zero the matching dy columns
-        nn = n0 + jnp.arange(bn, dtype=jnp.int32)
-        wrows = jnp.minimum(nn, n - 1)
-        return wrows, jnp.where((nn < n)[None, :], dy_ref[rows[:, None], wrows[None, :]], 0).astype(dtype)
-
-    def body_scale_after(nt, accs):  # dy's columns scaled by each 64-block's absmax, bare codes
-        wrows, dyt = weight_rows_and_dy(nt)
-        dyt = dyt.astype(jnp.float32)
-        out = []
-        for j in range(bk // bs):
-            hi, lo, absmax = _block_codes(w_ref, scale_refs, wrows, pl.multiple_of(k0 + j * bs, bs), **decode)
-            dys = (dyt * absmax.reshape(1, bn)).astype(dtype)
-            for wt in ((hi, lo) if halves else (_interleave(hi, lo),)):
-                out.append(accs[len(out)] + product(wt, dys))
-        return tuple(out)
-
-    def body(nt, accs):
-        wrows, dyt = weight_rows_and_dy(nt)
+            wrows = n0 + jnp.arange(bn, dtype=jnp.int32)
+            dyt = dy_ref[rows, pl.ds(n0, bn)]
+        else:  # ragged reduction edge: clamp rows of W, zero the matching dy columns
+            nn = n0 + jnp.arange(bn, dtype=jnp.int32)
+            wrows = jnp.minimum(nn, n - 1)
+            dyt = jnp.where((nn < n)[None, :], dy_ref[rows[:, None], wrows[None, :]], 0).astype(dtype)
         if halves:
             w_parts = _weight_tile_halves(w_ref, scale_refs, wrows, k0, bk, **decode)
         else:
@@ -454,15 +387,12 @@ def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
                 w_ref, scale_refs, wrows, k0, bk, **decode),)
         return tuple(acc + product(wt, dyt) for acc, wt in zip(accs, w_parts))
 
-    if cfg.scale_after:  # accumulators per 64-block (and nibble)
-        width //= bk // bs
-        col_parts = [c for j in range(bk // bs) for c in (
-            _even_odd_cols(k0 + j * bs, bs) if halves else [pl.ds(k0 + j * bs, bs)])]
-    else:
-        col_parts = _even_odd_cols(k0, bk) if halves else [_tile_cols(k0, bk, k)]
     init = _zeros(width, bm) if cfg.weight_lhs else _zeros(bm, width)
-    accs = _reduce(body_scale_after if cfg.scale_after else body, pl.cdiv(n, bn), cfg.split_k,
-                   (init,) * len(col_parts))
+    accs = _reduce(body, pl.cdiv(n, bn), cfg.split_k, (init, init) if halves else (init,))
+    if halves:
+        col_parts = _even_odd_cols(k0, bk)
+    else:
+        col_parts = [_tile_cols(k0, bk, k)]
     for acc, cols in zip(accs, col_parts):
         _store(o_ref, acc.T if cfg.weight_lhs else acc, rows, cols, cfg.split_k)
 
@@ -488,8 +418,7 @@ def default_config(m: int, n_out: int, n_red: int, *, dtype=jnp.bfloat16, bs: in
     memory (each decoded weight tile then serves 256 rows)."""
     if m <= 16:  # weight as right operand; nibbles interleaved for the forward, apart for dx (two sweeps);
         # bf16-rounded codes for 16-bit inputs: 13-26% faster on the large 8B projections at M=16 (H200, nf4_NOTES session 8)
-        return TileConfig(16, 64, 128, 4, 4, 0, 8, few_rows_decode(dtype), False, interleave=not dx,
-                          scale_after=True)
+        return TileConfig(16, 64, 128, 4, 4, 0, 8, few_rows_decode(dtype), False, interleave=not dx)
     if m <= 128 or dtype == jnp.float32:  # fp32 operands take twice the registers and SRAM
         return TileConfig(_pow2_at_most(m, 64), min(64, _pow2_at_most(n_out, 64)), 64, 4, 3, 0, 8,
                           "prmt", True)
@@ -564,8 +493,6 @@ def _launch(kernel, a, q, out_cols, red, cfg, interpret, out_dtype):
         split -= 1
     if split != cfg.split_k:
         cfg = dataclasses.replace(cfg, split_k=split)
-    if cfg.scale_after and not (aligned and a.dtype == jnp.bfloat16):
-        cfg = dataclasses.replace(cfg, scale_after=False)
     cfg = _runnable_decode(cfg, interpret)
     w = q.packed.reshape(n, k // 2) if aligned else q.packed
     operands = [a, w, *_scale_operands(q, aligned, k)]
