@@ -4,6 +4,7 @@
 #                                                   #   table with the default tiles (--tuned pins them)
 #   bash benchmarks/run_nf4_small_sweep.sh splits   # call 8: split_k 2-32 with the default tiles
 # (session 12's "scale" mode, absmax applied after the product, measured slower: `git show 0441b88`)
+# BUDGET=seconds (default 400) bounds the bench run (it is killed 20 s after).
 set -u
 export PYTHONPATH=$PWD
 cfg() {  # one TileConfig as a JSON list: the M <= 16 default (16x64x128, 4 warps, prmt16) with changes
