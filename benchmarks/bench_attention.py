@@ -111,6 +111,11 @@ def check_correctness(only=None):
          dict(rope=True, positions=True, tuning=Tuning(rope_in_kernel=True))),
         ("mosaic_packed_rope_in_kernel_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, tuning=Tuning(rope_in_kernel=True))),
+        # RoPE by XLA inside the custom_vjp, dq / dk un-rotated by the Mosaic backward kernels
+        ("mosaic_rope_grad_in_kernel_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
+         dict(rope=True, positions=True, tuning=Tuning(rope_grad_in_kernel=True))),
+        ("mosaic_packed_rope_grad_in_kernel_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, segments=True, tuning=Tuning(rope_grad_in_kernel=True))),
         ("triton_rope_by_xla_segments_gqa4_d64_bf16", (2, 300, 8, 2, 64, jnp.bfloat16),
          dict(rope=True, segments=True, tuning=Tuning(rope_in_kernel=False))),
         # packing on the Mosaic kernels (and the Mosaic forward's lse into the Triton backward)
@@ -231,6 +236,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_rope_in_kernel(q, k, v):
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(rope_in_kernel=True))
 
+    def ours_rope_grad_in_kernel(q, k, v):  # XLA RoPE, dq / dk un-rotated by the backward kernels
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(rope_grad_in_kernel=True))
+
     def ours_in_order(q, k, v):  # the Mosaic kernels' launch order before session 7
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_longest_first=False))
 
@@ -246,6 +254,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
 
     def ours_fwd_pingpong(q, k, v):  # 128-key steps with ping-pong consumers
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd_pingpong=True))
+
+    def ours_fwd_overlap(q, k, v):  # 128-key steps, the next softmax under this step's PV
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd_overlap=True))
 
     def ours_norope(q, k, v):
         return flash_attention(q, k, v)
@@ -301,12 +312,14 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     table = {
         "ours": (ours, (q, k, v)),
         "ours, RoPE in kernel": (ours_rope_in_kernel, (q, k, v)),
+        "ours, RoPE grad in kernel": (ours_rope_grad_in_kernel, (q, k, v)),
         "ours (no RoPE)": (ours_norope, (q, k, v)),
         "ours + XLA RoPE, tables kept": (ours_rope_tables_kept, (q, k, v)),
         "ours, in-order grid": (ours_in_order, (q, k, v)),
         "ours, fwd not persistent": (ours_one_tile_per_cta, (q, k, v)),
         "ours, fwd 64-key steps": (ours_fwd_64_keys, (q, k, v)),
         "ours, fwd 128-key steps, ping-pong": (ours_fwd_pingpong, (q, k, v)),
+        "ours, fwd overlap": (ours_fwd_overlap, (q, k, v)),
         "ours, Triton (RoPE in kernel)": (ours_triton, (q, k, v)),
         "ours, Triton (RoPE by XLA)": (ours_triton_rope_xla, (q, k, v)),
         "ours, Triton bwd": (ours_triton_bwd, (q, k, v)),

@@ -7,6 +7,10 @@ second launch of each is kept. Prints one line per config, sorted, with the rati
 
     PYTHONPATH=$PWD python3 benchmarks/ncu_kernel_times.py --shapes 14336x4096,1024x4096 \\
         --fwd '[128,2,4,3,0,"prmt16"]' --dx '[16,8,4,3,0,"prmt16"]'
+
+`--breakdown` instead lists every kernel of one call of the default path (NF4 kernel, split-K sum,
+any casts XLA adds) and of the bf16 matmul, with their sum: how much of a wall-clock op time the
+kernels explain and how much is launch gaps.
 """
 import argparse
 import csv
@@ -29,10 +33,10 @@ def ncu_path():
     return hits[-1] if hits else "ncu"
 
 
-def kernel_times(args, kernel_regex):
+def kernel_times(args, kernel_regex, script="profile_nf4.py"):
     """[(kernel name, microseconds)] of the launches matching kernel_regex, in launch order."""
     cmd = [ncu_path(), "--clock-control", "none", "-k", f"regex:{kernel_regex}", "--metrics",
-           "gpu__time_duration.sum", "--csv", sys.executable, os.path.join(HERE, "profile_nf4.py"), *args]
+           "gpu__time_duration.sum", "--csv", sys.executable, os.path.join(HERE, script), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
     rows = [r for r in csv.reader(io.StringIO(out[out.find('"ID"'):]))]
     if not rows:
@@ -43,13 +47,49 @@ def kernel_times(args, kernel_regex):
     return [(r[name_i], float(r[val_i].replace(",", "")) * scale.get(r[unit_i], 1.0)) for r in rows[1:] if len(r) > val_i]
 
 
+def one_call(launches, calls):
+    """The launches of the last of `calls` identical calls: the shortest trailing run of kernel
+    names that the `calls - 1` runs before it repeat (earlier launches are set-up)."""
+    names = [n for n, _ in launches]
+    for p in range(1, len(names) // calls + 1):
+        if all(names[len(names) - p * (c + 1):len(names) - p * c] == names[-p:] for c in range(calls)):
+            return launches[-p:]
+    return launches
+
+
+def print_breakdown(label, script, args, calls=3):
+    ks = one_call(kernel_times([*args, "--calls", str(calls)], ".", script), calls)
+    print(f"{label} {sum(t for _, t in ks):8.2f} us in {len(ks)} kernels: "
+          + ", ".join(f"{n[:48]} {t:.2f}" for n, t in ks), flush=True)
+
+
+def breakdown(shapes, m):
+    for shape in shapes:
+        for direction in ("fwd", "dx"):
+            for label, extra in (("nf4", []), ("bf16", ["--bf16"])):
+                print_breakdown(f"{shape:>11} {direction:3s} M={m} {label:4s}", "profile_nf4.py",
+                                ["--m", str(m), "--shape", shape, "--dir", direction, *extra])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="14336x4096,4096x14336,4096x4096,1024x4096")
     p.add_argument("--m", type=int, default=1)
     p.add_argument("--fwd", action="append", default=[], help="config JSON list (repeatable)")
     p.add_argument("--dx", action="append", default=[], help="config JSON list (repeatable)")
+    p.add_argument("--breakdown", action="store_true", help="every kernel of one call of the default path")
+    p.add_argument("--attention", metavar="TxB", help="instead: every kernel of one attention fwd+bwd call, per "
+                                                      "profile_attention.py impl, at T tokens x B rows")
+    p.add_argument("--impls", default="ours,ours-norope,cudnn-rope,cudnn", help="with --attention")
     a = p.parse_args()
+    if a.attention:
+        t, b = a.attention.split("x")
+        for impl in a.impls.split(","):
+            print_breakdown(f"attention T={t} B={b} {impl:12s}", "profile_attention.py",
+                            ["--T", t, "--B", b, "--impl", impl])
+        return None
+    if a.breakdown:
+        return breakdown(a.shapes.split(","), a.m)
     for shape in a.shapes.split(","):
         for direction, cfgs in (("fwd", a.fwd), ("dx", a.dx)):
             if not cfgs:

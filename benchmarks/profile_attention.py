@@ -1,31 +1,61 @@
 #!/usr/bin/env python3
-"""Run the flash-attention kernels once each, with and without RoPE inside, for a profiler (ncu).
+"""Run attention forward+backward a few times, for a profiler (ncu) to look at. Not a timing.
 
     ncu --clock-control none -k regex:flash_attention python3 benchmarks/profile_attention.py
+    python3 benchmarks/ncu_kernel_times.py --attention 2048x8   (every kernel of one call, per impl)
+
+Impls: "ours" (the defaults: RoPE by XLA before the Mosaic kernels on sm_90), "ours-ropegrad"
+(Tuning(rope_grad_in_kernel=True): the backward kernels un-rotate dq / dk), "ours-norope",
+"cudnn-rope" (XLA RoPE, then cuDNN), "cudnn" (pre-rotated inputs).
 """
 import argparse
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention import flash_attention
+from pallas_kernels.attention import Tuning, apply_rope, flash_attention, rope_cos_sin
+
+IMPLS = ("ours", "ours-ropegrad", "ours-norope", "cudnn-rope", "cudnn")
+
+
+def attention_fn(impl, inv_freq, positions):
+    def rope(q, k):
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def cudnn(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return {"ours": lambda q, k, v: flash_attention(q, k, v, inv_freq=inv_freq),
+            "ours-ropegrad": lambda q, k, v: flash_attention(q, k, v, inv_freq=inv_freq,
+                                                             tuning=Tuning(rope_grad_in_kernel=True)),
+            "ours-norope": lambda q, k, v: flash_attention(q, k, v),
+            "cudnn-rope": lambda q, k, v: cudnn(*rope(q, k), v),
+            "cudnn": cudnn}[impl]
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--B", type=int, default=2)
+    p.add_argument("--impl", action="append", choices=IMPLS, help="repeatable; default: ours with and without RoPE")
+    p.add_argument("--calls", type=int, default=1, help="forward+backward calls per impl")
+    p.add_argument("--hlo", help="write each impl's optimized HLO to this prefix + impl + .txt")
     a = p.parse_args()
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (a.B, a.T, 32, 128), jnp.bfloat16)
     k, v = (jax.random.normal(kk, (a.B, a.T, 8, 128), jnp.bfloat16) for kk in keys[1:3])
     do = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
     inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, 128, 2, dtype=jnp.float32) / 128))
-    for rope in (inv_freq, None):
-        f = lambda q, k, v, rope=rope: flash_attention(q, k, v, inv_freq=rope)  # noqa: E731
-        jax.block_until_ready(jax.jit(f)(q, k, v))
-        jax.block_until_ready(jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1](do))(q, k, v))
-        print("ran rope" if rope is not None else "ran no rope", flush=True)
+    positions = jnp.broadcast_to(jnp.arange(a.T), (a.B, a.T))
+    for impl in a.impl or ("ours", "ours-norope"):
+        f = attention_fn(impl, inv_freq, positions)
+        step = jax.jit(lambda q, k, v, f=f: jax.vjp(f, q, k, v)[1](do))
+        if a.hlo:
+            with open(f"{a.hlo}{impl}.txt", "w") as fh:
+                fh.write(step.lower(q, k, v).compile().as_text())
+        for _ in range(a.calls):
+            jax.block_until_ready(step(q, k, v))
+        print("ran", impl, flush=True)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,11 @@ class Tuning:
     # copies are transient, the custom_vjp keeps them instead of q/k. True wherever a Triton
     # kernel runs (not measured there this way; its dk/dv kernel then takes unit tables).
     rope_in_kernel: bool | None = None
+    # With RoPE by XLA before the Mosaic kernels (rope_in_kernel False there): the rotation runs
+    # inside the custom_vjp and the Mosaic dq / dk-dv kernels un-rotate dq / dk in their epilogues
+    # (cos/sin tables of their own rows only), instead of autodiff's separate pass over dq and dk
+    # (0.11 + 0.03 ms of 2.5 ms fwd+bwd at 2k on the H200, Nsight Compute, RESULTS.md 000000000000).
+    rope_grad_in_kernel: bool = False
     # The Mosaic kernels' launch order. True: the heaviest causal blocks first (attention_mosaic.
     # cta_grid); against the old head-major order (False) on the H200: fwd+bwd 2-3% faster at 8k in
     # two calls, within noise at 2k and 32k, the forward kernel 4.8% at 2k (attention_NOTES.md session 7).
@@ -189,6 +194,10 @@ class Tuning:
     # schedule), so one's softmax runs under the other's wgmmas. Measured equal to 128-key steps
     # without it (1.08x / 1.12x over 64-key steps against 1.10x / 1.11x, session 11): off.
     mosaic_fwd_pingpong: bool = False
+    # With 128-key steps and without ping-pong: FA3's intra-warpgroup pipelining, QK^T of the next
+    # key tile and PV of this one issued together, the next softmax run while PV is in flight
+    # (attention_mosaic.mosaic_forward(overlap=True)).
+    mosaic_fwd_overlap: bool = False
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -228,6 +237,7 @@ class _Cfg:
     mosaic_fwd: bool = False  # forward by attention_mosaic
     mosaic_dq: bool = False   # dq by attention_mosaic_dq (implies mosaic_fwd)
     mosaic_dkv: bool = False  # dk/dv by attention_mosaic_dkv (implies mosaic_fwd)
+    rope_outside: bool = False  # XLA rotates q/k in the forward rule; the Mosaic backward un-rotates
 
     @property
     def mask_kv_pad(self) -> bool:
@@ -739,6 +749,9 @@ def _flash(cfg, q, k, v, aux):
 
 
 def _flash_fwd(cfg, q, k, v, aux):
+    if cfg.rope_outside:  # the residuals are the rotated q, k (as with the rotation outside)
+        cos, sin = rope_cos_sin(aux["rope_pos"], aux["inv_freq"])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     padded = _pad(q, cfg), _pad(k, cfg), _pad(v, cfg)
     if cfg.mosaic_fwd:  # D = 128, so only T is padded (to a multiple of 128)
         tn = cfg.tuning
@@ -747,7 +760,8 @@ def _flash_fwd(cfg, q, k, v, aux):
             *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
             scale=cfg.scale, longest_first=tn.mosaic_longest_first,
             ctas="sms" if tn.mosaic_persistent_fwd and not cfg.rope else None,
-            key_block=key_block, pingpong=tn.mosaic_fwd_pingpong and key_block == 128)
+            key_block=key_block, pingpong=tn.mosaic_fwd_pingpong and key_block == 128,
+            overlap=tn.mosaic_fwd_overlap and key_block == 128 and not tn.mosaic_fwd_pingpong)
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)
@@ -763,19 +777,22 @@ def _flash_bwd(cfg, res, dout):
     # lse/delta as [B, Tp, Hq], the Mosaic ones as [B, Hq, Tp]; XLA drops the layout no kernel reads.
     qp, kp, vp, dop = _pad(q, cfg), _pad(k, cfg), _pad(v, cfg), _pad(dout, cfg)
     triton = (qp, kp, vp, aux, dop, jnp.swapaxes(lse, 1, 2) if cfg.mosaic_fwd else lse, delta)
-    mosaic = (qp, kp, vp, dop, lse, jnp.swapaxes(delta, 1, 2), aux.get("cos"), aux.get("sin"), aux.get("seg"))
+    tables = _kernel_rope_tables(cfg, aux["rope_pos"], aux["inv_freq"], q.dtype) if cfg.rope_outside else \
+        (aux.get("cos"), aux.get("sin"))
+    mosaic = (qp, kp, vp, dop, lse, jnp.swapaxes(delta, 1, 2), *tables, aux.get("seg"))
+    un_rotate = dict(pre_rotated=True) if cfg.rope_outside else {}
     if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd:
         dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
                                                      longest_first=cfg.tuning.mosaic_longest_first, with_dq=True)
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,
-                                           longest_first=cfg.tuning.mosaic_longest_first)
+                                           longest_first=cfg.tuning.mosaic_longest_first, **un_rotate)
     else:
         dq = _backward_dq(cfg, *triton)
     if cfg.mosaic_dkv:
         dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
-                                                 longest_first=cfg.tuning.mosaic_longest_first)
+                                                 longest_first=cfg.tuning.mosaic_longest_first, **un_rotate)
     else:
         dk, dv = _backward_dkv(cfg, *triton)
     return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
@@ -820,6 +837,15 @@ def _resolve_tuning(T, P, G, itemsize, tuning, block_q, block_k):
                            tn.dkv_q // pack, tn.dkv_k]
     step = max(positions_per_block)
     return tn, -(-T // step) * step
+
+
+def _kernel_rope_tables(cfg, positions, inv_freq, dtype):
+    """The kernels' cos/sin [B|1, Tp, P/2] (rows padded to Tp, frequencies to P/2) in the table
+    dtype (float32 for 32-bit inputs)."""
+    freq = jnp.pad(inv_freq.astype(jnp.float32), (0, cfg.head_pad // 2 - cfg.head_dim // 2))
+    angles = _pad_rows(positions, cfg).astype(jnp.float32)[..., None] * freq  # rope_cos_sin's arithmetic
+    table = jnp.float32 if jnp.dtype(dtype).itemsize > 2 else jnp.dtype(cfg.tuning.rope_table_dtype)
+    return jnp.cos(angles).astype(table), jnp.sin(angles).astype(table)
 
 
 def _rope_in_kernel(tn: Tuning, all_mosaic: bool) -> bool:
@@ -869,20 +895,20 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
     mosaic_fwd = _use_mosaic(cfg, q.dtype)
     cfg = dataclasses.replace(cfg, mosaic_fwd=mosaic_fwd, mosaic_dq=mosaic_fwd and tn.mosaic_dq is not False,
                               mosaic_dkv=mosaic_fwd and tn.mosaic_dkv is not False)
-    if cfg.rope and not _rope_in_kernel(tn, cfg.mosaic_dq and cfg.mosaic_dkv):
-        cos, sin = rope_cos_sin(jnp.arange(T)[None] if positions is None else positions, inv_freq)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cfg = dataclasses.replace(cfg, rope=False)
+    pos = jnp.arange(T)[None] if positions is None else positions
     aux = {}
+    all_mosaic = cfg.mosaic_dq and cfg.mosaic_dkv
+    if cfg.rope and not _rope_in_kernel(tn, all_mosaic):
+        if tn.rope_grad_in_kernel and all_mosaic and not tn.mosaic_fused_bwd:
+            aux["rope_pos"], aux["inv_freq"] = pos, inv_freq.astype(jnp.float32)
+        else:
+            cos, sin = rope_cos_sin(pos, inv_freq)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cfg = dataclasses.replace(cfg, rope=False, rope_outside="rope_pos" in aux)
     if cfg.has_window:
         aux["window"] = jnp.asarray(sliding_window, jnp.int32).reshape(1)
     if cfg.rope:
-        pos = jnp.arange(T)[None] if positions is None else positions
-        pos = _pad_rows(pos, cfg)
-        freq = jnp.pad(inv_freq.astype(jnp.float32), (0, P // 2 - D // 2))
-        angles = pos.astype(jnp.float32)[..., None] * freq  # same arithmetic as rope_cos_sin
-        table = jnp.float32 if jnp.dtype(q.dtype).itemsize > 2 else jnp.dtype(tn.rope_table_dtype)
-        aux["cos"], aux["sin"] = jnp.cos(angles).astype(table), jnp.sin(angles).astype(table)
+        aux["cos"], aux["sin"] = _kernel_rope_tables(cfg, pos, inv_freq, q.dtype)
     if cfg.has_segments:
         aux["seg"] = _pad_rows(segment_ids.astype(jnp.int32), cfg, _PAD_SEGMENT)
         if cfg.mosaic_fwd:  # once per call (a residual, so the backward does not sort again)

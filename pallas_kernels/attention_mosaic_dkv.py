@@ -59,7 +59,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, pipelined=True, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False, dq_tiles="split_d",
-               ds_under_dv=None, interpret=None):
+               ds_under_dv=None, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -86,20 +86,26 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     ds_under_dv (p_regs): issue dP^T before dV and wait for dP^T only, so dS^T
     is computed while the dV wgmma runs (tokamax's order; the other waits for both). None = where
     measured: p_regs without RoPE tables (H200, same process: 1.01x / 1.07x at 2k / 8k, fused
-    1.06x / 1.07x; RESULTS.md 0000000000). The interpreter cannot run it (p_regs)."""
+    1.06x / 1.07x; RESULTS.md 0000000000). The interpreter cannot run it (p_regs).
+
+    pre_rotated (pipelined): q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
+    way out (the keys' tables, loaded with K; no query tables, no rotation in shared memory), which
+    saves XLA's separate un-rotation pass over dk. The launch defaults are those without tables."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
     half, t = D // 2, TILE
     assert D == HEAD_DIM and T % BLOCK_K == 0 and Hq % Hkv == 0, (q.shape, k.shape)
     rope = cos is not None
+    rotate = rope and not pre_rotated  # the kernel rotates Q and K tiles (else only un-rotates dK)
     segs = seg is not None
     assert pipelined or not segs, "segment ids: the pipelined kernel only"
+    assert pipelined or not pre_rotated, "pre_rotated: the pipelined kernel only"
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     nq = T // t
     if regs == "auto":
-        regs = (200, 104) if rope else (240, 24)
+        regs = (200, 104) if rotate else (240, 24)
     check_regs(regs)
     use_regs = pipelined and regs is not None and not interp
     if p_regs is None:
@@ -108,7 +114,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     assert not with_dq or (pipelined and not rope), "with_dq: the pipelined kernel without tables"
     assert dq_tiles in ("split_d", "own_keys"), dq_tiles
     if ds_under_dv is None:
-        ds_under_dv = p_regs and not rope
+        ds_under_dv = p_regs and not rotate
     assert not ds_under_dv or p_regs, "ds_under_dv: p_regs"
     shared_ds = with_dq and dq_tiles == "split_d"  # the consumers read each other's dS^T tiles
     ds_bufs = 2 if shared_ds else 1  # dS^T buffers per consumer, by step parity
@@ -222,7 +228,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         if seg_ref is not None:
             plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], my_seg, bar)
         plgpu.barrier_wait(bar)
-        if rope:
+        if rotate:
             rotate_halves(my_k, my_c, my_s, t, t)
         plgpu.commit_smem()
 
@@ -466,7 +472,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 rows = pl.ds(i * t, t)
                 for part in range(2):
                     plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(part * half, half)], qh.at[slot, part], qraw.at[slot])
-                if rope:
+                if rotate:
                     plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], cq.at[slot], qraw.at[slot])
                     plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sq.at[slot], qraw.at[slot])
                 plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], dos.at[slot], dbar.at[slot])
@@ -483,7 +489,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             def body(j, _):
                 slot = lax.rem(j, jnp.int32(stages))
                 plgpu.barrier_wait(qraw.at[slot])
-                if rope:
+                if rotate:
                     rotate_halves(qh.at[slot], cq.at[slot], sq.at[slot], t, t)
                     plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
                 plgpu.barrier_arrive(qready.at[slot])
@@ -510,19 +516,20 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         dk_ref, dv_ref = refs
         smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
         table = (lambda n: smem((n, t, half), cos.dtype)) if rope else (lambda n: None)
+        q_table = table if rotate else (lambda n: None)
         k_loads = 3 + (2 if rope else 0) + (1 if segs else 0)  # K halves, V (+ cos, sin) (+ ids)
         kv_bufs = (smem((2, 2, t, half), k.dtype), smem((2, t, D), v.dtype))
         p_buf = smem((ds_bufs, 2, t, t), q.dtype)  # [step's buffer, consumer]
         if pipelined:
             dq_stage = plgpu.SMEM((2, t, half) if shared_ds else (2, 2, t, half), jnp.float32,  # 128-byte swizzle:
                                   transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))  # 32 floats a row
-            buffers = (smem((stages, 2, t, half), q.dtype), table(stages), table(stages),
+            buffers = (smem((stages, 2, t, half), q.dtype), q_table(stages), q_table(stages),
                        smem((stages, t, D), do.dtype), plgpu.SMEM((stages, t), jnp.float32),
                        plgpu.SMEM((stages, t), jnp.float32), *kv_bufs, table(2), table(2), p_buf,
                        plgpu.SMEM((2, t), jnp.int32) if segs else None,
                        plgpu.SMEM((stages, t), jnp.int32) if segs else None,
                        dq_stage if with_dq else None)
-            barriers = (plgpu.Barrier(num_arrivals=2 + (2 if rope else 0), num_barriers=stages),
+            barriers = (plgpu.Barrier(num_arrivals=2 + (2 if rotate else 0), num_barriers=stages),
                         plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                         plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),
                         plgpu.Barrier(num_arrivals=2, num_barriers=stages),

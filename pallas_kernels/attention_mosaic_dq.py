@@ -42,7 +42,7 @@ BLOCK_K = 64
 
 
 def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs="auto",
-              longest_first=True, ctas=None, key_block=BLOCK_K, interpret=None):
+              longest_first=True, ctas=None, key_block=BLOCK_K, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -58,6 +58,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     half the steps, S / dP at N = 128 and dQ at K = 128, as the forward's 128-key steps; on the
     H200 0.95x / 0.97x of 64-key steps at 2k / 8k, where the forward gains 1.10x; likely the
     192 fp32 registers of S, dP and dQ a thread against the forward's 128, not yet profiled).
+    pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dQ on its way out (no
+    K tables, no rotation in shared memory), which saves XLA's separate un-rotation pass over dq.
     interpret: InterpretGPUParams to run on the CPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -66,12 +68,13 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     assert D == HEAD_DIM and T % cta_q == 0 and Hq % Hkv == 0, (q.shape, k.shape)
     assert bk in (64, 128), key_block
     rope = cos is not None
+    rotate = rope and not pre_rotated  # the kernel rotates Q and K tiles (else only un-rotates dQ)
     segs = seg is not None
     if rope and bk == 128:
         raise ValueError("mosaic_dq: key_block=128 takes no RoPE tables (their slots would not fit in shared "
                          "memory); rotate q/k before the kernel (Tuning(rope_in_kernel=False))")
     if stages is None:
-        stages = 2 if rope or bk == 128 else 3
+        stages = 2 if rotate or bk == 128 else 3
     if regs == "auto":
         regs = (240, 24) if bk == 128 else None
     table_b = cos.shape[0] if rope else 1
@@ -89,7 +92,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
         (qh, dos, cq, sq, kh, ck, sk, vs, dss, lses, deltas, segq, segk), (qbar, kraw, kready, vbar, consumed) = scratch
         wg = lax.axis_index("wg")
-        kbar = kready if rope else kraw  # what a consumer waits for before reading a K tile
+        kbar = kready if rotate else kraw  # what a consumer waits for before reading a K tile
 
         kv_range = causal_kv_range(rng_ref, bk)
 
@@ -118,7 +121,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                 if segs:
                     plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq.at[wg], my_bar)
                 plgpu.barrier_wait(my_bar)
-                if rope:
+                if rotate:
                     rotate_halves(my_q, my_cq, my_sq, bq, bq)
                     plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
                 lse_v = vec(lses.at[wg], 0)
@@ -190,7 +193,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
             if regs and not interp:
                 plgpu.set_max_registers(regs[1], action="decrease")
 
-            kv_producer((k_ref, v_ref, cos_ref, sin_ref, seg_ref), (kh, ck, sk, segk, vs),
+            tables = (cos_ref, sin_ref) if rotate else (None, None)
+            kv_producer((k_ref, v_ref, *tables, seg_ref), (kh, ck, sk, segk, vs),
                         (kraw, kready, vbar, consumed), tiles=tiles, kv_range=kv_range, group=G,
                         table_b=table_b, stages=stages, bk=bk)
 
@@ -201,19 +205,20 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
         (dq_ref,) = refs
         smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
         table = (lambda shape: smem(shape, cos.dtype)) if rope else (lambda shape: None)
+        k_table = table if rotate else (lambda shape: None)
         buffers = (smem((2, 2, bq, half), q.dtype), smem((2, bq, D), do.dtype),
                    table((2, bq, half)), table((2, bq, half)),
-                   smem((stages, 2, bk, half), k.dtype), table((stages, bk, half)),
-                   table((stages, bk, half)), smem((stages, bk, D), v.dtype),
+                   smem((stages, 2, bk, half), k.dtype), k_table((stages, bk, half)),
+                   k_table((stages, bk, half)), smem((stages, bk, D), v.dtype),
                    smem((2, bq, bk), k.dtype) if interp else None,
                    plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
                    plgpu.SMEM((2, bq), jnp.int32) if segs else None,
                    plgpu.SMEM((stages, bk), jnp.int32) if segs else None)
         q_loads = 5 + (2 if rope else 0) + (1 if segs else 0)  # Q halves, dO, lse, delta (+ cos, sin) (+ ids)
-        k_loads = 2 + (2 if rope else 0) + (1 if segs else 0)  # K halves (+ cos, sin) (+ ids)
+        k_loads = 2 + (2 if rotate else 0) + (1 if segs else 0)  # K halves (+ cos, sin) (+ ids)
         barriers = (plgpu.Barrier(num_arrivals=q_loads, num_barriers=2),
                     plgpu.Barrier(num_arrivals=k_loads, num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=1, num_barriers=stages) if rope else None,
+                    plgpu.Barrier(num_arrivals=1, num_barriers=stages) if rotate else None,
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages))
         pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,

@@ -104,21 +104,29 @@ def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, m
     assert ("flash_attention_fwd" in text) == triton
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments,rope_in_kernel,key_block", [
-    (1, 128, 4, 2, False, None, 64), (2, 100, 2, 1, True, True, 64), (1, 200, 2, 1, True, None, 128)])
-def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B, T, Hq, Hkv, segments, rope_in_kernel,
-                                                                 key_block):
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,tuning", [
+    (1, 128, 4, 2, False, dict(mosaic_fwd_key_block=64)), (2, 100, 2, 1, True, dict(rope_in_kernel=True)),
+    (1, 200, 2, 1, True, {}), (2, 100, 2, 1, True, dict(rope_grad_in_kernel=True))])
+def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B, T, Hq, Hkv, segments, tuning):
     """flash_attention's Mosaic wiring end to end (lse / delta layouts, RoPE by XLA before the
-    kernels (the default there) or by the kernels from their tables, segment ids, T padded to a
-    multiple of 128, the custom_vjp): with sm_90 pretended and the three Mosaic kernels run by the
-    interpreter, output and dq/dk/dv match the jnp reference."""
+    kernels (the default there; with rope_grad_in_kernel the backward kernels un-rotate dq / dk)
+    or by the kernels from their tables, segment ids, T padded to a multiple of 128, the
+    custom_vjp): with sm_90 pretended and the three Mosaic kernels run by the interpreter, output
+    and dq/dk/dv match the jnp reference."""
     import functools
 
     from pallas_kernels import attention_mosaic_dkv, attention_mosaic_dq
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
+    pre_rotated = []  # which backward kernels were told that q / k come rotated
+
+    def interpreted(f):
+        def run(*a, **kw):
+            pre_rotated.append(kw.get("pre_rotated", False))
+            return f(*a, **kw, interpret=_interpret_params())
+        return run
     for mod, name in ((M, "mosaic_forward"), (attention_mosaic_dq, "mosaic_dq"), (attention_mosaic_dkv, "mosaic_dkv")):
-        monkeypatch.setattr(mod, name, functools.partial(getattr(mod, name), interpret=_interpret_params()))
+        monkeypatch.setattr(mod, name, interpreted(getattr(mod, name)))
     q, k, v, do, inv_freq = inputs(B, T, Hq, Hkv, seed=11)
     seg = packed_segments(B, T, seed=12) if segments else None
     positions = jnp.broadcast_to(jnp.arange(T), (B, T)) + 3  # per-row tables [B, T, D/2]
@@ -128,24 +136,26 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
         out, vjp = jax.vjp(lambda *a: f(*a, **kw), q, k, v)
         return (out, *vjp(do))
 
-    tuning = attn.Tuning(rope_in_kernel=rope_in_kernel, mosaic_fwd_key_block=key_block)
-    got = run(functools.partial(attn.flash_attention, tuning=tuning))
+    got = run(functools.partial(attn.flash_attention, tuning=attn.Tuning(**tuning)))
     want = run(flash_attention_reference)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))) / jnp.max(jnp.abs(w.astype(jnp.float32))))
         assert err < 2e-2, (name, err)
+    assert pre_rotated == [False] + 2 * [tuning.get("rope_grad_in_kernel", False)]  # forward, dq, dk/dv
 
 
 @pytest.mark.parametrize("rope,segments,ctas,key_block", [(False, False, 5, 64), (False, True, "sms", 64),
                                                          (True, False, 5, 64), (False, True, "sms", 128),
-                                                         (False, False, None, 128), (False, True, "sms", "pingpong")])
+                                                         (False, False, None, 128), (False, True, "sms", "pingpong"),
+                                                         (False, False, "sms", "overlap"), (False, True, 3, "overlap")])
 def test_persistent_mosaic_forward_lowers_for_cuda(rope, segments, ctas, key_block):
     """The compiled path of the persistent forward and of 128-key tiles (wgmma with register P,
     setmaxnreg), lowered for CUDA on the CPU: catches layout errors that the interpreter does not see."""
     q, k, v, inv_freq = _inputs(1, 512, 4, 2, seed=2)
     tables = rope_tables(512, inv_freq) if rope else ()
     seg = packed_segments(1, 512, seed=3) if segments else None
-    kw = dict(key_block=128, pingpong=True) if key_block == "pingpong" else dict(key_block=key_block)
+    kw = {"pingpong": dict(key_block=128, pingpong=True),
+          "overlap": dict(key_block=128, overlap=True)}.get(key_block, dict(key_block=key_block))
     f = lambda *a: M.mosaic_forward(*a, seg=seg, scale=M.HEAD_DIM ** -0.5, ctas=ctas, **kw)  # noqa: E731
     assert "mosaic_gpu" in jax.jit(f).trace(q, k, v, *tables).lower(lowering_platforms=("cuda",)).as_text()
 

@@ -27,17 +27,18 @@ def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, pi
     assert rel_err(dk, dk_ref) < 2e-2, rel_err(dk, dk_ref)
 
 
-@pytest.mark.parametrize("rope,pipelined,p_regs,segments,ds_under_dv", [
-    (True, True, None, False, None), (False, True, None, False, None),   # the compiled default: P^T in registers
-    (True, True, False, False, False), (False, True, False, False, False),  # P^T through shared memory (as interpreted)
-    (True, False, None, False, False), (True, True, None, True, None), (True, True, False, True, False),
-    (False, True, None, False, False), (False, True, None, True, None)])  # dS^T after dV (or under it: the default)
-def test_mosaic_dkv_lowers_for_cuda(rope, pipelined, p_regs, segments, ds_under_dv):
+@pytest.mark.parametrize("rope,pipelined,p_regs,segments,ds_under_dv,pre_rotated", [
+    (True, True, None, False, None, False), (False, True, None, False, None, False),  # compiled default: P^T in registers
+    (True, True, False, False, False, False), (False, True, False, False, False, False),  # P^T through shared memory
+    (True, False, None, False, False, False), (True, True, None, True, None, False), (True, True, False, True, False, False),
+    (False, True, None, False, False, False), (False, True, None, True, None, False),  # dS^T after dV (or under it)
+    (True, True, None, False, None, True), (True, True, None, True, None, True)])  # tables to un-rotate dK only
+def test_mosaic_dkv_lowers_for_cuda(rope, pipelined, p_regs, segments, ds_under_dv, pre_rotated):
     """The compiled paths (wgmma with transposed and register operands, WGMMA layouts) through
     Mosaic GPU's layout inference, for CUDA on the CPU."""
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
     f = lambda *a: M.mosaic_dkv(*a, seg=seg, scale=scale, pipelined=pipelined, p_regs=p_regs,  # noqa: E731
-                                ds_under_dv=ds_under_dv)
+                                ds_under_dv=ds_under_dv, pre_rotated=pre_rotated)
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 

@@ -24,13 +24,14 @@ def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, seg
     assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
 
 
-@pytest.mark.parametrize("rope,regs,segments,ctas,key_block", [
-    (True, None, False, None, 64), (False, None, False, None, 64), (True, (200, 104), False, None, 64),
-    (True, None, True, None, 64), (False, None, True, 5, 64), (False, "auto", False, None, 128),
-    (False, "auto", True, "sms", 128)])
-def test_mosaic_dq_lowers_for_cuda(rope, regs, segments, ctas, key_block):
+@pytest.mark.parametrize("rope,regs,segments,ctas,key_block,pre_rotated", [
+    (True, None, False, None, 64, False), (False, None, False, None, 64, False), (True, (200, 104), False, None, 64, False),
+    (True, None, True, None, 64, False), (False, None, True, 5, 64, False), (False, "auto", False, None, 128, False),
+    (False, "auto", True, "sms", 128, False), (True, None, True, None, 64, True)])  # tables to un-rotate dQ only
+def test_mosaic_dq_lowers_for_cuda(rope, regs, segments, ctas, key_block, pre_rotated):
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
-    f = lambda *a: M.mosaic_dq(*a, seg=seg, scale=scale, regs=regs, ctas=ctas, key_block=key_block)  # noqa: E731
+    f = lambda *a: M.mosaic_dq(*a, seg=seg, scale=scale, regs=regs, ctas=ctas, key_block=key_block,  # noqa: E731
+                               pre_rotated=pre_rotated)
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
