@@ -194,10 +194,6 @@ class Tuning:
     # schedule), so one's softmax runs under the other's wgmmas. Measured equal to 128-key steps
     # without it (1.08x / 1.12x over 64-key steps against 1.10x / 1.11x, session 11): off.
     mosaic_fwd_pingpong: bool = False
-    # With 128-key steps and without ping-pong: FA3's intra-warpgroup pipelining, QK^T of the next
-    # key tile and PV of this one issued together, the next softmax run while PV is in flight
-    # (attention_mosaic.mosaic_forward(overlap=True)).
-    mosaic_fwd_overlap: bool = False
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -760,8 +756,7 @@ def _flash_fwd(cfg, q, k, v, aux):
             *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
             scale=cfg.scale, longest_first=tn.mosaic_longest_first,
             ctas="sms" if tn.mosaic_persistent_fwd and not cfg.rope else None,
-            key_block=key_block, pingpong=tn.mosaic_fwd_pingpong and key_block == 128,
-            overlap=tn.mosaic_fwd_overlap and key_block == 128 and not tn.mosaic_fwd_pingpong)
+            key_block=key_block, pingpong=tn.mosaic_fwd_pingpong and key_block == 128)
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)

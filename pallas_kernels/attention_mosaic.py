@@ -347,7 +347,7 @@ def sm_count():
 
 
 def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=(200, 104),
-                   longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, overlap=False, interpret=None):
+                   longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
     if already computed). Returns o [B, T, Hq, D] and lse
@@ -361,10 +361,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
       schedule; measured no faster than 128-key steps without it). regs: (consumer, producer) registers per thread for setmaxnreg
       (2*128*c + 128*p <= 65536), or None. longest_first: launch order (`cta_grid`).
       ctas: None, one CTA per 128 query rows of a head; an int ("sms": the device's SM count), a
-      persistent kernel (`QTiles`). overlap (compiled, no tables, no pingpong): FA3's
-      intra-warpgroup pipelining, each step issues QK^T of the next key tile and PV of this one
-      and runs the next softmax while PV is in flight (one more S accumulator live).
-      interpret: InterpretGPUParams to run on the CPU.
+      persistent kernel (`QTiles`). interpret: InterpretGPUParams to run on the CPU.
     Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest).
     Without RoPE tables the output leaves through its own buffer, so a consumer loads its next Q
     tile before writing the last one out; with them (no shared memory left) through the Q buffer."""
@@ -384,7 +381,6 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     segs = seg is not None
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
-    assert not overlap or not (interp or rope or pingpong), "overlap: compiled, without tables or pingpong"
     p_smem = interp  # the interpreter has no register A operand for wgmma
     own_out = not rope  # a separate output buffer: the next Q tile loads under the epilogue
     check_regs(regs)
@@ -440,22 +436,6 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                 seg_rows = vec(segq.at[wg], 0) if segs else None
                 kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
 
-                def qk_issue(acc, slot):
-                    for p in range(2):
-                        plgpu.wgmma(acc, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
-
-                def online_softmax(s, j, m, l, masked):
-                    """Key step j's raw scores -> (P 16-bit, new row max, the old rows' rescale, new row sum)."""
-                    s = scores_log2(s, scale, val, q0, j * bk, masked, seg_rows,
-                                    vec(segk.at[step_slot(j, off, stages)], 1) if segs else None)
-                    m_new = jnp.maximum(m, s.max(axis=1))
-                    alpha = jnp.exp2(m - m_new)
-                    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                    return p.astype(q.dtype), m_new, alpha, l * alpha + p.sum(axis=1)
-
-                def rescale(o, alpha):
-                    return o * lax.broadcast_in_dim(alpha, o.shape, [0])
-
                 def step(j, carry, masked):
                     o, m, l = carry
                     slot = step_slot(j, off, stages)
@@ -467,13 +447,20 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                         your_turn()
                     else:
                         def qk(acc):
-                            qk_issue(acc, slot)
+                            for p in range(2):
+                                plgpu.wgmma(acc, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
                             your_turn()
                             plgpu.wgmma_wait(0)
                             return acc[...]
                         s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-                    p16, m_new, alpha, l = online_softmax(s, j, m, l, masked)
-                    o = rescale(o, alpha)
+                    s = scores_log2(s, scale, val, q0, j * bk, masked, seg_rows,
+                                    vec(segk.at[slot], 1) if segs else None)
+                    m_new = jnp.maximum(m, s.max(axis=1))
+                    alpha = jnp.exp2(m - m_new)
+                    p16 = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    l = l * alpha + p16.sum(axis=1)
+                    p16 = p16.astype(q.dtype)
+                    o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
                     plgpu.barrier_wait(vbar.at[slot])
                     if p_smem:
                         ps.at[wg][...] = p16
@@ -495,53 +482,13 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                     plgpu.barrier_arrive(consumed.at[slot])
                     return o, m_new, l
 
-                def overlapped_step(j, carry, masked):
-                    """PV of step j (its P in the carry, O already rescaled) issued after QK^T of step
-                    j + 1, whose softmax (masked or not) then runs while PV is in flight."""
-                    o, m, l, p16 = carry
-                    slot, nxt = step_slot(j, off, stages), step_slot(j + 1, off, stages)
-                    plgpu.barrier_wait(kbar.at[nxt])
-                    plgpu.barrier_wait(vbar.at[slot])
-
-                    def body(refs):
-                        o_acc, s_acc, p_ref, m_ref, a_ref, l_ref = refs
-                        qk_issue(s_acc, nxt)
-                        plgpu.wgmma(o_acc, p16, vs.at[slot])
-                        s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)  # QK^T done, PV may run on
-                        p_ref[...], m_ref[...], a_ref[...], l_ref[...] = online_softmax(s, j + 1, m, l, masked)
-                    zeros = cast(jnp.zeros((bq, bk), jnp.float32), plgpu.Layout.WGMMA)
-                    o, _, p16, m, alpha, l = pl.run_state(body)(
-                        (plgpu.ACC.init(o), plgpu.ACC.init(zeros), p16, m, m, l))
-                    plgpu.barrier_arrive(consumed.at[slot])
-                    return rescale(o, alpha), m, l, p16
-
                 o = cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
                 # finite: with segments a row may see no key of a tile (exp2(-inf - -inf) would be NaN)
                 m = cast(jnp.full((bq,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                 l = cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                 first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
-                if overlap:
-                    first = step_slot(kv_min, off, stages)
-                    plgpu.barrier_wait(kbar.at[first])
-
-                    def qk(acc):
-                        qk_issue(acc, first)
-                        plgpu.wgmma_wait(0)
-                        return acc[...]
-                    # the first step masked (a no-op where nothing is hidden): a static flag
-                    p16, m, _, l = online_softmax(pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32)), kv_min, m, l,
-                                                  masked=True)
-                    split = jnp.maximum(first_masked - 1, kv_min)  # steps j whose j + 1 is unmasked end here
-                    carry = lax.fori_loop(kv_min, split, functools.partial(overlapped_step, masked=False), (o, m, l, p16))
-                    o, m, l, p16 = lax.fori_loop(split, kv_steps - 1, functools.partial(overlapped_step, masked=True),
-                                                 carry)
-                    last = step_slot(kv_steps - 1, off, stages)
-                    plgpu.barrier_wait(vbar.at[last])
-                    o = pl.run_state(lambda acc: plgpu.wgmma(acc, p16, vs.at[last]))(plgpu.ACC.init(o))
-                    plgpu.barrier_arrive(consumed.at[last])
-                else:
-                    carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (o, m, l))
-                    o, m, l = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
+                carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (o, m, l))
+                o, m, l = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
 
                 skip_kv_steps((kbar, vbar, consumed), kv_steps, kv_max, off, stages)
                 if own_out:  # every wgmma reading Q was waited for: the next tile's Q comes in now

@@ -218,13 +218,14 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         return dv, dk0, dk1
 
     def load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, bar,
-               seg_ref=None, my_seg=None):
+               seg_ref=None, my_seg=None, table_bar=None):
+        """K halves, V (+ ids) (+ cos/sin: on table_bar if given, for the epilogue to wait for)."""
         for part in range(2):
             plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kvh, pl.ds(part * half, half)], my_k.at[part], bar)
         plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kvh], my_v, bar)
         if rope:
-            plgpu.copy_gmem_to_smem(cos_ref.at[tb, keys], my_c, bar)
-            plgpu.copy_gmem_to_smem(sin_ref.at[tb, keys], my_s, bar)
+            plgpu.copy_gmem_to_smem(cos_ref.at[tb, keys], my_c, table_bar or bar)
+            plgpu.copy_gmem_to_smem(sin_ref.at[tb, keys], my_s, table_bar or bar)
         if seg_ref is not None:
             plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], my_seg, bar)
         plgpu.barrier_wait(bar)
@@ -313,7 +314,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     def pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref,
                     dk_ref, dv_ref, dq_ref, scratch):
         (qh, cq, sq, dos, lses, deltas, kh, vs, ck, sk, ps, segk, segq, dqs), \
-            (qraw, qready, dbar, consumed, kbar, ds_ready) = scratch
+            (qraw, qready, dbar, consumed, kbar, ds_ready, tbar) = scratch
         kvh, b = lax.axis_index("h"), lax.axis_index("b")
         kb = block_index("k", T // BLOCK_K, longest_first, heavy_last=False)
         wg = lax.axis_index("wg")
@@ -335,7 +336,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             my_k, my_v = kh.at[wg], vs.at[wg]
             my_c, my_s = (ck.at[wg], sk.at[wg]) if rope else (None, None)
             load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, kbar.at[wg],
-                   seg_ref, segk.at[wg] if segs else None)
+                   seg_ref, segk.at[wg] if segs else None, table_bar=tbar.at[wg] if tbar is not None else None)
             key_ids = vec(segk.at[wg], 0) if segs else None
 
             def ds_slot(j):  # shared_ds: by step parity (the other consumer may still read step j - 1's)
@@ -460,7 +461,10 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             if shared_ds:  # the other consumer is done with my K (finish reuses the buffer)
                 plgpu.barrier_arrive(ds_ready)
                 plgpu.barrier_wait(ds_ready)
-            finish(dv, dk0, dk1, my_k, my_v, my_c, my_s, dk_ref, dv_ref, b, keys, kvh, lambda: None)
+            def keys_tables():  # pre-rotated: they came on their own barrier, waited for only here
+                if tbar is not None:
+                    plgpu.barrier_wait(tbar.at[wg])
+            finish(dv, dk0, dk1, my_k, my_v, my_c, my_s, dk_ref, dv_ref, b, keys, kvh, keys_tables)
 
         @pl.when(wg == 2)
         def _producer():
@@ -517,7 +521,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
         table = (lambda n: smem((n, t, half), cos.dtype)) if rope else (lambda n: None)
         q_table = table if rotate else (lambda n: None)
-        k_loads = 3 + (2 if rope else 0) + (1 if segs else 0)  # K halves, V (+ cos, sin) (+ ids)
+        k_loads = 3 + (2 if rotate else 0) + (1 if segs else 0)  # K halves, V (+ cos, sin) (+ ids)
         kv_bufs = (smem((2, 2, t, half), k.dtype), smem((2, t, D), v.dtype))
         p_buf = smem((ds_bufs, 2, t, t), q.dtype)  # [step's buffer, consumer]
         if pipelined:
@@ -534,7 +538,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                         plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),
                         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                         plgpu.Barrier(num_arrivals=k_loads, num_barriers=2),
-                        plgpu.Barrier(num_arrivals=2) if shared_ds else None)  # both consumers' dS^T
+                        plgpu.Barrier(num_arrivals=2) if shared_ds else None,  # both consumers' dS^T
+                        plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope and not rotate else None)  # keys' tables
             body = pipe_kernel
         else:
             buffers = (smem((2, 2, t, half), q.dtype), smem((2, t, D), do.dtype), table(2), table(2),

@@ -90,7 +90,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref, dq_ref,
                scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
-        (qh, dos, cq, sq, kh, ck, sk, vs, dss, lses, deltas, segq, segk), (qbar, kraw, kready, vbar, consumed) = scratch
+        (qh, dos, cq, sq, kh, ck, sk, vs, dss, lses, deltas, segq, segk), (qbar, kraw, kready, vbar, consumed, tbar) = scratch
         wg = lax.axis_index("wg")
         kbar = kready if rotate else kraw  # what a consumer waits for before reading a K tile
 
@@ -115,9 +115,10 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                 plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, my_bar)
                 plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lses.at[wg], my_bar)
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], deltas.at[wg], my_bar)
-                if rope:
-                    plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], my_cq, my_bar)
-                    plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], my_sq, my_bar)
+                if rope:  # pre-rotated: on their own barrier, waited for only by the epilogue
+                    table_bar = my_bar if rotate else tbar.at[wg]
+                    plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], my_cq, table_bar)
+                    plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], my_sq, table_bar)
                 if segs:
                     plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq.at[wg], my_bar)
                 plgpu.barrier_wait(my_bar)
@@ -175,6 +176,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
 
                 dq0, dq1 = dq0 * scale, dq1 * scale
                 if rope:  # gradient w.r.t. the un-rotated q: the transpose of the rotation
+                    if not rotate:
+                        plgpu.barrier_wait(tbar.at[wg])
                     c = my_cq[...].astype(jnp.float32)
                     s_ = my_sq[...].astype(jnp.float32)
                     dq0, dq1 = dq0 * c + dq1 * s_, dq1 * c - dq0 * s_
@@ -214,13 +217,14 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                    plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
                    plgpu.SMEM((2, bq), jnp.int32) if segs else None,
                    plgpu.SMEM((stages, bk), jnp.int32) if segs else None)
-        q_loads = 5 + (2 if rope else 0) + (1 if segs else 0)  # Q halves, dO, lse, delta (+ cos, sin) (+ ids)
+        q_loads = 5 + (2 if rotate else 0) + (1 if segs else 0)  # Q halves, dO, lse, delta (+ cos, sin) (+ ids)
         k_loads = 2 + (2 if rotate else 0) + (1 if segs else 0)  # K halves (+ cos, sin) (+ ids)
         barriers = (plgpu.Barrier(num_arrivals=q_loads, num_barriers=2),
                     plgpu.Barrier(num_arrivals=k_loads, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages) if rotate else None,
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+                    plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope and not rotate else None)
         pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
                                           seg_ref, rng_ref, dq_ref, scr),
                       buffers, barriers, collective_axes="wg")
