@@ -84,8 +84,13 @@ def mosaic_fwd(q, k, v, do, lse, delta, cos, sin, *, scale, module="pallas_kerne
 
 def variant_fn(kernel, kw):
     """The kernel function and its launch settings; kw["module"] (popped) names another module
-    holding mosaic_<kernel> (e.g. an earlier version kept beside the tree for an A/B)."""
+    holding mosaic_<kernel> (e.g. an earlier version kept beside the tree for an A/B);
+    kw["tables"] = false (popped) runs it without the RoPE tables even where the others get them
+    (a timing baseline: its check then fails against the rotated reference)."""
     kw = {n: tuple(x) if isinstance(x, list) else x for n, x in kw.items()}
+    if kw.pop("tables", True) is False:
+        fn, kw = variant_fn(kernel, kw)
+        return (lambda q, k, v, do, lse, delta, cos, sin, **k_: fn(q, k, v, do, lse, delta, None, None, **k_)), kw
     if kernel in ("bwd", "fwd"):  # (fwd takes "module" itself)
         return {"bwd": mosaic_bwd, "fwd": mosaic_fwd}[kernel], kw
     mod = importlib.import_module(kw.pop("module", f"pallas_kernels.attention_mosaic_{kernel}"))
