@@ -3,7 +3,7 @@
 # (MOSAIC_GPU_DUMP_PTXAS=1) and in-process timings of the backward kernels' variants.
 #   bash benchmarks/run_session13_regs.sh pre_rotated   # dq / dk-dv with tables to un-rotate only vs none
 #   bash benchmarks/run_session13_regs.sh dkv_regs      # dk/dv without tables: setmaxnreg splits
-#   bash benchmarks/run_session13_regs.sh p16_ds        # dk/dv: dS^T from the 16-bit P^T (fewer live registers)
+#   bash benchmarks/run_session13_regs.sh p16_ds        # dk/dv: dS^T from the 16-bit P^T (p16_ds exists only at commit f4132a9: measured slower, removed)
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
 OUT=${OUT:-/tmp/regs}; mkdir -p "$OUT"

@@ -59,7 +59,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, pipelined=True, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False, dq_tiles="split_d",
-               ds_under_dv=None, pre_rotated=False, p16_ds=False, interpret=None):
+               ds_under_dv=None, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -90,11 +90,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
 
     pre_rotated (pipelined): q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K; no query tables, no rotation in shared memory), which
-    saves XLA's separate un-rotation pass over dk. The launch defaults are those without tables.
-
-    p16_ds (p_regs): dS^T = P^T (dP^T - delta) from the 16-bit P^T (the dV operand) instead of
-    the fp32 one, so 32 fewer fp32 registers a thread stay live across the dV / dP^T wgmmas (the
-    consumer spills at 240 registers: ~1.8 GB of local-memory traffic at 2k, Nsight Compute)."""
+    saves XLA's separate un-rotation pass over dk. The launch defaults are those without tables."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -192,8 +188,6 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
 
         dv, dk0, dk1 = accs
         p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t)
-        if p16_ds:  # only the 16-bit P^T stays live; dS^T reads it back
-            p_t = p_t.astype(q.dtype)
         zeros = plgpu.layout_cast(jnp.zeros((t, t), jnp.float32), plgpu.Layout.WGMMA)
         if ds_under_dv:  # one run_state: dV stays in flight while dS^T is computed
             def step(refs):
