@@ -165,7 +165,9 @@ class Tuning:
     # With RoPE by XLA before the Mosaic kernels (rope_in_kernel False there): the rotation runs
     # inside the custom_vjp and the Mosaic dq / dk-dv kernels un-rotate dq / dk in their epilogues
     # (cos/sin tables of their own rows only), instead of autodiff's separate pass over dq and dk
-    # (0.11 + 0.03 ms of 2.5 ms fwd+bwd at 2k on the H200, Nsight Compute, RESULTS.md 000000000000).
+    # (0.11 + 0.03 ms of 2.5 ms fwd+bwd at 2k). Off: on the H200 (Nsight Compute, RESULTS.md
+    # 000000000000) it saves 1.5% at 2k but costs 1.0% at 8k, the dq kernel with its tables
+    # running 0.82x / 0.94x as fast (not understood yet: its loop is the same code).
     rope_grad_in_kernel: bool = False
     # The Mosaic kernels' launch order. True: the heaviest causal blocks first (attention_mosaic.
     # cta_grid); against the old head-major order (False) on the H200: fwd+bwd 2-3% faster at 8k in
