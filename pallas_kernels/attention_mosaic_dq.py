@@ -59,7 +59,9 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     H200 0.95x / 0.97x of 64-key steps at 2k / 8k, where the forward gains 1.10x; likely the
     192 fp32 registers of S, dP and dQ a thread against the forward's 128, not yet profiled).
     pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dQ on its way out (no
-    K tables, no rotation in shared memory), which saves XLA's separate un-rotation pass over dq.
+    K tables, no rotation in shared memory; the Q rows' tables come on a barrier only the epilogue
+    waits for), which saves XLA's separate un-rotation pass over dq. Measured 0.82x / 0.94x of dq
+    without tables at 2k / 8k (RESULTS.md 000000000000); Tuning.rope_grad_in_kernel turns it on.
     interpret: InterpretGPUParams to run on the CPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
