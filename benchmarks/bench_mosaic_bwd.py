@@ -9,11 +9,11 @@ shapes, then their times at the benchmark shapes, for the backward next to our T
     PYTHONPATH=$PWD timeout 300 python3 benchmarks/bench_mosaic_bwd.py --kernel bwd --no-rope --kwargs '[{"fused": false}, {"fused": true}]'
 
 --kernel bwd: the whole Mosaic backward (dk, dv, dq): {"fused": false} the dq and dk/dv kernels,
-{"fused": true} dk/dv with_dq (other keys go to the dk/dv kernel, e.g. "dq_tiles": "own_keys").
+{"fused": true} dk/dv with_dq (other keys go to the dk/dv kernel, e.g. "ds_under_dv": false).
 --kernel fwd: the Mosaic forward (attention_mosaic.mosaic_forward), its output checked, e.g.
     ... --kernel fwd --no-rope --kwargs '[{}, {"regs": [240, 24]}]'
 
---kwargs: launch settings of the kernel (JSON, e.g. stages, regs, pipelined, p_regs), or a list
+--kwargs: launch settings of the kernel (JSON, e.g. stages, regs, p_regs), or a list
 of them: variants timed in one process, in interleaved rounds (a variant that fails to compile is
 dropped; one that hangs takes the process, so run untried launch settings alone under `timeout`).
 A "module" key times mosaic_<kernel> from another module, e.g. the file at an earlier commit:

@@ -11,17 +11,17 @@ consumer); P^T and then dS^T go through one shared buffer per consumer (the A op
 dK wgmmas). At the end dK is scaled, un-rotated (the transpose of the rotation) and written with
 dV through the K / V buffers.
 
-pipelined=True (default): three warpgroups. Two consumers own 64 key rows each (they TMA-load and
+Three warpgroups. Two consumers own 64 key rows each (they TMA-load and
 rotate their K once, and V); a producer TMA-loads per step one 64-row query tile (Q halves, cos/sin,
 dO, lse, delta rows) into `stages` slots, rotates Q once in shared memory for both consumers and
 releases it on a "ready" barrier; dO/lse/delta are waited on directly by the consumers, which hand
-each slot back on a "consumed" barrier. Packing (segment ids, pipelined only): each CTA stops after
+each slot back on a "consumed" barrier. Packing (segment ids): each CTA stops after
 the last query tile sharing a segment with its keys (`attention_mosaic.segment_ranges`) and
 every tile is masked by segment. The consumer of the upper 64 keys has nothing to do on
 the first query tile of each head (entirely above its diagonal) and only keeps the barriers' phases
-in step there. pipelined=False: the two warpgroups work independently, single-buffered, each loading and
-rotating its own query tiles (the first version; kept as a fallback).
-p_regs=True (pipelined, compiled only; the default there): P^T / dS^T as register A operands and
+in step there. (The first version, two independent single-buffered warpgroups each loading and
+rotating its own query tiles, was removed in session 13: `git show f4132a9`, pipelined=False.)
+p_regs=True (compiled only; the default there): P^T / dS^T as register A operands and
 the accumulators as loop-carried values (as JAX's attention_mgpu backward does).
 Measured on the H200 (2026-12-01, benchmarks/bench_mosaic_bwd.py; B*T = 16k, Hq/Hkv 32/8, RoPE),
 T = 2k / 8k: pipelined + p_regs + setmaxnreg (200, 104) 1.98 / 5.95 ms; the same without register
@@ -57,38 +57,38 @@ BLOCK_K = 128  # key rows per CTA (two warpgroups of 64)
 TILE = 64      # key rows per consumer and query rows per step
 
 
-def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, pipelined=True, stages=2,
-               regs="auto", p_regs=None, longest_first=True, with_dq=False, dq_tiles="split_d",
+def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
+               regs="auto", p_regs=None, longest_first=True, with_dq=False,
                ds_under_dv=None, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
-    or None (pipelined only; ranges: segment_ranges(seg)[1] if already computed). Returns dk, dv (k's shape and dtype), dk the gradient w.r.t. the
+    or None (ranges: segment_ranges(seg)[1] if already computed). Returns dk, dv (k's shape and dtype), dk the gradient w.r.t. the
     un-rotated k.
 
-    stages: query-tile slots in flight (pipelined). regs: (consumer, producer) registers per thread
+    stages: query-tile slots in flight. regs: (consumer, producer) registers per thread
     for setmaxnreg (2*128*c + 128*p <= 65536) or None; "auto": (240, 24) without RoPE tables (the
-    producer then only issues copies; FA3's split), (200, 104) with them (the producer rotates Q). p_regs (pipelined, compiled only): P^T /
+    producer then only issues copies; FA3's split), (200, 104) with them (the producer rotates Q). p_regs (compiled only): P^T /
     dS^T as register A operands of the dV / dK wgmmas instead of through shared memory; None = when
     compiled (the interpreter cannot run it). longest_first: launch order (attention_mosaic.cta_grid;
     causal: the first key blocks see the most queries).
 
-    with_dq (pipelined, no RoPE tables): also dq (q's shape and dtype), from the same dS^T tiles
+    with_dq (no RoPE tables): also dq (q's shape and dtype), from the same dS^T tiles
     (the fused backward: 5 GEMMs per tile pair instead of the 7 of this kernel and
     attention_mosaic_dq together). Per step both consumers put dS^T in shared memory; each then
     computes one half of D of the tile's dQ = dS K over all 128 keys and reduce-adds it (fp32, TMA)
     into a zeroed accumulator that every key block of the row adds to. The interpreter has no
     reduce-add: there every key block stores its partial in its own slice of a zeroed
-    [T/128, B, T, Hq, D] output and XLA sums them. dq_tiles="own_keys": instead, each consumer
-    reduce-adds its own keys' dQ over all of D (two halves, 64 KB of staging): no meeting of the
-    consumers per step, twice the reduce-add traffic.
+    [T/128, B, T, Hq, D] output and XLA sums them. (Each consumer reduce-adding its own keys' dQ
+    over all of D instead, with no meeting per step and twice the reduce-add bytes, measured 0.66x /
+    0.70x at 2k / 8k: `git show f4132a9:pallas_kernels/attention_mosaic_dkv.py`, dq_tiles="own_keys".)
 
     ds_under_dv (p_regs): issue dP^T before dV and wait for dP^T only, so dS^T
     is computed while the dV wgmma runs (tokamax's order; the other waits for both). None = where
     measured: p_regs without RoPE tables (H200, same process: 1.01x / 1.07x at 2k / 8k, fused
     1.06x / 1.07x; RESULTS.md 0000000000). The interpreter cannot run it (p_regs).
 
-    pre_rotated (pipelined): q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
+    pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query
     tables, no rotation in shared memory), which saves XLA's separate un-rotation pass over dk. The
     launch defaults are those without tables. Measured 0.963x / 0.977x of the kernel without
@@ -101,25 +101,21 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     rope = cos is not None
     rotate = rope and not pre_rotated  # the kernel rotates Q and K tiles (else only un-rotates dK)
     segs = seg is not None
-    assert pipelined or not segs, "segment ids: the pipelined kernel only"
-    assert pipelined or not pre_rotated, "pre_rotated: the pipelined kernel only"
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     nq = T // t
     if regs == "auto":
         regs = (200, 104) if rotate else (240, 24)
     check_regs(regs)
-    use_regs = pipelined and regs is not None and not interp
+    use_regs = regs is not None and not interp
     if p_regs is None:
-        p_regs = pipelined and not interp
-    assert not (p_regs and (interp or not pipelined)), "p_regs: the compiled pipelined kernel only"
-    assert not with_dq or (pipelined and not rope), "with_dq: the pipelined kernel without tables"
-    assert dq_tiles in ("split_d", "own_keys"), dq_tiles
+        p_regs = not interp
+    assert not (p_regs and interp), "p_regs: the compiled kernel only"
+    assert not with_dq or not rope, "with_dq: the kernel without tables"
     if ds_under_dv is None:
         ds_under_dv = p_regs and not rotate
     assert not ds_under_dv or p_regs, "ds_under_dv: p_regs"
-    shared_ds = with_dq and dq_tiles == "split_d"  # the consumers read each other's dS^T tiles
-    ds_bufs = 2 if shared_ds else 1  # dS^T buffers per consumer, by step parity
+    ds_bufs = 2 if with_dq else 1  # dS^T buffers per consumer, by step parity (with_dq: the consumers read each other's)
     n_kb = T // BLOCK_K
     val = Values(interp)
     vec = val.vec  # dim 0: along the keys (rows), 1: the queries (columns) of a [keys, queries] tile
@@ -261,57 +257,6 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         plgpu.copy_smem_to_gmem(my_v, dv_ref.at[b, keys, kvh])
         plgpu.wait_smem_to_gmem(0)
 
-    # ------------------------------------------------------------------ simple (two independent wgs)
-    def simple_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref,
-                      dk_ref, dv_ref, dq_ref, scratch):
-        del seg_ref, rng_ref, dq_ref  # no segment ids nor dq here (asserted above)
-        (qh, dos, cs, sn, kh, vs, ps, lses, deltas), (qbar, kbar, tbar) = scratch
-        kvh, b = lax.axis_index("h"), lax.axis_index("b")
-        kb = block_index("k", T // BLOCK_K, longest_first, heavy_last=False)
-        wg = lax.axis_index("wg")
-        tb = b if table_b > 1 else 0
-        k0 = kb * BLOCK_K + wg * t
-        keys = pl.ds(k0, t)
-        my_q, my_do, my_k, my_v, my_p = qh.at[wg], dos.at[wg], kh.at[wg], vs.at[wg], ps.at[0, wg]
-        my_c, my_s = (cs.at[wg], sn.at[wg]) if rope else (None, None)
-        my_lse, my_delta, my_qbar = lses.at[wg], deltas.at[wg], qbar.at[wg]
-        load_k(k_ref, v_ref, cos_ref, sin_ref, b, tb, kvh, keys, my_k, my_v, my_c, my_s, kbar.at[wg])
-
-        def step(accs, g, i, masked):
-            h = kvh * G + g
-            q0 = i * t
-            rows = pl.ds(q0, t)
-            for part in range(2):
-                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(part * half, half)], my_q.at[part], my_qbar)
-            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], my_do, my_qbar)
-            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], my_lse, my_qbar)
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], my_delta, my_qbar)
-            if rope:
-                plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], my_c, my_qbar)
-                plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], my_s, my_qbar)
-            plgpu.barrier_wait(my_qbar)
-            if rope:
-                rotate_halves(my_q, my_c, my_s, t, t)
-                plgpu.commit_smem()
-            tile_math(accs, my_k, my_v, my_p, my_q, my_do, my_lse, my_delta, k0, q0, masked)
-
-        def loop(accs):
-            i_diag = lax.div(k0, jnp.int32(t))
-
-            def head(g, _):
-                step(accs, g, i_diag, masked=True)
-                lax.fori_loop(i_diag + 1, nq, lambda i, c: step(accs, g, i, masked=False), None)
-            lax.fori_loop(0, G, head, None)
-
-        dv, dk0, dk1 = accumulate(loop)
-
-        def table_loads():
-            # the cos/sin buffers held the query tiles' tables: load the keys' again
-            plgpu.copy_gmem_to_smem(cos_ref.at[tb, keys], my_c, tbar.at[wg])
-            plgpu.copy_gmem_to_smem(sin_ref.at[tb, keys], my_s, tbar.at[wg])
-            plgpu.barrier_wait(tbar.at[wg])
-        finish(dv, dk0, dk1, my_k, my_v, my_c, my_s, dk_ref, dv_ref, b, keys, kvh, table_loads)
-
     # ------------------------------------------------------------------ pipelined (producer + 2 consumers)
     def pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref,
                     dk_ref, dv_ref, dq_ref, scratch):
@@ -341,7 +286,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                    seg_ref, segk.at[wg] if segs else None, table_bar=tbar.at[wg] if tbar is not None else None)
             key_ids = vec(segk.at[wg], 0) if segs else None
 
-            def ds_slot(j):  # shared_ds: by step parity (the other consumer may still read step j - 1's)
+            def ds_slot(j):  # with_dq: by step parity (the other consumer may still read step j - 1's)
                 return lax.rem(j, jnp.int32(ds_bufs))
 
             def p_buf(j):
@@ -363,43 +308,30 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                     return acc[...]
                 return pl.run_scoped(mm, plgpu.ACC((t, half), jnp.float32))
 
-            def add_dq(acc, stage, pending, part_index, i, h, col_half):
-                """Reduce-add acc into dQ[rows of tile i, head h, a half of D] through the staging
-                tile (once at most `pending` earlier reduce-adds are still reading staging tiles;
-                interpreted: a plain store into this CTA's partials slice part_index)."""
-                plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
+            def add_dq(acc, i, h):
+                """Reduce-add acc into dQ[rows of tile i, head h, my half of D] through my staging
+                tile (once the last reduce-add from it read it; interpreted: a plain store into
+                this key block's partials slice)."""
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                stage = dqs.at[wg]
                 stage[...] = acc
                 plgpu.commit_smem()
-                rows, cols = pl.ds(i * t, t), pl.ds(col_half * half, half)
+                rows, cols = pl.ds(i * t, t), pl.ds(wg * half, half)
                 if interp:
-                    plgpu.copy_smem_to_gmem(stage, dq_ref.at[part_index, b, rows, h, cols])
+                    plgpu.copy_smem_to_gmem(stage, dq_ref.at[kb, b, rows, h, cols])
                 else:
                     plgpu.copy_smem_to_gmem(stage, dq_ref.at[b, rows, h, cols], reduction_op="add")
 
-            def dq_own_keys(j):
-                """This tile's dQ over my keys: dS (my dS^T tile) times each half of K_rot, each
-                half reduce-added from its own staging tile."""
-                h, i = tile_of(j)
-                for part in range(2):
-                    add_dq(ds_times_k([(p_buf(j), kh.at[wg, part])]), dqs.at[wg, part], 1, 2 * kb + wg, i, h, part)
-
-            def dq_split_d(j):
-                """Tile j's dQ[:, my half of D] over both consumers' keys: dS (their two dS^T tiles
-                of step j, both written) times K_rot's half; reduce-added."""
+            def dq_tile(j):
+                """The dQ work of step j, after tile j's GEMMs wrote my dS^T of tile j: tile j's
+                dQ[:, my half of D] over both consumers' keys (their two dS^T tiles of step j times
+                K_rot's half), reduce-added."""
+                # Meet first. Writing step j's dS^T was safe: the other consumer arrived at step
+                plgpu.barrier_arrive(ds_ready)  # j - 1's meeting after reading step j - 2's tiles
+                plgpu.barrier_wait(ds_ready)
                 h, i = tile_of(j)
                 ds_tiles = ps.at[ds_slot(j)]
-                acc = ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)])
-                add_dq(acc, dqs.at[wg], 0, kb, i, h, wg)
-
-            def dq_tile(j):
-                """The dQ work of step j, after tile j's GEMMs wrote my dS^T of tile j."""
-                if not shared_ds:
-                    dq_own_keys(j)
-                    return
-                # Meet, then tile j's dQ. Writing step j's dS^T was safe: the other consumer
-                plgpu.barrier_arrive(ds_ready)  # arrived at step j - 1's meeting after reading
-                plgpu.barrier_wait(ds_ready)    # step j - 2's tiles
-                dq_split_d(j)
+                add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)]), i, h)
 
             def step(accs, j, masked):
                 slot = lax.rem(j, jnp.int32(stages))
@@ -460,7 +392,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 dv, dk0, dk1 = lax.fori_loop(0, G, head_regs, (wg_zeros(D), wg_zeros(half), wg_zeros(half)))
             else:
                 dv, dk0, dk1 = accumulate(loop)
-            if shared_ds:  # the other consumer is done with my K (finish reuses the buffer)
+            if with_dq:  # the other consumer is done with my K (finish reuses the buffer)
                 plgpu.barrier_arrive(ds_ready)
                 plgpu.barrier_wait(ds_ready)
             def keys_tables():  # pre-rotated: they came on their own barrier, waited for only here
@@ -526,31 +458,22 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         k_loads = 3 + (2 if rotate else 0) + (1 if segs else 0)  # K halves, V (+ cos, sin) (+ ids)
         kv_bufs = (smem((2, 2, t, half), k.dtype), smem((2, t, D), v.dtype))
         p_buf = smem((ds_bufs, 2, t, t), q.dtype)  # [step's buffer, consumer]
-        if pipelined:
-            dq_stage = plgpu.SMEM((2, t, half) if shared_ds else (2, 2, t, half), jnp.float32,  # 128-byte swizzle:
-                                  transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))  # 32 floats a row
-            buffers = (smem((stages, 2, t, half), q.dtype), q_table(stages), q_table(stages),
-                       smem((stages, t, D), do.dtype), plgpu.SMEM((stages, t), jnp.float32),
-                       plgpu.SMEM((stages, t), jnp.float32), *kv_bufs, table(2), table(2), p_buf,
-                       plgpu.SMEM((2, t), jnp.int32) if segs else None,
-                       plgpu.SMEM((stages, t), jnp.int32) if segs else None,
-                       dq_stage if with_dq else None)
-            barriers = (plgpu.Barrier(num_arrivals=2 + (2 if rotate else 0), num_barriers=stages),
-                        plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-                        plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),
-                        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-                        plgpu.Barrier(num_arrivals=k_loads, num_barriers=2),
-                        plgpu.Barrier(num_arrivals=2) if shared_ds else None,  # both consumers' dS^T
-                        plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope and not rotate else None)  # keys' tables
-            body = pipe_kernel
-        else:
-            buffers = (smem((2, 2, t, half), q.dtype), smem((2, t, D), do.dtype), table(2), table(2),
-                       *kv_bufs, p_buf, plgpu.SMEM((2, t), jnp.float32), plgpu.SMEM((2, t), jnp.float32))
-            barriers = (plgpu.Barrier(num_arrivals=5 + (2 if rope else 0), num_barriers=2),
-                        plgpu.Barrier(num_arrivals=k_loads, num_barriers=2),
-                        plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope else None)
-            body = simple_kernel
-        pl.run_scoped(lambda *scr: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
+        dq_stage = plgpu.SMEM((2, t, half), jnp.float32,  # 128-byte swizzle: 32 floats a row
+                              transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+        buffers = (smem((stages, 2, t, half), q.dtype), q_table(stages), q_table(stages),
+                   smem((stages, t, D), do.dtype), plgpu.SMEM((stages, t), jnp.float32),
+                   plgpu.SMEM((stages, t), jnp.float32), *kv_bufs, table(2), table(2), p_buf,
+                   plgpu.SMEM((2, t), jnp.int32) if segs else None,
+                   plgpu.SMEM((stages, t), jnp.int32) if segs else None,
+                   dq_stage if with_dq else None)
+        barriers = (plgpu.Barrier(num_arrivals=2 + (2 if rotate else 0), num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=k_loads, num_barriers=2),
+                    plgpu.Barrier(num_arrivals=2) if with_dq else None,  # both consumers' dS^T
+                    plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope and not rotate else None)  # keys' tables
+        pl.run_scoped(lambda *scr: pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
                                         seg_ref, rng_ref, dk_ref, dv_ref, dq_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
@@ -558,12 +481,12 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     extra = ((cos, sin) if rope else ()) + ((seg, segment_ranges(seg)[1] if ranges is None else ranges) if segs else ())
     launch = functools.partial(
-        launch_kernel, entry, grid=grid, grid_names=grid_names, num_threads=3 if pipelined else 2,
+        launch_kernel, entry, grid=grid, grid_names=grid_names, num_threads=3,
         thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
     if not with_dq:
         return launch(out_type)(q, k, v, do, lse, delta, *extra)
     if interp:  # per key block partials in a zeroed output (the interpreter has no reduce-add)
-        out_type.append(jax.ShapeDtypeStruct((n_kb * (1 if shared_ds else 2), *q.shape), jnp.float32))
+        out_type.append(jax.ShapeDtypeStruct((n_kb, *q.shape), jnp.float32))
         dk, dv, parts = launch(out_type, zero_outputs=True)(q, k, v, do, lse, delta, *extra)
         dq = parts.sum(0)
     else:

@@ -13,55 +13,51 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,rope,pipelined,segments", [
-    (1, 128, 4, 2, True, True, False),    # producer + 2 consumers, 4 steps through 2 slots
-    (1, 128, 4, 2, True, False, False),   # the simple two-warpgroup fallback
-    (1, 256, 2, 1, True, True, True),     # packed documents (two key blocks)
+@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments", [
+    (1, 128, 4, 2, True, False),    # producer + 2 consumers, 4 steps through 2 slots
+    (1, 256, 2, 1, True, True),     # packed documents (two key blocks)
 ])
-def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, pipelined, segments):
+def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments):
     args, seg, scale, (_, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
-    dk, dv = M.mosaic_dkv(*args, seg=seg, scale=scale, pipelined=pipelined, interpret=_interpret_params())
+    dk, dv = M.mosaic_dkv(*args, seg=seg, scale=scale, interpret=_interpret_params())
     assert dk.shape == dk_ref.shape and dk.dtype == args[1].dtype and dv.shape == dv_ref.shape
     assert rel_err(dv, dv_ref) < 2e-2, rel_err(dv, dv_ref)
     assert rel_err(dk, dk_ref) < 2e-2, rel_err(dk, dk_ref)
 
 
-@pytest.mark.parametrize("rope,pipelined,p_regs,segments,ds_under_dv,pre_rotated", [
-    (True, True, None, False, None, False), (False, True, None, False, None, False),  # compiled default: P^T in registers
-    (True, True, False, False, False, False), (False, True, False, False, False, False),  # P^T through shared memory
-    (True, False, None, False, False, False), (True, True, None, True, None, False), (True, True, False, True, False, False),
-    (False, True, None, False, False, False), (False, True, None, True, None, False),  # dS^T after dV (or under it)
-    (True, True, None, False, None, True), (True, True, None, True, None, True)])  # tables to un-rotate dK only
-def test_mosaic_dkv_lowers_for_cuda(rope, pipelined, p_regs, segments, ds_under_dv, pre_rotated):
+@pytest.mark.parametrize("rope,p_regs,segments,ds_under_dv,pre_rotated", [
+    (True, None, False, None, False), (False, None, False, None, False),  # compiled default: P^T in registers
+    (True, False, False, False, False), (False, False, False, False, False),  # P^T through shared memory
+    (True, None, True, None, False), (True, False, True, False, False),
+    (False, None, False, False, False), (False, None, True, None, False),  # dS^T after dV (or under it)
+    (True, None, False, None, True), (True, None, True, None, True)])  # tables to un-rotate dK only
+def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, ds_under_dv, pre_rotated):
     """The compiled paths (wgmma with transposed and register operands, WGMMA layouts) through
     Mosaic GPU's layout inference, for CUDA on the CPU."""
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
-    f = lambda *a: M.mosaic_dkv(*a, seg=seg, scale=scale, pipelined=pipelined, p_regs=p_regs,  # noqa: E731
+    f = lambda *a: M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs,  # noqa: E731
                                 ds_under_dv=ds_under_dv, pre_rotated=pre_rotated)
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments,dq_tiles", [
-    (1, 256, 4, 2, False, "split_d"),  # two key blocks adding into the same query tiles, GQA 2
-    (1, 256, 2, 1, True, "split_d"),   # packed documents (key blocks stop at their last shared segment)
-    (1, 256, 4, 2, False, "own_keys"),
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments", [
+    (1, 256, 4, 2, False),  # two key blocks adding into the same query tiles, GQA 2
+    (1, 256, 2, 1, True),   # packed documents (key blocks stop at their last shared segment)
 ])
-def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, dq_tiles):
+def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments):
     """The fused backward: dq from the dk/dv kernel's dS^T tiles (in the interpreter each key block
     stores its dQ partial, summed by XLA, where the GPU reduce-adds), dk/dv unchanged by it."""
     args, seg, scale, (dq_ref, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=False, segments=segments,
                                                                seed=T + Hq + 7)
-    dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, dq_tiles=dq_tiles,
-                              interpret=_interpret_params())
+    dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, interpret=_interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
     for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         assert rel_err(got, want) < 2e-2, rel_err(got, want)
 
 
-@pytest.mark.parametrize("p_regs,segments,dq_tiles,ds_under_dv", [
-    (None, False, "split_d", None), (False, False, "split_d", None), (None, True, "split_d", None),
-    (None, False, "own_keys", None), (None, True, "split_d", False), (None, False, "own_keys", False)])
-def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, dq_tiles, ds_under_dv):
+@pytest.mark.parametrize("p_regs,segments,ds_under_dv", [
+    (None, False, None), (False, False, None), (None, True, None), (None, True, False), (None, False, False)])
+def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
     accumulator), inside a remat'ed scan as in the model."""
     import jax.numpy as jnp
@@ -71,7 +67,7 @@ def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, dq_tiles, ds_under
     def f(*a):
         def layer(c, _):
             dk, dv, dq = M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs, with_dq=True,
-                                      ds_under_dv=ds_under_dv, dq_tiles=dq_tiles)
+                                      ds_under_dv=ds_under_dv)
             return c + dq.astype(jnp.float32).sum() + dk.astype(jnp.float32).sum(), None
         return jax.lax.scan(jax.checkpoint(layer), 0.0, None, length=2)[0]
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
