@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Session 13, calls 3-4 (attention_NOTES.md "Session 13"): ptxas register/spill reports
+# Session 13, calls 4-7 (attention_NOTES.md "Session 13"): ptxas register/spill reports
 # (MOSAIC_GPU_DUMP_PTXAS=1) and in-process timings of the backward kernels' variants.
 #   bash benchmarks/run_session13_regs.sh pre_rotated   # dq / dk-dv with tables to un-rotate only vs none
 #   bash benchmarks/run_session13_regs.sh dkv_regs      # dk/dv without tables: setmaxnreg splits
+#   bash benchmarks/run_session13_regs.sh sass          # SASS of dk/dv: which loop its spills sit in (sass_spills.py)
 #   bash benchmarks/run_session13_regs.sh p16_ds        # dk/dv: dS^T from the 16-bit P^T (p16_ds exists only at commit f4132a9: measured slower, removed)
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
@@ -20,6 +21,11 @@ case ${1:-pre_rotated} in
     run dkv '[{}, {"regs": [232, 40]}, {"regs": [224, 56]}]' --no-rope ;;
   p16_ds)
     run dkv '[{}, {"p16_ds": true}, {"p16_ds": true, "ds_under_dv": false}]' --no-rope ;;
+  sass)  # the next step (not run yet): where in the dk/dv kernel the spills are
+    mkdir -p "$OUT/sass"
+    MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO="$OUT/sass" timeout 170 python3 benchmarks/bench_mosaic_bwd.py \
+      --kernel dkv --no-rope --no-baseline --kwargs '[{}]' > "$OUT/sass.log" 2>&1
+    python3 benchmarks/sass_spills.py "$OUT/sass" | head -120 ;;
   local) ;;
 esac
 # local-memory (spill) traffic at run time of one fwd+bwd call's Mosaic kernels (fwd, dk/dv, dq) at 2k:
