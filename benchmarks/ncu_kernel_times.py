@@ -43,7 +43,7 @@ def kernel_times(args, kernel_regex, script="profile_nf4.py"):
         return []
     head = rows[0]
     name_i, unit_i, val_i = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
-    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}
+    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}  # ncu prints "ns" here
     return [(r[name_i], float(r[val_i].replace(",", "")) * scale.get(r[unit_i], 1.0)) for r in rows[1:] if len(r) > val_i]
 
 
