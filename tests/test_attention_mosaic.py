@@ -44,7 +44,7 @@ def test_segment_block_ranges_match_a_brute_force_count():
 
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,longest_first,ctas", [
-    # shapes as small as each case allows: the interpreter takes ~0.3 s per key step on 2 cores
+    # shapes as small as each case allows: these interpreter runs are most of the suite's time
     (1, 128, 4, 2, True, False, True, None), (2, 128, 2, 2, False, False, False, None),
     (2, 128, 2, 1, True, True, True, None),
     # persistent: 8 tiles on 3 CTAs (3, 3, 2 tiles: the partial last round); 4 on 3 with tables
