@@ -23,8 +23,8 @@ case ${1:-pre_rotated} in
     run dkv '[{}, {"p16_ds": true}, {"p16_ds": true, "ds_under_dv": false}]' --no-rope ;;
   sass)  # the next step (not run yet): where in the dk/dv kernel the spills are
     mkdir -p "$OUT/sass"
-    MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO="$OUT/sass" timeout 170 python3 benchmarks/bench_mosaic_bwd.py \
-      --kernel dkv --no-rope --no-baseline --kwargs '[{}]' > "$OUT/sass.log" 2>&1
+    MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_TO="$OUT/sass" timeout 120 \
+      python3 benchmarks/compile_mosaic_kernel.py --kernel dkv > "$OUT/sass.log" 2>&1
     python3 benchmarks/sass_spills.py "$OUT/sass" | head -120 ;;
   local) ;;
 esac
