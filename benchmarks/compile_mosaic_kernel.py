@@ -7,12 +7,14 @@ PTX / SASS dumps and ptxas report (no timing, no checks).
     python3 benchmarks/sass_spills.py $OUT/dump
 """
 import argparse
+import importlib
 import json
+import os
 import sys
 
 import jax
 
-sys.path.insert(0, __file__.rsplit("/", 2)[0] + "/tests")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from mosaic_cases import backward_case  # noqa: E402
 
 
@@ -22,7 +24,6 @@ def main():
     p.add_argument("--rope", action="store_true", help="with RoPE tables (rotated in the kernel)")
     p.add_argument("--kwargs", default="{}", help="launch settings (JSON)")
     a = p.parse_args()
-    import importlib
     mod = importlib.import_module(f"pallas_kernels.attention_mosaic_{a.kernel}")
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=a.rope, segments=False, seed=0)
     kw = json.loads(a.kwargs)

@@ -896,12 +896,13 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
     aux = {}
     all_mosaic = cfg.mosaic_dq and cfg.mosaic_dkv
     if cfg.rope and not _rope_in_kernel(tn, all_mosaic):
-        if tn.rope_grad_in_kernel and all_mosaic and not tn.mosaic_fused_bwd:
+        outside = tn.rope_grad_in_kernel and all_mosaic and not tn.mosaic_fused_bwd
+        if outside:  # rotated in the forward rule, un-rotated by the backward kernels
             aux["rope_pos"], aux["inv_freq"] = pos, inv_freq.astype(jnp.float32)
         else:
             cos, sin = rope_cos_sin(pos, inv_freq)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cfg = dataclasses.replace(cfg, rope=False, rope_outside="rope_pos" in aux)
+        cfg = dataclasses.replace(cfg, rope=False, rope_outside=outside)
     if cfg.has_window:
         aux["window"] = jnp.asarray(sliding_window, jnp.int32).reshape(1)
     if cfg.rope:

@@ -21,7 +21,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def _compilation_cache_dir():
     """One persistent compilation cache per test run, shared by its xdist workers: many tests build
     the same tiny models and train steps, and XLA's CPU compile is most of their time (the trainer
-    and train-step tests: 4.2 -> 3.5 min on 2 cores). Runs older than a day are removed."""
+    and train-step tests: 4.2 -> 3.5-3.75 min on 2 cores). Runs older than a day are removed."""
     root = os.path.join(tempfile.gettempdir(), "unsloth_jax_tests")
     if os.path.isdir(root):
         for old in os.listdir(root):
