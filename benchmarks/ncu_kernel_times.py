@@ -3,7 +3,7 @@
 bf16 matmul, for comparisons that the machine's run-to-run noise in wall-clock timings hides.
 
 One `ncu` process per (shape, direction) runs every config (`profile_nf4.py --calls 2`); the
-second launch of each is kept. Prints one line per config, sorted, with the ratio to bf16.
+second call of each is kept, with the kernels after its NF4 kernel (a split's partial-sum pass). Prints one line per config, sorted, with the ratio to bf16.
 
     PYTHONPATH=$PWD python3 benchmarks/ncu_kernel_times.py --shapes 14336x4096,1024x4096 \\
         --fwd '[128,2,4,3,0,"prmt16"]' --dx '[16,8,4,3,0,"prmt16"]'
@@ -57,6 +57,18 @@ def one_call(launches, calls):
     return launches
 
 
+def per_call(launches):
+    """Microseconds per NF4 call: each nf4 kernel plus the kernels after it up to the next one
+    (a split's partial-sum pass, casts). Launches before the first nf4 kernel are set-up."""
+    calls = []
+    for name, t in launches:
+        if "nf4" in name:
+            calls.append(t)
+        elif calls:
+            calls[-1] += t
+    return calls
+
+
 def print_breakdown(label, script, args, calls=3):
     ks = one_call(kernel_times([*args, "--calls", str(calls)], ".", script), calls)
     print(f"{label} {sum(t for _, t in ks):8.2f} us in {len(ks)} kernels: "
@@ -97,8 +109,8 @@ def main():
             common = ["--m", str(a.m), "--shape", shape, "--dir", direction, "--calls", "2"]
             bf16 = kernel_times(common + ["--bf16"], "gemv|gemm|xmma|cutlass|sm90|dot")
             t_bf16 = bf16[-1][1] if bf16 else float("nan")
-            nf4 = [t for t in kernel_times(common + sum((["--cfg", c] for c in cfgs), []), "nf4") ]
-            per_cfg = [nf4[2 * i + 1][1] if 2 * i + 1 < len(nf4) else float("nan") for i in range(len(cfgs))]
+            calls = per_call(kernel_times(common + sum((["--cfg", c] for c in cfgs), []), "."))
+            per_cfg = [calls[2 * i + 1] if 2 * i + 1 < len(calls) else float("nan") for i in range(len(cfgs))]
             print(f"{shape:>11} {direction:3s} bf16 {t_bf16:7.2f} us ({bf16[-1][0][:40] if bf16 else '-'})", flush=True)
             for c, t in sorted(zip(cfgs, per_cfg), key=lambda z: z[1]):
                 print(f"{'':>15} {t:7.2f} us  {t_bf16 / t:5.2f}x bf16  {c}", flush=True)

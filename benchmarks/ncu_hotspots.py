@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Where a kernel's warps wait: Nsight Compute's per-instruction stall samples (the source page of a
+report collected with `--section SourceCounters --section WarpStateStats`), summarised.
+
+    ncu --clock-control none -k regex:mosaic --launch-skip 1 --launch-count 1 --section SourceCounters \\
+        --section WarpStateStats -o $OUT/rep python3 benchmarks/profile_attention.py --T 2048 --B 8 --impl ours-norope
+    ncu -i $OUT/rep.ncu-rep --page source --csv --print-source sass > $OUT/source.csv
+    python3 benchmarks/ncu_hotspots.py $OUT/source.csv [--top 40]
+
+Prints the sample share per opcode, per stall reason, and the top instructions with the ones just
+before them (a wait's cost shows on the instruction after the thing waited for).
+"""
+import argparse
+import collections
+import csv
+import io
+import re
+import sys
+
+
+def tables(text):
+    """The CSV tables in text (ncu prints one per kernel, each starting with a header row)."""
+    out, cur = [], []
+    for row in csv.reader(io.StringIO(text)):
+        if row and any("Address" == c or "# Address" == c for c in row[:2]) and cur:
+            out.append(cur)
+            cur = []
+        if row:
+            cur.append(row)
+    if cur:
+        out.append(cur)
+    return [t for t in out if len(t) > 1]
+
+
+def number(s):
+    try:
+        return float(s.replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
+def summarise(rows, top, context):
+    head = rows[0]
+    body = rows[1:]
+    low = [h.lower() for h in head]
+    src = next((i for i, h in enumerate(low) if h == "source"), None)
+    addr = next((i for i, h in enumerate(low) if "address" in h), 0)
+    total = next((i for i, h in enumerate(low) if "sampling (all" in h), None)
+    if src is None or total is None:
+        print("columns:", head)
+        return
+    reasons = [i for i, h in enumerate(low) if h.startswith("stall_") or "pcsamp_warps_issue_stalled" in h
+               or (h.startswith("warp stall sampling") and i != total and "not-issued" not in h)]
+    samples = [number(r[total]) if len(r) > total else 0.0 for r in body]
+    all_ = sum(samples) or 1.0
+    print(f"{len(body)} instructions, {all_:.0f} samples; columns: {len(head)}")
+    by_op = collections.Counter()
+    for r, s in zip(body, samples):
+        op = re.sub(r"^@!?U?P\w+\s+", "", r[src].strip()).split(" ")[0]
+        by_op[op] += s
+    print("by opcode:", ", ".join(f"{op} {100 * s / all_:.1f}%" for op, s in by_op.most_common(14)))
+    if reasons:
+        per = collections.Counter({head[i]: sum(number(r[i]) for r in body if len(r) > i) for i in reasons})
+        tot = sum(per.values()) or 1.0
+        print("by reason:", ", ".join(f"{k} {100 * v / tot:.1f}%" for k, v in per.most_common(12)))
+    order = sorted(range(len(body)), key=lambda i: -samples[i])[:top]
+    for i in sorted(order):
+        why = ""
+        if reasons:
+            rs = sorted(((number(body[i][j]), head[j]) for j in reasons if len(body[i]) > j), reverse=True)[:2]
+            why = "; ".join(f"{n} {v:.0f}" for v, n in rs if v)
+        print(f"{100 * samples[i] / all_:5.1f}%  {body[i][addr]:>6}  {body[i][src].strip()[:70]:70s}  {why}")
+        for j in range(max(0, i - context), i):
+            print(f"{'':7s}  {body[j][addr]:>6}  {body[j][src].strip()[:70]}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csv")
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--context", type=int, default=0, help="instructions shown before each top one")
+    a = p.parse_args()
+    ts = tables(open(a.csv, errors="replace").read())
+    if not ts:
+        sys.exit(f"ncu_hotspots: no table in {a.csv}")
+    for n, t in enumerate(ts):
+        print(f"== kernel {n}")
+        summarise(t, a.top, a.context)
+
+
+if __name__ == "__main__":
+    main()
