@@ -2,6 +2,8 @@
 # Session 14 device calls (attention_NOTES.md "Session 14").
 #   bash benchmarks/run_session14.sh sass     # SASS / PTX / ptxas of dk/dv, dq, dq with un-rotation tables; spill sites
 #   bash benchmarks/run_session14.sh stalls   # where the backward kernels' warps wait (ncu PC sampling, 2k, no RoPE)
+#   bash benchmarks/run_session14.sh mask     # causal masks from 1-D index vectors vs the 2-D iota (before_s14/), in one process
+#   bash benchmarks/run_session14.sh e2e      # end to end against cuDNN + XLA RoPE, wall clock and Nsight at 2k
 #   bash benchmarks/run_session14.sh nf4kv    # NF4 1024x4096 (k/v projections), M = 1 / 16: configs without split-K
 set -u
 export PYTHONPATH=$PWD
@@ -42,9 +44,21 @@ case ${1:-sass} in
              '[8,32,8,2,1,"prmt16"]' '[4,64,8,1,1,"prmt16"]' '[2,64,4,1,1,"prmt16"]' '[16,16,8,2,1,"prmt16"]'; do F="$F --fwd $c"; done
     D='[16,8,4,3,0,"prmt16"]'
     for c in '[64,1,4,3,2,"prmt16"]' '[32,1,4,3,4,"prmt16"]' '[16,2,4,3,4,"prmt16"]' '[64,2,8,3,4,"prmt16"]' '[128,1,4,3,2,"prmt16"]' '[32,2,4,3,0,"prmt16"]'; do D="$D --dx $c"; done
-    timeout 200 python3 benchmarks/ncu_kernel_times.py --shapes 1024x4096 --m 1 --fwd $F --dx $D
+    timeout 200 python3 benchmarks/ncu_kernel_times.py --shapes 1024x4096 --m 1 --fwd $F --dx $D 2> "$OUT/nf4kv.err"; tail -3 "$OUT/nf4kv.err"
     M='[16,64,128,4,4,0,8,"prmt16",false,true]'
     for c in '[16,16,128,4,4,1,8,"prmt16",false,true]' '[16,16,256,4,3,2,8,"prmt16",false,true]' '[16,32,256,4,3,2,8,"prmt16",false,true]' '[16,16,512,4,2,1,8,"prmt16",false,true]'; do M="$M --fwd $c"; done
     timeout 150 python3 benchmarks/ncu_kernel_times.py --shapes 1024x4096 --m 16 --fwd $M ;;
-  *) echo "usage: $0 sass|stalls|nf4kv" >&2; exit 2 ;;
+  mask)
+    export MOSAIC_GPU_DUMP_PTXAS=1
+    B=benchmarks.before_s14
+    for kern in dkv dq fwd; do
+      mod=$B.attention_mosaic_$kern; [ $kern = fwd ] && mod=$B.attention_mosaic
+      timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel $kern --no-rope --no-baseline --with-32k \
+        --kwargs "[{\"module\": \"$mod\"}, {}]" > "$OUT/mask_$kern.log" 2>&1
+      echo "== $kern rc=$?"; grep -E "ms|PASS|FAIL|Error|spill stores," "$OUT/mask_$kern.log" | sort | uniq -c | sort -k2 | head -24
+    done ;;
+  e2e)
+    timeout 300 python3 benchmarks/bench_attention.py --timing-only --impls "ours;cudnn + XLA RoPE" --seqs 2048,8192,32768 2>&1 | tail -12
+    timeout 200 python3 benchmarks/ncu_kernel_times.py --attention 2048x8 --impls ours,cudnn-rope ;;
+  *) echo "usage: $0 sass|stalls|mask|e2e|nf4kv" >&2; exit 2 ;;
 esac

@@ -23,6 +23,7 @@ kernels and the reference (benchmarks/run_mosaic_attention.py, attention_NOTES.m
 import dataclasses
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -136,10 +137,26 @@ class Values:
     def cast(self, x, layout):
         return x if self.interp else plgpu.layout_cast(x, layout)
 
-    def iota(self, shape, dim):
+    def index_vec(self, n, dim):
+        """0..n-1 as a [n] vector along the rows (dim 0) or columns (dim 1) of a tile."""
         if self.interp:
-            return lax.broadcasted_iota(jnp.int32, shape, dim)
-        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+            return lax.broadcasted_iota(jnp.int32, (n,), 0)
+        return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+
+    def compare_positions(self, shape, row0, col0, op, vectors=True):
+        """op(row0 + r, col0 + c) over a [rows, cols] tile (bool), from index vectors broadcast to
+        it. vectors=False: from 2-D iotas, a divide and a remainder per element that the compiler
+        hoists out of the loops into two values per element held for the whole kernel: in dk/dv
+        they spilled (vectors: 1.09x / 1.02x / 1.00x at 2k / 8k / 32k, spills 632 -> 412 B; dq
+        1.01x / 1.00x / 1.07x), in the forward, with registers to spare, they are 1.05x faster at
+        2k (H200, benchmarks/RESULTS.md session 14)."""
+        if not vectors:
+            iota = (lambda d: lax.broadcasted_iota(jnp.int32, shape, d)) if self.interp else (
+                lambda d: plgpu.broadcasted_iota(jnp.int32, shape, d, layout=plgpu.Layout.WGMMA))
+            return op(iota(0) + row0, iota(1) + col0)
+        rows = self.index_vec(shape[0], 0) + (row0 - col0)
+        cols = self.index_vec(shape[1], 1)
+        return op(lax.broadcast_in_dim(rows, shape, [0]), lax.broadcast_in_dim(cols, shape, [1]))
 
     def vec(self, ref, dim):
         """A [n] vector from shared memory, along the rows (dim 0) or columns (dim 1) of a tile."""
@@ -148,13 +165,14 @@ class Values:
         return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
 
 
-def scores_log2(s, scale, val, q0, k0, masked, seg_rows=None, seg_cols=None):
+def scores_log2(s, scale, val, q0, k0, masked, seg_rows=None, seg_cols=None, mask_vectors=True):
     """QK^T scores [queries, keys] times scale * log2(e), -inf where causal masking hides a key (masked:
     the tile crosses the diagonal; q0 / k0: its first query / key) or it is in another segment
-    (seg_rows / seg_cols: the ids along the rows / columns, or None). val: `Values`."""
+    (seg_rows / seg_cols: the ids along the rows / columns, or None). val: `Values`; mask_vectors:
+    see `Values.compare_positions`."""
     s = s * (scale * LOG2E)
     if masked:
-        s = jnp.where(val.iota(s.shape, 0) + q0 >= val.iota(s.shape, 1) + k0, s, -jnp.inf)
+        s = jnp.where(val.compare_positions(s.shape, q0, k0, operator.ge, mask_vectors), s, -jnp.inf)
     if seg_rows is not None:
         same = (lax.broadcast_in_dim(seg_rows, s.shape, [0]) == lax.broadcast_in_dim(seg_cols, s.shape, [1]))
         s = jnp.where(same, s, -jnp.inf)
@@ -454,7 +472,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                             return acc[...]
                         s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
                     s = scores_log2(s, scale, val, q0, j * bk, masked, seg_rows,
-                                    vec(segk.at[slot], 1) if segs else None)
+                                    vec(segk.at[slot], 1) if segs else None, mask_vectors=False)
                     m_new = jnp.maximum(m, s.max(axis=1))
                     alpha = jnp.exp2(m - m_new)
                     p16 = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))

@@ -41,6 +41,7 @@ dP^T are jnp dots of the shared-memory tiles and lse/delta plain loads (tests/te
 """
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -120,9 +121,6 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     val = Values(interp)
     vec = val.vec  # dim 0: along the keys (rows), 1: the queries (columns) of a [keys, queries] tile
 
-    def iota(dim):
-        return val.iota((t, t), dim)
-
     def col_vec(ref):
         return vec(ref, 1)
 
@@ -140,7 +138,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             s_t = pl.run_scoped(qk, plgpu.ACC((t, t), jnp.float32))
         s_t = s_t * (scale * LOG2E)
         if masked:  # key k0 + r sees query q0 + c iff k0 + r <= q0 + c
-            s_t = jnp.where(iota(0) + k0 <= iota(1) + q0, s_t, -jnp.inf)
+            s_t = jnp.where(val.compare_positions((t, t), k0, q0, operator.le), s_t, -jnp.inf)
         if seg_t is not None:
             key_ids, q_ids = seg_t
             same = (lax.broadcast_in_dim(key_ids, (t, t), [0])

@@ -1,0 +1,560 @@
+"""Causal GQA flash-attention forward with RoPE inside, as a Mosaic GPU kernel (Hopper: wgmma, TMA,
+warp specialization). `flash_attention` uses it for the forward where it applies (`supported`) on
+an sm_90 GPU, with the dq and dk/dv kernels of attention_mosaic_dq.py / _dkv.py (or the Triton ones
+of `attention.py`, which take its lse as is).
+
+Why: the Triton lowering of Pallas reaches ~0.7x cuDNN's forward without RoPE and ~0.5x with it
+(benchmarks/attention_NOTES.md). This kernel runs three warpgroups per CTA (128 query rows of one
+head): a producer brings K halves, cos/sin and V in by TMA over `stages` slots and rotates each K
+tile once in shared memory (so the 4-8 query heads of a GQA group do not each rotate it), two
+consumers (64 rows each) rotate their Q tile once, run QK^T and PV on wgmma with P kept in
+registers, and hand each slot back on a "consumed" barrier. Causal: key tiles past the diagonal
+are never loaded; the consumer of the lower rows runs fewer steps and only keeps the barriers'
+phases in step for the rest. Persistent (`ctas`, the default without tables): one CTA per SM
+loops over query tiles (`QTiles`), the producer streaming K/V across them. Packing (segment ids):
+each CTA starts at the first key tile that can share a segment with its rows
+(`segment_block_ranges`), and every tile is masked by segment.
+
+Developed against JAX's Mosaic GPU interpreter on the CPU (tests/test_attention_mosaic.py), which
+has no `layout_cast`, transposed wgmma operand or register A operand: under it P goes through
+shared memory and QK^T is a jnp dot. The compiled path was checked on the H100 against the Triton
+kernels and the reference (benchmarks/run_mosaic_attention.py, attention_NOTES.md session 4).
+"""
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+HEAD_DIM = 128
+BLOCK_Q = 128  # query rows per CTA (two consumer warpgroups of 64)
+BLOCK_K = 64
+
+
+def supported(*, head_dim, seq_len, dtype, causal, has_window, has_segments, softcap) -> bool:
+    """Whether the Mosaic kernels (this forward, attention_mosaic_dq/_dkv) compute the same thing as
+    the Triton ones for the call. (has_segments is fine: packing is supported.)"""
+    del has_segments
+    return (head_dim == HEAD_DIM and seq_len % BLOCK_Q == 0 and causal and not has_window
+            and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+
+
+def _first_and_last_occurrence(seg):
+    """For each position of seg [B, T]: the first and the last position holding the same id."""
+    order = jnp.argsort(seg, axis=-1, stable=True)  # by id, then by position
+    ids = jnp.take_along_axis(seg, order, axis=-1)
+    idx = jnp.broadcast_to(jnp.arange(seg.shape[1]), seg.shape)
+    starts = jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], axis=-1)
+    ends = jnp.concatenate([starts[:, 1:], jnp.ones_like(starts[:, :1])], axis=-1)
+    group_start = lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    group_end = lax.cummin(jnp.where(ends, idx, seg.shape[1]), axis=1, reverse=True)
+    first = jnp.take_along_axis(order, group_start, axis=-1)
+    last = jnp.take_along_axis(order, group_end, axis=-1)
+    inverse = jnp.argsort(order, axis=-1)  # back from sorted to positional order
+    return jnp.take_along_axis(first, inverse, axis=-1), jnp.take_along_axis(last, inverse, axis=-1)
+
+
+def segment_block_ranges(seg, rows, cols, *, by_key=False, occurrences=None):
+    """int32 [B, T // rows, 2]: for each block of `rows` queries (by_key: keys), the range [lo, hi)
+    of `cols`-sized key (query) blocks that can hold a pair left visible by causal masking with
+    segment ids [B, T]. A query sees no key before the first occurrence of its id, a key no query
+    after the last one: exact for contiguous segments (what packing makes, padding included),
+    conservative for any other ids (the kernels mask every tile by segment). occurrences: seg's
+    `_first_and_last_occurrence`, if already computed."""
+    B, T = seg.shape
+    first, last = occurrences if occurrences is not None else _first_and_last_occurrence(seg)
+    r0 = jnp.arange(T // rows) * rows
+    if by_key:  # queries from the diagonal to the last one sharing a key's id
+        lo = jnp.broadcast_to(r0 // cols, (B, T // rows))
+        hi = last.reshape(B, T // rows, rows).max(-1) // cols + 1
+    else:  # keys from the first one sharing a query's id to the diagonal
+        lo = first.reshape(B, T // rows, rows).min(-1) // cols
+        hi = jnp.broadcast_to((r0 + rows - 1) // cols + 1, (B, T // rows))
+    return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
+
+
+def segment_ranges(seg):
+    """The block ranges all three Mosaic kernels take, from one pass over seg: (per 128-query CTA
+    of the forward and dq kernels, in 64-key tiles; per 128-key CTA of dk/dv, in 64-query tiles)."""
+    occ = _first_and_last_occurrence(seg)
+    return (segment_block_ranges(seg, BLOCK_Q, BLOCK_K, occurrences=occ),
+            segment_block_ranges(seg, BLOCK_Q, BLOCK_K, by_key=True, occurrences=occ))
+
+
+def smem_tiles():
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def cta_grid(heads, blocks, batch, block_name, longest_first):
+    """grid and grid_names of a kernel with one CTA per (head, block, batch row). Mosaic GPU maps the
+    last grid axis to blockIdx.x, which the GPU launches first: longest_first puts the blocks
+    outermost so that the heaviest (causal: the last query blocks, the first key blocks; see
+    `block_index`) start first and the light ones fill the tail, with the heads of one GQA group
+    side by side (they read the same K/V). Otherwise head-major, batch innermost (the old order)."""
+    if longest_first:
+        return (blocks, batch, heads), (block_name, "b", "h")
+    return (heads, blocks, batch), ("h", block_name, "b")
+
+
+def block_index(block_name, blocks, longest_first, heavy_last):
+    """This CTA's block along the sequence: reversed when the heaviest blocks are the last ones
+    (query blocks under causal masking) so that they get the first launch slots."""
+    i = lax.axis_index(block_name)
+    return blocks - 1 - i if longest_first and heavy_last else i
+
+
+def launch_kernel(entry, out_type, *, compiler_params, zero_outputs=False, interpret=None, **mesh):
+    """plgpu.kernel(entry, ...) as a function of the kernel's arguments, which may include mutable
+    `jax.new_ref` arrays (accumulators the kernel adds into: those go through pl.kernel, which aliases
+    them in and out). mesh: plgpu.Mesh's arguments (grid, grid_names, num_threads, thread_name).
+    zero_outputs (interpreter only): the outputs start as zeros, not NaN."""
+    if zero_outputs:
+        assert interpret is not None, "zero_outputs: the interpreter only"
+        interpret = dataclasses.replace(interpret, uninitialized_memory="zero")
+
+    def call(*args):
+        if not any(isinstance(a, jax.Ref) for a in args):
+            return plgpu.kernel(entry, out_type=tuple(out_type), compiler_params=compiler_params,
+                                interpret=interpret, **mesh)(*args)
+        return pl.kernel(entry, out_type=tuple(out_type), mesh=plgpu.Mesh(**mesh),
+                         compiler_params=compiler_params, interpret=interpret)(*args)
+    return call
+
+
+class Values:
+    """Register values of a Mosaic GPU kernel, compiled (explicit WGMMA layouts) or under JAX's
+    Mosaic GPU interpreter (plain arrays: it has no layout_cast and no load with a layout)."""
+
+    def __init__(self, interp: bool):
+        self.interp = interp
+
+    def cast(self, x, layout):
+        return x if self.interp else plgpu.layout_cast(x, layout)
+
+    def iota(self, shape, dim):
+        if self.interp:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def vec(self, ref, dim):
+        """A [n] vector from shared memory, along the rows (dim 0) or columns (dim 1) of a tile."""
+        if self.interp:
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+
+
+def scores_log2(s, scale, val, q0, k0, masked, seg_rows=None, seg_cols=None):
+    """QK^T scores [queries, keys] times scale * log2(e), -inf where causal masking hides a key (masked:
+    the tile crosses the diagonal; q0 / k0: its first query / key) or it is in another segment
+    (seg_rows / seg_cols: the ids along the rows / columns, or None). val: `Values`."""
+    s = s * (scale * LOG2E)
+    if masked:
+        s = jnp.where(val.iota(s.shape, 0) + q0 >= val.iota(s.shape, 1) + k0, s, -jnp.inf)
+    if seg_rows is not None:
+        same = (lax.broadcast_in_dim(seg_rows, s.shape, [0]) == lax.broadcast_in_dim(seg_cols, s.shape, [1]))
+        s = jnp.where(same, s, -jnp.inf)
+    return s
+
+
+def check_regs(regs):
+    """setmaxnreg settings (consumer, producer) for 2 consumer + 1 producer warpgroups, or None."""
+    if regs is not None:
+        assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
+        assert 256 * regs[0] + 128 * regs[1] <= 65536, regs
+
+
+def rotate_halves(x_parts, c_ref, s_ref, rows, chunk):
+    """In-place RoPE of a [2, rows, D/2] (halves) shared-memory tile by cos/sin [rows, D/2], in
+    `chunk`-row pieces (64: the smallest the WGMMA register layout tiles), float32 math."""
+    for r0 in range(0, rows, chunk):
+        sl = pl.ds(r0, chunk)
+        x1 = x_parts.at[0, sl][...].astype(jnp.float32)
+        x2 = x_parts.at[1, sl][...].astype(jnp.float32)
+        c = c_ref.at[sl][...].astype(jnp.float32)
+        s = s_ref.at[sl][...].astype(jnp.float32)
+        x_parts.at[0, sl][...] = (x1 * c - x2 * s).astype(x_parts.dtype)
+        x_parts.at[1, sl][...] = (x2 * c + x1 * s).astype(x_parts.dtype)
+
+
+class QTiles:
+    """Which tiles (query block qi, batch row b, head h) each CTA of a Q-stationary kernel (the
+    forward, dq) runs. ctas None: one CTA per tile, in `cta_grid`'s order. An int: a persistent
+    kernel of that many CTAs (one per SM), each looping over tiles in longest-first order, round
+    by round, snaking (CTA c takes the c-th tile of even rounds and the c-th from the end of odd
+    ones) so that the CTAs get about equal work. Persistence is for the per-CTA fixed cost: the
+    producer streams the next tile's K/V while the consumers finish the last one."""
+
+    def __init__(self, batch, heads, blocks, ctas, longest_first):
+        self.batch, self.heads, self.blocks, self.longest_first = batch, heads, blocks, longest_first
+        self.tiles = batch * heads * blocks
+        self.ctas = None if ctas is None else max(1, min(int(ctas), self.tiles))
+        if self.ctas is None:
+            self.grid, self.grid_names = cta_grid(heads, blocks, batch, "q", longest_first)
+        else:
+            self.grid, self.grid_names = (self.ctas,), ("cta",)
+
+    def count(self):
+        """How many tiles this CTA runs (a Python int without persistence)."""
+        if self.ctas is None:
+            return 1
+        rounds, rest = divmod(self.tiles, self.ctas)
+        c = lax.axis_index("cta")
+        in_last = (c < rest) if rounds % 2 == 0 else (c >= self.ctas - rest)  # the partial round
+        return rounds + in_last.astype(jnp.int32)
+
+    def coords(self, i):
+        """(qi, b, h) of this CTA's i-th tile."""
+        if self.ctas is None:
+            qi = block_index("q", self.blocks, self.longest_first, heavy_last=True)
+            return qi, lax.axis_index("b"), lax.axis_index("h")
+        c = lax.axis_index("cta")
+        t = i * self.ctas + jnp.where(lax.rem(i, 2) == 0, c, self.ctas - 1 - c)
+        per_block = self.batch * self.heads  # the heads of a GQA group side by side (same K/V)
+        qi = self.blocks - 1 - lax.div(t, jnp.int32(per_block))
+        r = lax.rem(t, jnp.int32(per_block))
+        return qi, lax.div(r, jnp.int32(self.heads)), lax.rem(r, jnp.int32(self.heads))
+
+
+def for_each_tile(tiles, kv_range, body):
+    """body(i, tile, kv_min, kv_max, off) for each of this CTA's tiles in order, tile = (qi, b, h),
+    its key tiles [kv_min, kv_max) = kv_range(*tile); off: the K/V steps run before this tile minus
+    kv_min, so that key tile j of this tile is global step j + off (its slot: (j + off) % stages).
+    Returns the number of steps of all tiles."""
+    def run(i, g):
+        tile = tiles.coords(i)
+        lo, hi = kv_range(*tile)
+        body(i, tile, lo, hi, g - lo)
+        return g + hi - lo
+    n = tiles.count()
+    if isinstance(n, int) and n == 1:
+        return run(jnp.int32(0), jnp.int32(0))
+    return lax.fori_loop(jnp.int32(0), n, run, jnp.int32(0))
+
+
+def when_any_tile(tiles, f, after=None):
+    """f() if this CTA has a tile after its `after`-th (None: any tile at all)."""
+    n = tiles.count()
+    if isinstance(n, int):  # one tile each
+        if after is None:
+            f()
+        return
+    pl.when(n > (0 if after is None else after + 1))(f)
+
+
+def causal_kv_range(rng_ref, bk=BLOCK_K):
+    """kv_range of a Q-stationary kernel (for_each_tile): query block qi's `bk`-key tiles under
+    causal masking, from the first one sharing a segment (rng_ref: segment_ranges(seg)[0], in
+    BLOCK_K tiles whatever bk, or None)."""
+    def kv_range(qi, b, h):
+        del h
+        hi = lax.div(qi * BLOCK_Q + BLOCK_Q + bk - 1, jnp.int32(bk))
+        if rng_ref is None:
+            return jnp.int32(0), hi
+        return lax.div(rng_ref[b, qi, 0], jnp.int32(bk // BLOCK_K)), hi  # the bk tile holding that key
+    return kv_range
+
+
+def step_slot(j, off, stages):
+    return lax.rem(j + off, jnp.int32(stages))
+
+
+def skip_kv_steps(bars, start, stop, off, stages):
+    """A consumer's steps [start, stop) that only the other consumer needs: wait and arrive anyway,
+    so every barrier phase is observed by every waiter (the interpreter checks it; waiting too, not
+    only arriving as JAX's own kernel does, measured 15% faster at 2k). bars: (K, V, consumed)."""
+    kbar, vbar, consumed = bars
+
+    def skip(j, _):
+        slot = step_slot(j, off, stages)
+        plgpu.barrier_wait(kbar.at[slot])
+        plgpu.barrier_wait(vbar.at[slot])
+        plgpu.barrier_arrive(consumed.at[slot])
+    lax.fori_loop(start, stop, skip, None)
+
+
+def kv_producer(refs, bufs, bars, *, tiles, kv_range, group, table_b, stages, bk):
+    """The producer warpgroup of the forward and dq kernels: streams the key tiles of all of this
+    CTA's tiles (K halves, cos/sin and segment ids on the "raw" barrier, V on its own) through
+    `stages` slots, refilling a slot once both consumers arrived on its "consumed" barrier. With
+    RoPE tables it rotates each K tile once in shared memory, one step behind the loads, and releases
+    it on "K ready"; without, the consumers wait on "raw" itself.
+    refs: (k, v, cos, sin, seg) in GMEM; bufs: (K halves, cos, sin, ids, V) slots; bars: (raw,
+    ready, V, consumed). cos/sin (seg) and their buffers are None without RoPE (segment ids).
+    group: query heads per K/V head; table_b: batch rows of the tables (1: shared)."""
+    k_ref, v_ref, cos_ref, sin_ref, seg_ref = refs
+    kh, ck, sk, segk, vs = bufs
+    kraw, kready, vbar, consumed = bars
+    half = kh.shape[-1]
+    rope = cos_ref is not None
+
+    def issue(b, kvh, step, slot):
+        rows = pl.ds(step * bk, bk)
+        for part in range(2):
+            plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kvh, pl.ds(part * half, half)], kh.at[slot, part], kraw.at[slot])
+        if rope:
+            tb = b if table_b > 1 else 0
+            plgpu.copy_gmem_to_smem(cos_ref.at[tb, rows], ck.at[slot], kraw.at[slot])
+            plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sk.at[slot], kraw.at[slot])
+        if seg_ref is not None:
+            plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk.at[slot], kraw.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], vs.at[slot], vbar.at[slot])
+
+    def rotate(g):  # global step g's K tile, loaded one step earlier: rotate and release it
+        slot = step_slot(g, 0, stages)
+        plgpu.barrier_wait(kraw.at[slot])
+        rotate_halves(kh.at[slot], ck.at[slot], sk.at[slot], bk, 64)
+        plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier before the release
+        plgpu.barrier_arrive(kready.at[slot])
+
+    def stream_tile(i, tile, kv_min, kv_max, off):
+        del i
+        _, b, h = tile
+        kvh = lax.div(h, jnp.int32(group))
+
+        def step(j, _):
+            g = j + off
+            slot = step_slot(j, off, stages)
+
+            @pl.when(g >= stages)  # the slot's previous step was released
+            def _():
+                plgpu.barrier_wait(consumed.at[slot])
+            issue(b, kvh, j, slot)
+            if rope:
+                @pl.when(g >= 1)
+                def _():
+                    rotate(g - 1)
+        lax.fori_loop(kv_min, kv_max, step, None)
+
+    g = for_each_tile(tiles, kv_range, stream_tile)
+    if rope:
+        @pl.when(g >= 1)
+        def _():
+            rotate(g - 1)
+
+    def drain(j, _):  # the last steps' slots are not refilled: observe their release anyway
+        plgpu.barrier_wait(consumed.at[step_slot(j, 0, stages)])
+    lax.fori_loop(jnp.maximum(g - stages, 0), g, drain, None)
+
+
+def sm_count():
+    """Streaming multiprocessors of the default device (the CTAs of a persistent kernel)."""
+    return getattr(jax.devices()[0], "core_count", None) or 132
+
+
+def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=(200, 104),
+                   longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, interpret=None):
+    """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
+    (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
+    if already computed). Returns o [B, T, Hq, D] and lse
+    [B, Hq, T] (log2-sum-exp2 of the scores times scale * log2(e), as the Triton kernels keep it).
+
+    stages: K/V slots in flight (None: 3 for 64-key tiles, 2 for 128). key_block: keys per step
+      (64, or 128 without RoPE tables: half the steps and their fixed work, QK^T at N = 128;
+      1.10x / 1.11x at 2k / 8k on the H200, persistent, `Tuning.mosaic_fwd_key_block`).
+      pingpong (key_block 128): the consumers take turns on the tensor cores (one's QK^T, the
+      other's, one's PV, the other's), so one's softmax runs under the other's wgmmas (FA3's
+      schedule; measured no faster than 128-key steps without it). regs: (consumer, producer) registers per thread for setmaxnreg
+      (2*128*c + 128*p <= 65536), or None. longest_first: launch order (`cta_grid`).
+      ctas: None, one CTA per 128 query rows of a head; an int ("sms": the device's SM count), a
+      persistent kernel (`QTiles`). interpret: InterpretGPUParams to run on the CPU.
+    Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest).
+    Without RoPE tables the output leaves through its own buffer, so a consumer loads its next Q
+    tile before writing the last one out; with them (no shared memory left) through the Q buffer."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, key_block
+    assert D == HEAD_DIM and T % cta_q == 0, (q.shape, "see supported()")
+    assert bk in (64, 128), key_block
+    assert not pingpong or bk == 128, "pingpong: key_block=128 (both consumers then run the same steps)"
+    if bk != BLOCK_K and cos is not None:
+        raise ValueError("mosaic_forward: key_block=128 takes no RoPE tables (their slots would not fit "
+                         "in shared memory); rotate q/k before the call (Tuning.rope_in_kernel=False)")
+    if stages is None:
+        stages = 3 if bk == 64 else 2  # 3 slots of 128 keys would take 256 KB of shared memory
+    rope = cos is not None
+    segs = seg is not None
+    table_b = cos.shape[0] if rope else 1
+    interp = interpret is not None
+    p_smem = interp  # the interpreter has no register A operand for wgmma
+    own_out = not rope  # a separate output buffer: the next Q tile loads under the epilogue
+    check_regs(regs)
+    val = Values(interp)
+    cast, vec = val.cast, val.vec
+    tiles = QTiles(B, Hq, T // cta_q, sm_count() if ctas == "sms" else ctas, longest_first)
+
+    def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref, lse_ref, scratch):
+        # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
+        (qh, oh, cq, sq, kh, ck, sk, vs, ps, lses, segq, segk), (qbar, kraw, kready, vbar, consumed, turn) = scratch
+        wg = lax.axis_index("wg")
+
+        def my_turn():  # pingpong: wait until the other consumer issued its wgmmas
+            if pingpong:
+                plgpu.barrier_wait(turn.at[wg])
+
+        def your_turn():
+            if pingpong:
+                plgpu.barrier_arrive(turn.at[1 - wg])
+        kbar = kready if rope else kraw  # what a consumer waits for before reading a K tile
+
+        kv_range = causal_kv_range(rng_ref, bk)
+
+        @pl.when(wg < 2)
+        def _consumer():
+            if regs and not interp:
+                plgpu.set_max_registers(regs[0], action="increase")
+            my_q, my_bar = qh.at[wg], qbar.at[wg]
+            my_o = oh.at[wg] if own_out else my_q
+            my_cq, my_sq = (cq.at[wg], sq.at[wg]) if rope else (None, None)
+
+            def load_q(qi, b, h):
+                q0 = qi * cta_q + wg * bq
+                tb = b if table_b > 1 else 0
+                for part in range(2):
+                    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h, pl.ds(part * half, half)], my_q.at[part], my_bar)
+                if rope:
+                    plgpu.copy_gmem_to_smem(cos_ref.at[tb, pl.ds(q0, bq)], my_cq, my_bar)
+                    plgpu.copy_gmem_to_smem(sin_ref.at[tb, pl.ds(q0, bq)], my_sq, my_bar)
+                if segs:
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(q0, bq)], segq.at[wg], my_bar)
+
+            def run_tile(i, tile, kv_min, kv_max, off):
+                qi, b, h = tile
+                q0 = qi * cta_q + wg * bq
+                if not own_out:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left the Q buffer
+                    load_q(qi, b, h)
+                plgpu.barrier_wait(my_bar)
+                if rope:
+                    rotate_halves(my_q, my_cq, my_sq, bq, bq)
+                    plgpu.commit_smem()  # generic-proxy writes -> visible to wgmma (async proxy)
+                seg_rows = vec(segq.at[wg], 0) if segs else None
+                kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
+
+                def step(j, carry, masked):
+                    o, m, l = carry
+                    slot = step_slot(j, off, stages)
+                    plgpu.barrier_wait(kbar.at[slot])
+                    my_turn()
+                    if interp:  # the interpreter's wgmma takes no transposed operand
+                        s = sum(lax.dot_general(my_q.at[p][...], kh.at[slot, p][...], (((1,), (1,)), ((), ())),
+                                                preferred_element_type=jnp.float32) for p in range(2))
+                        your_turn()
+                    else:
+                        def qk(acc):
+                            for p in range(2):
+                                plgpu.wgmma(acc, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
+                            your_turn()
+                            plgpu.wgmma_wait(0)
+                            return acc[...]
+                        s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                    s = scores_log2(s, scale, val, q0, j * bk, masked, seg_rows,
+                                    vec(segk.at[slot], 1) if segs else None)
+                    m_new = jnp.maximum(m, s.max(axis=1))
+                    alpha = jnp.exp2(m - m_new)
+                    p16 = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    l = l * alpha + p16.sum(axis=1)
+                    p16 = p16.astype(q.dtype)
+                    o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+                    plgpu.barrier_wait(vbar.at[slot])
+                    if p_smem:
+                        ps.at[wg][...] = p16
+                        plgpu.commit_smem()  # generic-proxy writes of P -> visible to wgmma
+                        my_turn()
+
+                        def pv(acc):
+                            plgpu.wgmma(acc, ps.at[wg], vs.at[slot])
+                            your_turn()
+                            return acc[...]
+                        o = o + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
+                    else:
+                        my_turn()
+
+                        def pv(acc_ref):
+                            plgpu.wgmma(acc_ref, p16, vs.at[slot])
+                            your_turn()
+                        o = pl.run_state(pv)(plgpu.ACC.init(o))
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return o, m_new, l
+
+                o = cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
+                # finite: with segments a row may see no key of a tile (exp2(-inf - -inf) would be NaN)
+                m = cast(jnp.full((bq,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                l = cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
+                carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (o, m, l))
+                o, m, l = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
+
+                skip_kv_steps((kbar, vbar, consumed), kv_steps, kv_max, off, stages)
+                if own_out:  # every wgmma reading Q was waited for: the next tile's Q comes in now
+                    when_any_tile(tiles, lambda: load_q(*tiles.coords(i + 1)), after=i)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left my_o
+
+                o = (o / lax.broadcast_in_dim(l, o.shape, [0])).astype(q.dtype)
+                for part in range(2):
+                    my_o.at[part][...] = o[:, part * half:(part + 1) * half]
+                lses.at[wg][...] = m + jnp.log2(l)
+                plgpu.commit_smem()
+                for part in range(2):
+                    plgpu.copy_smem_to_gmem(my_o.at[part], o_ref.at[b, pl.ds(q0, bq), h, pl.ds(part * half, half)])
+                plgpu.copy_smem_to_gmem(lses.at[wg], lse_ref.at[b, h, pl.ds(q0, bq)])
+
+            if own_out:
+                when_any_tile(tiles, lambda: load_q(*tiles.coords(jnp.int32(0))))
+            if pingpong:  # the lower rows go first; their last turn is observed below
+                pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
+            for_each_tile(tiles, kv_range, run_tile)
+            if pingpong:
+                pl.when(wg == 0)(lambda: plgpu.barrier_wait(turn.at[0]))
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            if regs and not interp:
+                plgpu.set_max_registers(regs[1], action="decrease")
+
+            kv_producer((k_ref, v_ref, cos_ref, sin_ref, seg_ref), (kh, ck, sk, segk, vs),
+                        (kraw, kready, vbar, consumed), tiles=tiles, kv_range=kv_range, group=G,
+                        table_b=table_b, stages=stages, bk=bk)
+
+    def entry(q_ref, k_ref, v_ref, *refs):
+        refs = list(refs)
+        cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
+        seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
+        o_ref, lse_ref = refs
+        smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
+        table = (lambda shape: smem(shape, cos.dtype)) if rope else (lambda shape: None)
+        buffers = (smem((2, 2, bq, half), q.dtype), smem((2, 2, bq, half), q.dtype) if own_out else None,
+                   table((2, bq, half)), table((2, bq, half)),
+                   smem((stages, 2, bk, half), k.dtype), table((stages, bk, half)),
+                   table((stages, bk, half)), smem((stages, bk, D), v.dtype),
+                   smem((2, bq, bk), q.dtype) if p_smem else None,
+                   plgpu.SMEM((2, bq), jnp.float32),
+                   plgpu.SMEM((2, bq), jnp.int32) if segs else None,
+                   plgpu.SMEM((stages, bk), jnp.int32) if segs else None)
+        # TMA copies that complete a Q (or raw K) barrier: two halves (+ cos, sin) (+ segment ids)
+        loads = 2 + (2 if rope else 0) + (1 if segs else 0)
+        barriers = (plgpu.Barrier(num_arrivals=loads, num_barriers=2),
+                    plgpu.Barrier(num_arrivals=loads, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=1, num_barriers=stages) if rope else None,
+                    plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=1, num_barriers=2) if pingpong else None)
+        pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref,
+                                          lse_ref, scr),
+                      buffers, barriers, collective_axes="wg")
+
+    f = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)),
+        grid=tiles.grid, grid_names=tiles.grid_names, num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )
+    extra = ((cos, sin) if rope else ()) + ((seg, segment_ranges(seg)[0] if ranges is None else ranges) if segs else ())
+    return f(q, k, v, *extra)
