@@ -69,6 +69,30 @@ def per_call(launches):
     return calls
 
 
+def nf4_table(shapes, m, calls=3):
+    """Kernel time per call (all kernels of it) of the default NF4 path and of the bf16 matmul, per
+    (shape, direction), from one process (`profile_nf4.py --table`, ops between ncu_marker kernels)."""
+    launches = kernel_times(["--table", ",".join(shapes), "--m", str(m), "--calls", str(calls)], ".")
+    segments, cur = [], None
+    for name, t in launches:
+        if "ncu_marker" in name:
+            if cur is not None:
+                segments.append(cur)
+            cur = []
+        elif cur is not None:
+            cur.append((name, t))
+    rows = [(shape, d) for shape in shapes for d in ("fwd", "dx")]
+    print(f"M = {m}: kernel time per call (us), NF4 default path vs bf16 matmul (>1: NF4 faster)")
+    for i, (shape, d) in enumerate(rows):
+        if 2 * i + 1 >= len(segments):
+            print(f"{shape:>11} {d:3s} missing ({len(segments)} segments)")
+            continue
+        nf4, bf16 = (sum(t for _, t in seg) / calls for seg in segments[2 * i:2 * i + 2])
+        names = lambda seg: ", ".join(sorted({n[:28] for n, _ in seg}))  # noqa: E731
+        print(f"{shape:>11} {d:3s} nf4 {nf4:7.2f}  bf16 {bf16:7.2f}  {bf16 / nf4:5.2f}x   "
+              f"[{names(segments[2 * i])}] [{names(segments[2 * i + 1])}]", flush=True)
+
+
 def print_breakdown(label, script, args, calls=3):
     ks = one_call(kernel_times([*args, "--calls", str(calls)], ".", script), calls)
     print(f"{label} {sum(t for _, t in ks):8.2f} us in {len(ks)} kernels: "
@@ -93,7 +117,10 @@ def main():
     p.add_argument("--attention", metavar="TxB", help="instead: every kernel of one attention fwd+bwd call, per "
                                                       "profile_attention.py impl, at T tokens x B rows")
     p.add_argument("--impls", default="ours,ours-norope,cudnn-rope,cudnn", help="with --attention")
+    p.add_argument("--table", action="store_true", help="the default NF4 path against bf16 for all --shapes at --m")
     a = p.parse_args()
+    if a.table:
+        return nf4_table(a.shapes.split(","), a.m)
     if a.attention:
         t, b = a.attention.split("x")
         for impl in a.impls.split(","):

@@ -9,10 +9,44 @@ import json
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from pallas_kernels import nf4_gemv as G
 from pallas_kernels import nf4_matmul as K
 from unsloth_jax.quant import quantize_nf4
+
+
+def _marker_kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...] + 1
+
+
+def marker():
+    """One tiny kernel named ncu_marker: the separator between the ops of `table`."""
+    x = jnp.zeros((16,), jnp.float32)
+    jax.block_until_ready(pl.pallas_call(_marker_kernel, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
+                                         name="ncu_marker", interpret=jax.default_backend() == "cpu")(x))
+
+
+def table(shapes, m, calls):
+    """For each shape and direction: marker, `calls` calls of the default NF4 path, marker, `calls`
+    calls of the bf16 matmul; a final marker closes the last segment."""
+    for shape in shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        w = jax.random.normal(jax.random.PRNGKey(0), (n, k), jnp.float32) * 0.02
+        q = jax.block_until_ready(quantize_nf4(w, record_dtype="bfloat16"))
+        wb = jax.block_until_ready(w.astype(jnp.bfloat16))
+        for direction in ("fwd", "dx"):
+            x = jax.block_until_ready(jnp.ones((m, k if direction == "fwd" else n), jnp.bfloat16))
+            ops = ((lambda x, q: K.nf4_matmul(x, q), q), (lambda x, w: x @ w.T, wb)) if direction == "fwd" else (
+                (lambda x, q: K._backward_dx(x, q, False, None, x.dtype), q), (lambda x, w: x @ w, wb))
+            for fn, wt in ops:
+                f = jax.jit(fn)
+                jax.block_until_ready(f(x, wt))  # compiled (and autotuned) before the marker
+                marker()
+                for _ in range(calls):
+                    jax.block_until_ready(f(x, wt))
+            print("ran", shape, direction, m, flush=True)
+    marker()
 
 
 def main():
@@ -25,7 +59,11 @@ def main():
                         "(repeatable); none: the default")
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--bf16", action="store_true", help="run the plain bf16 matmul of the shape instead")
+    p.add_argument("--table", metavar="SHAPES", help="instead: the default NF4 path and the bf16 matmul of every "
+                   "(shape, direction), each run between two `ncu_marker` kernels (ncu_kernel_times.py --table)")
     a = p.parse_args()
+    if a.table:
+        return table(a.table.split(","), a.m, a.calls)
     n, k = (int(v) for v in a.shape.split("x"))
     w = jax.random.normal(jax.random.PRNGKey(0), (n, k), jnp.float32) * 0.02
     q = jax.block_until_ready(quantize_nf4(w, record_dtype="bfloat16"))

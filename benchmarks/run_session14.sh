@@ -4,6 +4,7 @@
 #   bash benchmarks/run_session14.sh stalls   # where the backward kernels' warps wait (ncu PC sampling, 2k, no RoPE)
 #   bash benchmarks/run_session14.sh mask     # causal masks from 1-D index vectors vs the 2-D iota (before_s14/), in one process
 #   bash benchmarks/run_session14.sh e2e      # end to end against cuDNN + XLA RoPE, wall clock and Nsight at 2k
+#   bash benchmarks/run_session14.sh nf4table # NF4 default path vs bf16 at M = 1 / 16, Nsight kernel time per call, all shapes
 #   bash benchmarks/run_session14.sh nf4kv    # NF4 1024x4096 (k/v projections), M = 1 / 16: configs without split-K
 set -u
 export PYTHONPATH=$PWD
@@ -60,5 +61,10 @@ case ${1:-sass} in
   e2e)
     timeout 300 python3 benchmarks/bench_attention.py --timing-only --impls "ours;cudnn + XLA RoPE" --seqs 2048,8192,32768 2>&1 | tail -12
     timeout 200 python3 benchmarks/ncu_kernel_times.py --attention 2048x8 --impls ours,cudnn-rope ;;
-  *) echo "usage: $0 sass|stalls|mask|e2e|nf4kv" >&2; exit 2 ;;
+  nf4table)
+    for m in 1 16; do timeout 150 python3 benchmarks/ncu_kernel_times.py --table --m $m 2> "$OUT/nf4table_$m.err"; tail -2 "$OUT/nf4table_$m.err"; done
+    F='[64,2,8,3,0,"prmt16"]'
+    for c in '[2,64,4,1,1,"prmt16"]' '[1,64,4,1,1,"prmt16"]' '[2,64,2,1,1,"prmt16"]' '[4,64,4,1,1,"prmt16"]' '[2,32,4,2,1,"prmt16"]'; do F="$F --fwd $c"; done
+    timeout 120 python3 benchmarks/ncu_kernel_times.py --shapes 1024x4096 --m 1 --fwd $F 2>> "$OUT/nf4table_1.err" ;;
+  *) echo "usage: $0 sass|stalls|mask|e2e|nf4table|nf4kv" >&2; exit 2 ;;
 esac
