@@ -51,7 +51,12 @@ case ${1:-sass} in
     timeout 150 python3 benchmarks/ncu_kernel_times.py --shapes 1024x4096 --m 16 --fwd $M ;;
   mask)
     export MOSAIC_GPU_DUMP_PTXAS=1
-    B=benchmarks.before_s14
+    B=benchmarks.before_s14  # the kernels before the change (48596a8), written here for the A/B
+    mkdir -p benchmarks/before_s14 && touch benchmarks/before_s14/__init__.py
+    git show 48596a8:pallas_kernels/attention_mosaic.py > benchmarks/before_s14/attention_mosaic.py
+    for kern in dkv dq; do git show 48596a8:pallas_kernels/attention_mosaic_$kern.py \
+      | sed 's/from pallas_kernels.attention_mosaic import/from benchmarks.before_s14.attention_mosaic import/' \
+      > benchmarks/before_s14/attention_mosaic_$kern.py; done
     for kern in dkv dq fwd; do
       mod=$B.attention_mosaic_$kern; [ $kern = fwd ] && mod=$B.attention_mosaic
       timeout 200 python3 benchmarks/bench_mosaic_bwd.py --kernel $kern --no-rope --no-baseline --with-32k \
