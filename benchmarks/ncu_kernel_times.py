@@ -3,7 +3,8 @@
 bf16 matmul, for comparisons that the machine's run-to-run noise in wall-clock timings hides.
 
 One `ncu` process per (shape, direction) runs every config (`profile_nf4.py --calls 3`); the
-second call of each is kept, with the kernels after its NF4 kernel (a split's partial-sum pass). Prints one line per config, sorted, with the ratio to bf16.
+second call of each is kept, with the kernels after its NF4 kernel (a split's partial-sum pass).
+Prints one line per config, sorted, with the ratio to bf16.
 
     PYTHONPATH=$PWD python3 benchmarks/ncu_kernel_times.py --shapes 14336x4096,1024x4096 \\
         --fwd '[128,2,4,3,0,"prmt16"]' --dx '[16,8,4,3,0,"prmt16"]'

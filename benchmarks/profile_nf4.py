@@ -27,6 +27,18 @@ def marker():
                                          name="ncu_marker", interpret=jax.default_backend() == "cpu")(x))
 
 
+def nf4_op(direction, cfg=None):
+    """(x, q) -> the NF4 product of one direction (forward, or dx of the backward) with `cfg` tiles."""
+    if direction == "fwd":
+        return lambda x, q: K.nf4_matmul(x, q, fwd_config=cfg)
+    return lambda x, q: K._backward_dx(x, q, False, cfg, x.dtype)
+
+
+def bf16_op(direction):
+    """(x, w) -> the bf16 matmul of the same direction."""
+    return (lambda x, w: x @ w.T) if direction == "fwd" else (lambda x, w: x @ w)
+
+
 def table(shapes, m, calls):
     """For each shape and direction: marker, `calls` calls of the default NF4 path, marker, `calls`
     calls of the bf16 matmul; a final marker closes the last segment."""
@@ -37,9 +49,7 @@ def table(shapes, m, calls):
         wb = jax.block_until_ready(w.astype(jnp.bfloat16))
         for direction in ("fwd", "dx"):
             x = jax.block_until_ready(jnp.ones((m, k if direction == "fwd" else n), jnp.bfloat16))
-            ops = ((lambda x, q: K.nf4_matmul(x, q), q), (lambda x, w: x @ w.T, wb)) if direction == "fwd" else (
-                (lambda x, q: K._backward_dx(x, q, False, None, x.dtype), q), (lambda x, w: x @ w, wb))
-            for fn, wt in ops:
+            for fn, wt in ((nf4_op(direction), q), (bf16_op(direction), wb)):
                 f = jax.jit(fn)
                 jax.block_until_ready(f(x, wt))  # compiled (and autotuned) before the marker
                 marker()
@@ -72,7 +82,7 @@ def main():
     if a.bf16:
         wb = w.astype(jnp.bfloat16)
         x = jnp.ones((a.m, k if a.dir == "fwd" else n), jnp.bfloat16)
-        f = jax.jit(lambda x, w: x @ w.T if a.dir == "fwd" else x @ w)
+        f = jax.jit(bf16_op(a.dir))
         for _ in range(a.calls):
             jax.block_until_ready(f(x, wb))
         print("ran bf16", a.dir, a.m, a.shape, flush=True)
@@ -80,10 +90,7 @@ def main():
     # x made once: between two configs' calls only their own kernels run (ncu_kernel_times sums them)
     x = jax.block_until_ready(jnp.ones((a.m, k if a.dir == "fwd" else n), jnp.bfloat16))
     for cfg in cfgs:
-        if a.dir == "fwd":
-            f = jax.jit(lambda x, q: K.nf4_matmul(x, q, fwd_config=cfg))
-        else:
-            f = jax.jit(lambda x, q: K._backward_dx(x, q, False, cfg, x.dtype))
+        f = jax.jit(nf4_op(a.dir, cfg))
         for _ in range(a.calls):
             jax.block_until_ready(f(x, q))
         print("ran", a.dir, a.m, a.shape, cfg, flush=True)
