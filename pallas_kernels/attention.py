@@ -196,6 +196,9 @@ class Tuning:
     # schedule), so one's softmax runs under the other's wgmmas. Measured equal to 128-key steps
     # without it (1.08x / 1.12x over 64-key steps against 1.10x / 1.11x, session 11): off.
     mosaic_fwd_pingpong: bool = False
+    # The Mosaic forward's softmax keeps the row max in raw score units and applies scale * log2(e)
+    # inside each exponent (one FFMA per score instead of a multiply and a subtract).
+    mosaic_fwd_fold_scale: bool = False
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -758,7 +761,8 @@ def _flash_fwd(cfg, q, k, v, aux):
             *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
             scale=cfg.scale, longest_first=tn.mosaic_longest_first,
             ctas="sms" if tn.mosaic_persistent_fwd and not cfg.rope else None,
-            key_block=key_block, pingpong=tn.mosaic_fwd_pingpong and key_block == 128)
+            key_block=key_block, pingpong=tn.mosaic_fwd_pingpong and key_block == 128,
+            fold_scale=tn.mosaic_fwd_fold_scale)
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)

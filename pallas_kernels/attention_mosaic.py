@@ -166,11 +166,12 @@ class Values:
 
 
 def scores_log2(s, scale, val, q0, k0, masked, seg_rows=None, seg_cols=None, mask_vectors=True):
-    """QK^T scores [queries, keys] times scale * log2(e), -inf where causal masking hides a key (masked:
-    the tile crosses the diagonal; q0 / k0: its first query / key) or it is in another segment
-    (seg_rows / seg_cols: the ids along the rows / columns, or None). val: `Values`; mask_vectors:
-    see `Values.compare_positions`."""
-    s = s * (scale * LOG2E)
+    """QK^T scores [queries, keys] times scale * log2(e) (scale None: left unscaled), -inf where
+    causal masking hides a key (masked: the tile crosses the diagonal; q0 / k0: its first query /
+    key) or it is in another segment (seg_rows / seg_cols: the ids along the rows / columns, or
+    None). val: `Values`; mask_vectors: see `Values.compare_positions`."""
+    if scale is not None:
+        s = s * (scale * LOG2E)
     if masked:
         s = jnp.where(val.compare_positions(s.shape, q0, k0, operator.ge, mask_vectors), s, -jnp.inf)
     if seg_rows is not None:
@@ -365,7 +366,8 @@ def sm_count():
 
 
 def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=(200, 104),
-                   longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, interpret=None):
+                   longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, fold_scale=False,
+                   interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
     if already computed). Returns o [B, T, Hq, D] and lse
@@ -379,7 +381,10 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
       schedule; measured no faster than 128-key steps without it). regs: (consumer, producer) registers per thread for setmaxnreg
       (2*128*c + 128*p <= 65536), or None. longest_first: launch order (`cta_grid`).
       ctas: None, one CTA per 128 query rows of a head; an int ("sms": the device's SM count), a
-      persistent kernel (`QTiles`). interpret: InterpretGPUParams to run on the CPU.
+      persistent kernel (`QTiles`). fold_scale: keep the running row max in raw score units and
+      apply scale * log2(e) inside each exponent (exp2(s c - m c): one FFMA an element where the
+      scaled scores cost a multiply and a subtract; tokamax's and FA3's softmax).
+      interpret: InterpretGPUParams to run on the CPU.
     Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest).
     Without RoPE tables the output leaves through its own buffer, so a consumer loads its next Q
     tile before writing the last one out; with them (no shared memory left) through the Q buffer."""
@@ -402,6 +407,9 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     p_smem = interp  # the interpreter has no register A operand for wgmma
     own_out = not rope  # a separate output buffer: the next Q tile loads under the epilogue
     check_regs(regs)
+
+    def log2_units(x):  # fold_scale: raw scores -> the exponent's units (the product fuses into the FFMA)
+        return x * (scale * LOG2E) if fold_scale else x
     val = Values(interp)
     cast, vec = val.cast, val.vec
     tiles = QTiles(B, Hq, T // cta_q, sm_count() if ctas == "sms" else ctas, longest_first)
@@ -471,11 +479,11 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                             plgpu.wgmma_wait(0)
                             return acc[...]
                         s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-                    s = scores_log2(s, scale, val, q0, j * bk, masked, seg_rows,
+                    s = scores_log2(s, None if fold_scale else scale, val, q0, j * bk, masked, seg_rows,
                                     vec(segk.at[slot], 1) if segs else None, mask_vectors=False)
-                    m_new = jnp.maximum(m, s.max(axis=1))
-                    alpha = jnp.exp2(m - m_new)
-                    p16 = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    m_new = jnp.maximum(m, s.max(axis=1))  # fold_scale: in raw score units
+                    alpha = jnp.exp2(log2_units(m - m_new))
+                    p16 = jnp.exp2(log2_units(s) - lax.broadcast_in_dim(log2_units(m_new), s.shape, [0]))
                     l = l * alpha + p16.sum(axis=1)
                     p16 = p16.astype(q.dtype)
                     o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
@@ -516,7 +524,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                 o = (o / lax.broadcast_in_dim(l, o.shape, [0])).astype(q.dtype)
                 for part in range(2):
                     my_o.at[part][...] = o[:, part * half:(part + 1) * half]
-                lses.at[wg][...] = m + jnp.log2(l)
+                lses.at[wg][...] = log2_units(m) + jnp.log2(l)
                 plgpu.commit_smem()
                 for part in range(2):
                     plgpu.copy_smem_to_gmem(my_o.at[part], o_ref.at[b, pl.ds(q0, bq), h, pl.ds(part * half, half)])

@@ -49,17 +49,20 @@ def test_segment_block_ranges_match_a_brute_force_count():
     (2, 128, 2, 1, True, True, True, None),
     # persistent: 8 tiles on 3 CTAs (3, 3, 2 tiles: the partial last round); 4 on 3 with tables
     (2, 256, 2, 1, False, True, True, 3), (1, 128, 4, 2, True, False, True, 3),
-    (2, 256, 2, 1, False, True, True, (3, 128)), (1, 256, 2, 2, False, False, True, (None, 128)),  # 128-key tiles
+    (2, 256, 2, 1, False, True, True, (3, 128, False, True)),  # 128-key tiles (the scale folded into exp2)
+    (1, 256, 2, 2, False, False, True, (None, 128)),
     (2, 256, 2, 1, False, True, True, (3, 128, True))])  # and ping-pong consumers
 def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, longest_first, ctas):
-    ctas, key_block, pingpong = (*ctas, False)[:3] if isinstance(ctas, tuple) else (ctas, M.BLOCK_K, False)
+    ctas, key_block, pingpong, fold_scale = (*ctas, False, False)[:4] if isinstance(ctas, tuple) else \
+        (ctas, M.BLOCK_K, False, False)
     q, k, v, inv_freq = _inputs(B, T, Hq, Hkv, seed=T + Hq)
     seg = packed_segments(B, T, seed=T) if segments else None
     inv_freq = inv_freq if rope else None
     scale = M.HEAD_DIM ** -0.5
     tables = rope_tables(T, inv_freq) if rope else ()
     o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=2, longest_first=longest_first,
-                              ctas=ctas, key_block=key_block, pingpong=pingpong, interpret=_interpret_params())
+                              ctas=ctas, key_block=key_block, pingpong=pingpong, fold_scale=fold_scale,
+                              interpret=_interpret_params())
     ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg)
     err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
     assert o.shape == q.shape and o.dtype == q.dtype
