@@ -5,6 +5,7 @@
         --dir fwd --cfg '[16,64,128,4,4,0,8,"prmt",true,false]'
 """
 import argparse
+import functools
 import json
 
 import jax
@@ -20,11 +21,18 @@ def _marker_kernel(x_ref, o_ref):
     o_ref[...] = x_ref[...] + 1
 
 
+@functools.cache
+def _marker_call():
+    x = jax.block_until_ready(jnp.zeros((16,), jnp.float32))  # made once: no broadcast kernel per marker
+    f = pl.pallas_call(_marker_kernel, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), name="ncu_marker",
+                       interpret=jax.default_backend() == "cpu")
+    return f, x
+
+
 def marker():
     """One tiny kernel named ncu_marker: the separator between the ops of `table`."""
-    x = jnp.zeros((16,), jnp.float32)
-    jax.block_until_ready(pl.pallas_call(_marker_kernel, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
-                                         name="ncu_marker", interpret=jax.default_backend() == "cpu")(x))
+    f, x = _marker_call()
+    jax.block_until_ready(f(x))
 
 
 def nf4_op(direction, cfg=None):
@@ -41,7 +49,9 @@ def bf16_op(direction):
 
 def table(shapes, m, calls):
     """For each shape and direction: marker, `calls` calls of the default NF4 path, marker, `calls`
-    calls of the bf16 matmul; a final marker closes the last segment."""
+    calls of the bf16 matmul; a final marker closes the last segment. Every op is compiled (and
+    XLA's autotuning kernels run) before the first marker, so the segments hold only the ops."""
+    ops = []
     for shape in shapes:
         n, k = (int(v) for v in shape.split("x"))
         w = jax.random.normal(jax.random.PRNGKey(0), (n, k), jnp.float32) * 0.02
@@ -51,12 +61,15 @@ def table(shapes, m, calls):
             x = jax.block_until_ready(jnp.ones((m, k if direction == "fwd" else n), jnp.bfloat16))
             for fn, wt in ((nf4_op(direction), q), (bf16_op(direction), wb)):
                 f = jax.jit(fn)
-                jax.block_until_ready(f(x, wt))  # compiled (and autotuned) before the marker
-                marker()
-                for _ in range(calls):
-                    jax.block_until_ready(f(x, wt))
-            print("ran", shape, direction, m, flush=True)
+                jax.block_until_ready(f(x, wt))
+                ops.append((f, x, wt))
+    _marker_call()
+    for f, x, wt in ops:
+        marker()
+        for _ in range(calls):
+            jax.block_until_ready(f(x, wt))
     marker()
+    print("ran", len(ops), "ops at M =", m, flush=True)
 
 
 def main():
