@@ -2,6 +2,7 @@
 # Session 15 device calls (attention_NOTES.md "Session 15").
 #   bash benchmarks/run_session15.sh fold    # forward: scale folded into the exp2 FFMA vs not, in one process;
 #                                            # end to end with it; the NF4 Nsight table (M = 1, 16; all compiles before the markers)
+#   bash benchmarks/run_session15.sh nf4     # the NF4 Nsight table at M = 1; dx tile variants at M = 16 (4096x4096)
 #   bash benchmarks/run_session15.sh fused   # the fused backward vs the dq + dk/dv kernels, 2k / 8k / 32k
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
@@ -14,10 +15,17 @@ ab() {  # name, bench_mosaic_bwd.py flags...: the timing lines, checks and ptxas
 case ${1:-fold} in
   fold)
     ab fold --kernel fwd --kwargs '[{"ctas": "sms", "key_block": 128}, {"ctas": "sms", "key_block": 128, "fold_scale": true}]'
-    timeout 150 python3 benchmarks/bench_attention.py --timing-only --impls "ours;ours, fwd scale folded;cudnn + XLA RoPE" \
+    timeout 150 python3 benchmarks/bench_attention.py --timing-only --impls "ours;ours, fwd scale not folded;cudnn + XLA RoPE" \
       --seqs 2048,8192,32768 2>&1 | grep -A8 summary
     for m in 1 16; do timeout 130 python3 benchmarks/ncu_kernel_times.py --table --m $m 2> "$OUT/nf4table_$m.err" | cut -c1-150; tail -2 "$OUT/nf4table_$m.err"; done ;;
+  nf4)  # M = 1 table; dx at M = 16 on 4096x4096: tile variants in kernel time (the default first)
+    timeout 250 python3 benchmarks/ncu_kernel_times.py --table --m 1 2> "$OUT/nf4table_1.err" | cut -c1-150; tail -2 "$OUT/nf4table_1.err"
+    D='[16,64,128,4,4,0,8,"prmt16",false,false]'
+    for c in '[16,64,128,4,4,0,8,"prmt16",true,false]' '[16,64,128,4,4,0,8,"prmt16",false,true]' '[16,128,128,4,4,0,8,"prmt16",false,false]' \
+             '[16,64,64,4,4,0,8,"prmt16",false,false]' '[16,64,128,8,4,0,8,"prmt16",false,false]' '[16,32,128,4,4,0,8,"prmt16",false,false]' \
+             '[16,64,256,4,3,0,8,"prmt16",false,false]'; do D="$D --dx $c"; done
+    timeout 180 python3 benchmarks/ncu_kernel_times.py --shapes 4096x4096 --m 16 --dx $D 2> "$OUT/nf4dx.err"; tail -3 "$OUT/nf4dx.err" ;;
   fused)
     ab fused --kernel bwd --kwargs '[{"fused": false}, {"fused": true}]' ;;
-  *) echo "usage: $0 fold|fused" >&2; exit 2 ;;
+  *) echo "usage: $0 fold|nf4|fused" >&2; exit 2 ;;
 esac
