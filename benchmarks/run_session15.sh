@@ -14,7 +14,7 @@ ab() {  # name, bench_mosaic_bwd.py flags...: the timing lines, checks and ptxas
 }
 case ${1:-fold} in
   fold)
-    ab fold --kernel fwd --kwargs '[{"ctas": "sms", "key_block": 128}, {"ctas": "sms", "key_block": 128, "fold_scale": true}]'
+    ab fold --kernel fwd --kwargs '[{"ctas": "sms", "key_block": 128, "fold_scale": false}, {"ctas": "sms", "key_block": 128}]'
     timeout 150 python3 benchmarks/bench_attention.py --timing-only --impls "ours;ours, fwd scale not folded;cudnn + XLA RoPE" \
       --seqs 2048,8192,32768 2>&1 | grep -A8 summary
     for m in 1 16; do timeout 130 python3 benchmarks/ncu_kernel_times.py --table --m $m 2> "$OUT/nf4table_$m.err" | cut -c1-150; tail -2 "$OUT/nf4table_$m.err"; done ;;

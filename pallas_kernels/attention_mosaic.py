@@ -366,7 +366,7 @@ def sm_count():
 
 
 def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=(200, 104),
-                   longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, fold_scale=False,
+                   longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, fold_scale=True,
                    interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
@@ -383,7 +383,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
       ctas: None, one CTA per 128 query rows of a head; an int ("sms": the device's SM count), a
       persistent kernel (`QTiles`). fold_scale: keep the running row max in raw score units and
       apply scale * log2(e) inside each exponent (exp2(s c - m c): one FFMA an element where the
-      scaled scores cost a multiply and a subtract; tokamax's and FA3's softmax).
+      scaled scores cost a multiply and a subtract; tokamax's and FA3's softmax; 1.014x at 32k, neutral
+      at 2k / 8k on the H200, attention_NOTES.md session 15).
       interpret: InterpretGPUParams to run on the CPU.
     Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest).
     Without RoPE tables the output leaves through its own buffer, so a consumer loads its next Q

@@ -49,12 +49,12 @@ def test_segment_block_ranges_match_a_brute_force_count():
     (2, 128, 2, 1, True, True, True, None),
     # persistent: 8 tiles on 3 CTAs (3, 3, 2 tiles: the partial last round); 4 on 3 with tables
     (2, 256, 2, 1, False, True, True, 3), (1, 128, 4, 2, True, False, True, 3),
-    (2, 256, 2, 1, False, True, True, (3, 128, False, True)),  # 128-key tiles (the scale folded into exp2)
-    (1, 256, 2, 2, False, False, True, (None, 128)),
+    (2, 256, 2, 1, False, True, True, (3, 128, False, False)),  # 128-key tiles, the scale multiplied before the max
+    (1, 256, 2, 2, False, False, True, (None, 128)),  # (the others: folded into the exp2, the default)
     (2, 256, 2, 1, False, True, True, (3, 128, True))])  # and ping-pong consumers
 def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, longest_first, ctas):
-    ctas, key_block, pingpong, fold_scale = (*ctas, False, False)[:4] if isinstance(ctas, tuple) else \
-        (ctas, M.BLOCK_K, False, False)
+    ctas, key_block, pingpong, fold_scale = (*ctas, False, True)[:4] if isinstance(ctas, tuple) else \
+        (ctas, M.BLOCK_K, False, True)
     q, k, v, inv_freq = _inputs(B, T, Hq, Hkv, seed=T + Hq)
     seg = packed_segments(B, T, seed=T) if segments else None
     inv_freq = inv_freq if rope else None
