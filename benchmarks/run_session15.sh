@@ -3,6 +3,7 @@
 #   bash benchmarks/run_session15.sh fold    # forward: scale folded into the exp2 FFMA vs not, in one process;
 #                                            # end to end with it; the NF4 Nsight table (M = 1, 16; all compiles before the markers)
 #   bash benchmarks/run_session15.sh nf4     # the NF4 Nsight table at M = 1; dx tile variants at M = 16 (4096x4096)
+#   bash benchmarks/run_session15.sh fwdstalls # where the forward's warps wait (ncu PC sampling, 8k, no RoPE); written, not run
 #   bash benchmarks/run_session15.sh fused   # the fused backward vs the dq + dk/dv kernels, 2k / 8k / 32k
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
@@ -25,7 +26,17 @@ case ${1:-fold} in
              '[16,64,64,4,4,0,8,"prmt16",false,false]' '[16,64,128,8,4,0,8,"prmt16",false,false]' '[16,32,128,4,4,0,8,"prmt16",false,false]' \
              '[16,64,256,4,3,0,8,"prmt16",false,false]'; do D="$D --dx $c"; done
     timeout 180 python3 benchmarks/ncu_kernel_times.py --shapes 4096x4096 --m 16 --dx $D 2> "$OUT/nf4dx.err"; tail -3 "$OUT/nf4dx.err" ;;
+  fwdstalls)  # the first Mosaic kernel of a fwd+bwd call is the forward
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+    timeout 240 $NCU --clock-control none -k regex:mosaic --launch-count 1 \
+      --section SourceCounters --section WarpStateStats --section ComputeWorkloadAnalysis \
+      --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_gmma.sum \
+      -o "$OUT/fwd" python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl ours-norope > "$OUT/ncu_fwd.log" 2>&1
+    tail -3 "$OUT/ncu_fwd.log"
+    $NCU -i "$OUT/fwd.ncu-rep" --page source --csv --print-source sass > "$OUT/fwd_source.csv" 2> "$OUT/fwd_source.err"
+    python3 benchmarks/ncu_hotspots.py "$OUT/fwd_source.csv" --top 30 --context 2
+    $NCU -i "$OUT/fwd.ncu-rep" --page details --csv 2>&1 | grep -iE "gmma|Stall|Warp Cycles|Issued|Eligible|Duration" | head -40 ;;
   fused)
     ab fused --kernel bwd --kwargs '[{"fused": false}, {"fused": true}]' ;;
-  *) echo "usage: $0 fold|nf4|fused" >&2; exit 2 ;;
+  *) echo "usage: $0 fold|nf4|fwdstalls|fused" >&2; exit 2 ;;
 esac
