@@ -4,7 +4,6 @@
 #                                            # end to end with it; the NF4 Nsight table (M = 1, 16; all compiles before the markers)
 #   bash benchmarks/run_session15.sh nf4     # the NF4 Nsight table at M = 1; dx tile variants at M = 16 (4096x4096)
 #   bash benchmarks/run_session15.sh fwdstalls # where the forward's warps wait (ncu PC sampling, 8k, no RoPE); written, not run
-#   bash benchmarks/run_session15.sh fused   # the fused backward vs the dq + dk/dv kernels, 2k / 8k / 32k
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
 OUT=${OUT:-/tmp/s15}; mkdir -p "$OUT"
@@ -36,7 +35,5 @@ case ${1:-fold} in
     $NCU -i "$OUT/fwd.ncu-rep" --page source --csv --print-source sass > "$OUT/fwd_source.csv" 2> "$OUT/fwd_source.err"
     python3 benchmarks/ncu_hotspots.py "$OUT/fwd_source.csv" --top 30 --context 2
     $NCU -i "$OUT/fwd.ncu-rep" --page details --csv 2>&1 | grep -iE "gmma|Stall|Warp Cycles|Issued|Eligible|Duration" | head -40 ;;
-  fused)
-    ab fused --kernel bwd --kwargs '[{"fused": false}, {"fused": true}]' ;;
-  *) echo "usage: $0 fold|nf4|fwdstalls|fused" >&2; exit 2 ;;
+  *) echo "usage: $0 fold|nf4|fwdstalls" >&2; exit 2 ;;
 esac

@@ -411,6 +411,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
 
     def log2_units(x):  # fold_scale: raw scores -> the exponent's units (the product fuses into the FFMA)
         return x * (scale * LOG2E) if fold_scale else x
+
     val = Values(interp)
     cast, vec = val.cast, val.vec
     tiles = QTiles(B, Hq, T // cta_q, sm_count() if ctas == "sms" else ctas, longest_first)
