@@ -78,7 +78,7 @@ def main():
     p.add_argument("--shape", default="14336x4096", help="out x in")
     p.add_argument("--dir", choices=("fwd", "dx"), default="fwd")
     p.add_argument("--cfg", action="append", default=[],
-                   help="TileConfig (10 fields) or nf4_gemv.GemvConfig (<= 6 fields) as a JSON list "
+                   help="TileConfig (8-11 fields) or nf4_gemv.GemvConfig (<= 7 fields) as a JSON list "
                         "(repeatable); none: the default")
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--bf16", action="store_true", help="run the plain bf16 matmul of the shape instead")
@@ -91,7 +91,7 @@ def main():
     w = jax.random.normal(jax.random.PRNGKey(0), (n, k), jnp.float32) * 0.02
     q = jax.block_until_ready(quantize_nf4(w, record_dtype="bfloat16"))
     fields = [json.loads(c) for c in a.cfg]
-    cfgs = [(G.GemvConfig if len(f) <= 6 else K.TileConfig)(*f) for f in fields] or [None]
+    cfgs = [(G.GemvConfig if len(f) <= 7 else K.TileConfig)(*f) for f in fields] or [None]
     if a.bf16:
         wb = w.astype(jnp.bfloat16)
         x = jnp.ones((a.m, k if a.dir == "fwd" else n), jnp.bfloat16)

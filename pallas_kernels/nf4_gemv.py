@@ -23,7 +23,7 @@ weight to bf16); the two agree within bf16 rounding.
   of `block_rows`, accumulating [block_rows, blocks, 32] products in registers (no cross-thread
   reduction inside the loop).
 - Either may split its loop over several programs (`split`, automatic: until every SM has ~2),
-  whose fp32 partials are summed after.
+  whose fp32 partials are summed after (by XLA, or in the kernel: `sum_in_kernel`).
 """
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ class GemvConfig:
     split: programs sharing one output tile's reduction (0 = automatic: ~2 programs per SM).
     decode: "prmt16" (inline PTX, NF4 values rounded to bf16: half the table work), "prmt" (exact
       fp32 values), or their any-backend twins "select16" / "select" (the interpreter's fallback).
+    sum_in_kernel: a split's partials summed by the last program of each tile (see
+      `nf4_matmul.TileConfig`), not by XLA after.
     """
     block_rows: int = 32
     blocks: int = 4
@@ -60,6 +62,7 @@ class GemvConfig:
     num_stages: int = 3
     split: int = 0
     decode: str = "prmt16"
+    sum_in_kernel: bool = False
 
 
 def default_gemv_config(n_out: int, n_red: int, *, dx: bool = False, dtype=jnp.bfloat16) -> GemvConfig:
@@ -101,19 +104,7 @@ def _my_steps(total, split):
     return pl.program_id(1) * per, per
 
 
-def _store(o_ref, idx, val, split):
-    """o[idx] = val; with a split reduction, fp32 partials into the program's own slice. (`idx`
-    is all slices, or ints and one index array: a slice between array indices would move axes.)"""
-    if split > 1:
-        if any(isinstance(i, jax.Array) for i in idx):
-            idx = (pl.program_id(1), *idx)
-        else:
-            idx, val = (pl.ds(pl.program_id(1), 1), *idx), val[None]
-    o_ref[idx] = val.astype(o_ref.dtype)
-
-
-def _fwd_kernel(x_ref, w_ref, *refs, m, n, nblk, bs, cfg, double_quant, split):
-    *scale_refs, o_ref = refs
+def _fwd_kernel(x_ref, w_ref, *scale_refs, store, m, n, nblk, bs, cfg, double_quant, split):
     br, nb = cfg.block_rows, cfg.blocks
     rows = _rows(pl.program_id(0) * br, br, n)
     first, steps = _my_steps(nblk // nb, split)
@@ -129,12 +120,10 @@ def _fwd_kernel(x_ref, w_ref, *refs, m, n, nblk, bs, cfg, double_quant, split):
         return tuple(out)
 
     accs = jax.lax.fori_loop(0, steps, body, tuple(jnp.zeros((br, nb), jnp.float32) for _ in range(m)))
-    for r in range(m):
-        _store(o_ref, (r, rows), jnp.sum(accs[r], axis=1), split)
+    store([((r, rows), jnp.sum(accs[r], axis=1)) for r in range(m)])
 
 
-def _dx_kernel(dy_ref, w_ref, *refs, m, n, nblk, bs, cfg, double_quant, split):
-    *scale_refs, o_ref = refs
+def _dx_kernel(dy_ref, w_ref, *scale_refs, store, m, n, nblk, bs, cfg, double_quant, split):
     br, nb = cfg.block_rows, cfg.blocks
     b0 = pl.multiple_of(pl.program_id(0) * nb, nb)
     first, steps = _my_steps(pl.cdiv(n, br), split)
@@ -154,9 +143,8 @@ def _dx_kernel(dy_ref, w_ref, *refs, m, n, nblk, bs, cfg, double_quant, split):
 
     zero = jnp.zeros((br, nb, bs // 2), jnp.float32)
     accs = jax.lax.fori_loop(0, steps, body, tuple((zero, zero) for _ in range(m)))
-    for r in range(m):
-        for acc, cols in zip(accs[r], mm._even_odd_cols(0, bs)):
-            _store(o_ref, (pl.ds(r, 1), pl.ds(b0, nb), cols), jnp.sum(acc, axis=0, keepdims=True), split)
+    store([((pl.ds(r, 1), pl.ds(b0, nb), cols), jnp.sum(acc, axis=0, keepdims=True))
+           for r in range(m) for acc, cols in zip(accs[r], mm._even_odd_cols(0, bs))])
 
 
 def _fit(cfg: GemvConfig, nblk: int, interpret: bool) -> GemvConfig:
@@ -184,15 +172,12 @@ def _launch(kernel, a, q, out_dims, tiles, steps, cfg, interpret, name):
     split = _split(cfg, tiles, steps)
     body = functools.partial(kernel, m=m, n=n, nblk=k // bs, bs=bs, cfg=cfg,
                              double_quant=q.double_quant, split=split)
-    out_shape = ((split,) if split > 1 else ()) + (m, *out_dims)
-    out = pl.pallas_call(
-        body, out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32 if split > 1 else a.dtype),
-        grid=(tiles, split), interpret=interpret, name=name,
+    out = mm.split_pallas_call(
+        body, [a, q.packed.reshape(n, k // bs, bs // 2), *mm._scale_operands(q, True, k)],
+        jax.ShapeDtypeStruct((m, *out_dims), a.dtype), grid=(tiles, split), split=split,
+        sum_in_kernel=cfg.sum_in_kernel, interpret=interpret, name=name,
         compiler_params=None if interpret else compat.triton_compiler_params(
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-    )(a, q.packed.reshape(n, k // bs, bs // 2), *mm._scale_operands(q, True, k))
-    if split > 1:
-        out = out.sum(axis=0).astype(a.dtype)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return out.reshape(m, -1)
 
 

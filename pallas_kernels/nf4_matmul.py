@@ -63,6 +63,9 @@ class TileConfig:
       register shuffle). False keeps them apart: two half-width products against the even and
       the odd K columns of x (stride-2 loads), or, for dx, two accumulators stored to the even and
       odd output columns. Only the fast path (in % 64 == 0) has the choice.
+    sum_in_kernel: with a split reduction, the last program of each output tile to finish adds
+      the fp32 partials (in split order, so the result does not depend on who finished last) and
+      writes the output: one launch instead of the kernel plus XLA's sum-and-cast pass.
     """
     block_m: int = 64
     block_n: int = 64
@@ -74,6 +77,7 @@ class TileConfig:
     decode: str = "prmt"
     weight_lhs: bool = True
     interleave: bool = True
+    sum_in_kernel: bool = False
 
 
 # ---- reference ---------------------------------------------------------------------------------
@@ -299,14 +303,81 @@ def _zeros(*shape):
     return jnp.zeros(shape, jnp.float32)
 
 
-def _store(o_ref, acc, rows, cols, split):
-    """Write acc to o[rows, cols] (cols: a pl.ds or an int32 index array); fp32 partials to the
-    program's own slice when the reduction is split."""
-    idx = (rows, cols) if not isinstance(cols, jax.Array) else (rows[:, None], cols[None, :])
-    if split > 1:
-        o_ref[(pl.program_id(1), *idx)] = acc
+def _partial_index(s, idx):
+    """Index of split slice `s` of the partials buffer at output index idx, and whether the value
+    needs a leading unit axis (idx all slices: an int among slices would move axes)."""
+    if any(isinstance(i, jax.Array) for i in idx):
+        return (s, *idx), False
+    return (pl.ds(s, 1), *idx), True
+
+
+def store_tiles(out_refs, stores, *, split, sum_in_kernel, interpret):
+    """Write this program's results, `stores` = [(output index, fp32 value)]. Unsplit: straight to
+    the output. Split: fp32 partials to the program's own slice of a [split, ...] buffer (out_refs
+    from `split_pallas_call`); XLA sums them after, or with `sum_in_kernel` the last program of the
+    output tile to count itself in (one atomic per program) sums them here."""
+    if split == 1:
+        (o_ref,) = out_refs
+        for idx, val in stores:
+            o_ref[idx] = val.astype(o_ref.dtype)
+        return
+    part_ref = out_refs[0]
+    for idx, val in stores:
+        pidx, unit = _partial_index(pl.program_id(1), idx)
+        part_ref[pidx] = val[None] if unit else val
+    if not sum_in_kernel:
+        return
+    from jax.experimental.pallas import triton as plgpu
+
+    _, o_ref, count_ref = out_refs
+    if not interpret:  # all of this program's partial stores happen before its count (CUTLASS's serial split-K)
+        plgpu.debug_barrier()
+    arrived = plgpu.atomic_add(count_ref, pl.program_id(0), jnp.int32(1))  # acquire-release, GPU scope
+
+    @pl.when(arrived == split - 1)
+    def _sum_partials():
+        for idx, _ in stores:
+            total = None
+            for s in range(split):
+                pidx, unit = _partial_index(s, idx)
+                part = part_ref[pidx]
+                part = part[0] if unit else part
+                total = part if total is None else total + part
+            o_ref[idx] = total.astype(o_ref.dtype)
+
+
+def split_pallas_call(kernel, operands, out, *, grid, split, sum_in_kernel, interpret, **call_kw):
+    """pallas_call of `kernel(*operand_refs, store=...)` on `grid` = (output tiles, split), where
+    `store(stores)` is `store_tiles` bound to the output buffers; returns `out` (a
+    ShapeDtypeStruct). Split reductions get an fp32 [split, *out.shape] buffer, and with
+    `sum_in_kernel` also the output and a per-tile arrival count (zeros, aliased in and out)."""
+    in_kernel = split > 1 and sum_in_kernel
+    if split == 1:
+        shapes = (out,)
     else:
-        o_ref[idx] = acc.astype(o_ref.dtype)
+        shapes = (jax.ShapeDtypeStruct((split, *out.shape), jnp.float32),)
+        if in_kernel:
+            shapes += (out, jax.ShapeDtypeStruct((grid[0],), jnp.int32))
+    n_in = len(operands)
+    plan = dict(split=split, sum_in_kernel=in_kernel, interpret=interpret)
+
+    def body(*refs):
+        out_refs = refs[n_in + in_kernel:]  # past the count's input alias
+        kernel(*refs[:n_in], store=functools.partial(store_tiles, out_refs, **plan))
+
+    counts = [jnp.zeros((grid[0],), jnp.int32)] if in_kernel else []
+    res = pl.pallas_call(body, out_shape=shapes, grid=grid, interpret=interpret,
+                         input_output_aliases={n_in: 2} if in_kernel else {}, **call_kw)(*operands, *counts)
+    if split == 1:
+        return res[0]
+    if in_kernel:
+        return res[1]
+    return res[0].sum(axis=0).astype(out.dtype)
+
+
+def _out_index(rows, cols):
+    """o[rows, cols] for a row index array and a pl.ds or an index array of columns."""
+    return (rows, cols) if not isinstance(cols, jax.Array) else (rows[:, None], cols[None, :])
 
 
 def _tile_cols(c0, bc, c_total):
@@ -321,9 +392,8 @@ def _even_odd_cols(c0, width):
     return tuple(pl.ds(c0 + parity, width // 2, stride=2) for parity in (0, 1))
 
 
-def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
+def _fwd_kernel(x_ref, w_ref, *scale_refs, store, m, n, k, bs, cfg, aligned, double_quant, dtype):
     """o[rows, cols] = sum_k x[rows, k] * W[cols, k] over this program's reduction slice."""
-    *scale_refs, o_ref = refs
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     tm, tn = _grouped_pid(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(n, bn), cfg.group_m)
     rows = jnp.minimum(tm * bm + jnp.arange(bm, dtype=jnp.int32), m - 1)
@@ -352,12 +422,11 @@ def _fwd_kernel(x_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
         return acc + product(tile(w_ref, scale_refs, cols, k0, bk, **decode), xt)
 
     acc = _reduce(body, pl.cdiv(k, bk), cfg.split_k, _zeros(bn, bm) if cfg.weight_lhs else _zeros(bm, bn))
-    _store(o_ref, acc.T if cfg.weight_lhs else acc, rows, _tile_cols(tn * bn, bn, n), cfg.split_k)
+    store([(_out_index(rows, _tile_cols(tn * bn, bn, n)), acc.T if cfg.weight_lhs else acc)])
 
 
-def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dtype):
+def _dx_kernel(dy_ref, w_ref, *scale_refs, store, m, n, k, bs, cfg, aligned, double_quant, dtype):
     """dx[rows, ks] = sum_n dy[rows, n] * W[n, ks] over this program's slice of N."""
-    *scale_refs, o_ref = refs
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     tm, tk = _grouped_pid(pl.program_id(0), pl.cdiv(m, bm), pl.cdiv(k, bk), cfg.group_m)
     rows = jnp.minimum(tm * bm + jnp.arange(bm, dtype=jnp.int32), m - 1)
@@ -393,8 +462,7 @@ def _dx_kernel(dy_ref, w_ref, *refs, m, n, k, bs, cfg, aligned, double_quant, dt
         col_parts = _even_odd_cols(k0, bk)
     else:
         col_parts = [_tile_cols(k0, bk, k)]
-    for acc, cols in zip(accs, col_parts):
-        _store(o_ref, acc.T if cfg.weight_lhs else acc, rows, cols, cfg.split_k)
+    store([(_out_index(rows, cols), acc.T if cfg.weight_lhs else acc) for acc, cols in zip(accs, col_parts)])
 
 
 # ---- launch ----------------------------------------------------------------------------------------
@@ -497,21 +565,13 @@ def _launch(kernel, a, q, out_cols, red, cfg, interpret, out_dtype):
     w = q.packed.reshape(n, k // 2) if aligned else q.packed
     operands = [a, w, *_scale_operands(q, aligned, k)]
     grid = (pl.cdiv(m, cfg.block_m) * pl.cdiv(out_cols, out_tile), cfg.split_k)
-    if cfg.split_k > 1:
-        out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, out_cols), jnp.float32)
-    else:
-        out_shape = jax.ShapeDtypeStruct((m, out_cols), out_dtype)
     body = functools.partial(kernel, m=m, n=n, k=k, bs=bs, cfg=cfg, aligned=aligned,
                              double_quant=q.double_quant, dtype=a.dtype)
-    out = pl.pallas_call(
-        body, out_shape=out_shape, grid=grid, interpret=interpret,
+    return split_pallas_call(
+        body, operands, jax.ShapeDtypeStruct((m, out_cols), out_dtype), grid=grid, split=cfg.split_k,
+        sum_in_kernel=cfg.sum_in_kernel, interpret=interpret, name=f"nf4_{'dx' if kernel is _dx_kernel else 'fwd'}",
         compiler_params=None if interpret else compat.triton_compiler_params(
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        name=f"nf4_{'dx' if kernel is _dx_kernel else 'fwd'}",
-    )(*operands)
-    if cfg.split_k > 1:
-        out = out.sum(axis=0).astype(out_dtype)
-    return out
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
 def _few_rows_kernels(m, q, cfg):

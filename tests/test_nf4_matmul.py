@@ -25,6 +25,10 @@ CASES = [
     # bf16-rounded codes (the few-rows default for 16-bit inputs), both nibble layouts
     (16, 40, 256, jnp.bfloat16, True, T(16, 16, 128, 4, 2, 1, 2, "prmt16", False, True)),
     (9, 24, 128, jnp.bfloat16, True, T(16, 16, 64, 4, 2, 2, 2, "prmt16", False, False)),
+    # split partials summed in the kernel by each tile's last program: both nibble layouts,
+    # ragged M and N (clamped duplicate columns), the weight on either side, 4-way split
+    (17, 40, 256, jnp.float32, True, T(16, 16, 64, 4, 2, 4, 2, "select", False, False, True)),
+    (5, 33, 256, jnp.bfloat16, False, T(16, 16, 64, 4, 2, 2, 2, "prmt16", True, True, True)),
 ]
 
 
@@ -193,6 +197,8 @@ GEMV_CASES = [
     (2, 48, 1024, jnp.bfloat16, True, G.GemvConfig(16, 2, 4, 2, 4, "prmt16")),
     (4, 24, 704, jnp.float32, False, None),  # 11 blocks a row; the default config (exact for fp32)
     (1, 24, 128, jnp.bfloat16, True, None),
+    (1, 40, 256, jnp.float32, True, G.GemvConfig(16, 2, 4, 2, 2, "prmt", True)),  # partials summed in the kernel
+    (2, 48, 1024, jnp.bfloat16, False, G.GemvConfig(16, 2, 4, 2, 4, "prmt16", True)),
 ]
 
 
@@ -233,7 +239,7 @@ def test_gpu_kernels_lower_for_cuda_on_cpu(m):
     split-K, the dequantize pass) must lower to Triton for CUDA; no GPU is needed to check that."""
     q = quantize_nf4(np.random.default_rng(1).standard_normal((256, 512)).astype(np.float32))
     x = jax.ShapeDtypeStruct((m, 512), jnp.bfloat16)
-    for cfg in (None, T(16, 64, 128, 4, 4, 2, 8, "prmt", True, True)):
+    for cfg in (None, T(16, 64, 128, 4, 4, 2, 8, "prmt", True, True), T(16, 64, 128, 4, 4, 2, 8, "prmt16", False, False, True)):
         def f(a, cfg=cfg):
             y, vjp = jax.vjp(lambda b: K.nf4_matmul(b, q, fwd_config=cfg, dx_config=cfg), a)
             return y, vjp(jnp.ones_like(y))
@@ -242,7 +248,8 @@ def test_gpu_kernels_lower_for_cuda_on_cpu(m):
         assert f"{prefix}_fwd" in text and f"{prefix}_dx" in text
     text = jax.jit(lambda: K.nf4_dequantize(q, jnp.bfloat16)).trace().lower(lowering_platforms=("cuda",)).as_text()
     assert "nf4_dequantize" in text
-    for cfg in (G.GemvConfig(32, 4, 4, 3, 2, "prmt16"), G.GemvConfig(16, 8, 4, 3, 1, "prmt")):
+    for cfg in (G.GemvConfig(32, 4, 4, 3, 2, "prmt16"), G.GemvConfig(16, 8, 4, 3, 1, "prmt"),
+                G.GemvConfig(32, 4, 4, 3, 2, "prmt16", True)):
         def g(a, cfg=cfg):
             y, vjp = jax.vjp(lambda b: K.nf4_matmul(b, q, fwd_config=cfg, dx_config=cfg), a)
             return y, vjp(jnp.ones_like(y))
