@@ -118,6 +118,8 @@ def main():
     p.add_argument("--attention", metavar="TxB", help="instead: every kernel of one attention fwd+bwd call, per "
                                                       "profile_attention.py impl, at T tokens x B rows")
     p.add_argument("--impls", default="ours,ours-norope,cudnn-rope,cudnn", help="with --attention")
+    p.add_argument("--no-bf16", action="store_true", help="configs only: no bf16 line (its process autotunes "
+                                                         "XLA's GEMM under ncu, minutes at the large shapes)")
     p.add_argument("--table", action="store_true", help="the default NF4 path against bf16 for all --shapes at --m")
     a = p.parse_args()
     if a.table:
@@ -135,7 +137,7 @@ def main():
             if not cfgs:
                 continue
             common = ["--m", str(a.m), "--shape", shape, "--dir", direction, "--calls", "3"]
-            bf16 = one_call(kernel_times(common + ["--bf16"], "."), 3)  # at M = 1 XLA may emit its own fusion
+            bf16 = [] if a.no_bf16 else one_call(kernel_times(common + ["--bf16"], "."), 3)  # at M = 1: XLA's own fusion
             t_bf16 = sum(t for _, t in bf16) if bf16 else float("nan")
             calls = per_call(kernel_times(common + sum((["--cfg", c] for c in cfgs), []), "."))
             # the middle of each config's three calls: it also holds any set-up kernel of the next call

@@ -20,8 +20,8 @@ case ${1:-probe} in
     F='[16,64,128,4,4,0,8,"prmt16",false,true]'; FS='[16,64,128,4,4,0,8,"prmt16",false,true,true]'
     X='[16,64,128,4,4,0,8,"prmt16",false,false]'; XS='[16,64,128,4,4,0,8,"prmt16",false,false,true]'
     XK='[16,64,64,4,4,0,8,"prmt16",false,false,true]'
-    timeout 300 python3 benchmarks/ncu_kernel_times.py --m 16 --fwd $F --fwd $FS --dx $X --dx $XS --dx $XK 2> "$OUT/m16.err"; tail -3 "$OUT/m16.err"
-    timeout 150 python3 benchmarks/ncu_kernel_times.py --m 1 --shapes 4096x4096 --fwd '[64,2,8,3,0,"prmt16"]' \
+    timeout 300 python3 benchmarks/ncu_kernel_times.py --no-bf16 --m 16 --fwd $F --fwd $FS --dx $X --dx $XS --dx $XK 2> "$OUT/m16.err"; tail -3 "$OUT/m16.err"
+    timeout 150 python3 benchmarks/ncu_kernel_times.py --no-bf16 --m 1 --shapes 4096x4096 --fwd '[64,2,8,3,0,"prmt16"]' \
       --fwd '[64,2,8,3,0,"prmt16",true]' --dx '[16,8,4,3,0,"prmt16"]' --dx '[16,8,4,3,0,"prmt16",true]' 2> "$OUT/m1.err"; tail -3 "$OUT/m1.err" ;;
   *) echo "usage: $0 probe|splitsum" >&2; exit 2 ;;
 esac
