@@ -20,7 +20,8 @@ decoded weight is rounded to x's dtype first (as `dequantize_nf4(q, x.dtype)` is
 
 Tiling. Forward: programs tile (M, N) and loop over K; backward: they tile (M, K) and loop over N.
 For few rows (decode, M <= 16) a program also takes a slice of the reduction (split-K) so that
-every SM streams weight bytes; the fp32 partials are summed outside. Row/column indices past
+every SM streams weight bytes; the fp32 partials are summed outside (or, opt-in, by each output
+tile's last program: `TileConfig.sum_in_kernel`, measured slower on the H200). Row/column indices past
 the edges are clamped (duplicated work whose writes are identical), the reduction edge is
 zero-masked, so nothing is padded in HBM. The fast path needs `in % 64 == 0` (a block never
 straddles two rows); other shapes decode each element from its flat index (slower, exact).
