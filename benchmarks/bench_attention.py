@@ -258,6 +258,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_fwd_scale_apart(q, k, v):  # the forward's softmax scale multiplied before the max (before session 15)
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd_fold_scale=False))
 
+    def ours_fwd_early_qk(q, k, v):  # each forward step issues the next QK^T behind its PV (session 17)
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd_early_qk=True))
+
     def ours_norope(q, k, v):
         return flash_attention(q, k, v)
 
@@ -320,6 +323,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, fwd 64-key steps": (ours_fwd_64_keys, (q, k, v)),
         "ours, fwd 128-key steps, ping-pong": (ours_fwd_pingpong, (q, k, v)),
         "ours, fwd scale not folded": (ours_fwd_scale_apart, (q, k, v)),
+        "ours, fwd early QK^T": (ours_fwd_early_qk, (q, k, v)),
         "ours, Triton (RoPE in kernel)": (ours_triton, (q, k, v)),
         "ours, Triton (RoPE by XLA)": (ours_triton_rope_xla, (q, k, v)),
         "ours, Triton bwd": (ours_triton_bwd, (q, k, v)),

@@ -201,6 +201,9 @@ class Tuning:
     # alone on the H200 in one process: 1.014x at 32k, 1.001x at 8k, 0.996x at 2k; the forward end
     # to end 16.82 -> 16.44 ms at 32k (attention_NOTES.md session 15).
     mosaic_fwd_fold_scale: bool = True
+    # Each step of the Mosaic forward issues the next step's QK^T right behind its PV and waits for
+    # both at once (attention_mosaic.mosaic_forward(early_qk=True)); not with ping-pong.
+    mosaic_fwd_early_qk: bool = False
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -759,12 +762,13 @@ def _flash_fwd(cfg, q, k, v, aux):
     if cfg.mosaic_fwd:  # D = 128, so only T is padded (to a multiple of 128)
         tn = cfg.tuning
         key_block = attention_mosaic.BLOCK_K if cfg.rope else tn.mosaic_fwd_key_block  # tables: 64 only
+        pingpong = tn.mosaic_fwd_pingpong and key_block == 128
         out, lse = attention_mosaic.mosaic_forward(  # lse [B, Hq, Tp]
             *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
             scale=cfg.scale, longest_first=tn.mosaic_longest_first,
             ctas="sms" if tn.mosaic_persistent_fwd and not cfg.rope else None,
-            key_block=key_block, pingpong=tn.mosaic_fwd_pingpong and key_block == 128,
-            fold_scale=tn.mosaic_fwd_fold_scale)
+            key_block=key_block, pingpong=pingpong, fold_scale=tn.mosaic_fwd_fold_scale,
+            early_qk=tn.mosaic_fwd_early_qk and not pingpong)
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)

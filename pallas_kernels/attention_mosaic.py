@@ -21,7 +21,6 @@ shared memory and QK^T is a jnp dot. The compiled path was checked on the H100 a
 kernels and the reference (benchmarks/run_mosaic_attention.py, attention_NOTES.md session 4).
 """
 import dataclasses
-import functools
 import math
 import operator
 
@@ -367,7 +366,7 @@ def sm_count():
 
 def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=(200, 104),
                    longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, fold_scale=True,
-                   interpret=None):
+                   early_qk=False, interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
     if already computed). Returns o [B, T, Hq, D] and lse
@@ -385,6 +384,9 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
       apply scale * log2(e) inside each exponent (exp2(s c - m c): one FFMA an element where the
       scaled scores cost a multiply and a subtract; tokamax's and FA3's softmax; 1.014x at 32k, neutral
       at 2k / 8k on the H200, attention_NOTES.md session 15).
+      early_qk: each step issues the next step's QK^T right behind its PV and waits once for both,
+      so a consumer no longer waits for its PV before the next QK^T starts (the forward's warps sat
+      9.7% of their samples on that wait, attention_NOTES.md session 16). Not with pingpong.
       interpret: InterpretGPUParams to run on the CPU.
     Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest).
     Without RoPE tables the output leaves through its own buffer, so a consumer loads its next Q
@@ -396,12 +398,15 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     assert D == HEAD_DIM and T % cta_q == 0, (q.shape, "see supported()")
     assert bk in (64, 128), key_block
     assert not pingpong or bk == 128, "pingpong: key_block=128 (both consumers then run the same steps)"
+    assert not (pingpong and early_qk), "early_qk issues QK^T outside the ping-pong turns"
     if bk != BLOCK_K and cos is not None:
         raise ValueError("mosaic_forward: key_block=128 takes no RoPE tables (their slots would not fit "
                          "in shared memory); rotate q/k before the call (Tuning.rope_in_kernel=False)")
     if stages is None:
         stages = 3 if bk == 64 else 2  # 3 slots of 128 keys would take 256 KB of shared memory
     rope = cos is not None
+    # the producer releases K(j + 1) rotated one load later, into the slot step j - 1 + stages frees
+    assert not (early_qk and rope and stages < 3), "early_qk with RoPE tables: stages >= 3"
     segs = seg is not None
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
@@ -464,8 +469,11 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                 seg_rows = vec(segq.at[wg], 0) if segs else None
                 kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
 
-                def step(j, carry, masked):
-                    o, m, l = carry
+                def issue_qk(acc, slot):
+                    for p in range(2):
+                        plgpu.wgmma(acc, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
+
+                def raw_scores(j):  # Q K(j)^T in fp32, once K(j) is in
                     slot = step_slot(j, off, stages)
                     plgpu.barrier_wait(kbar.at[slot])
                     my_turn()
@@ -473,50 +481,79 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                         s = sum(lax.dot_general(my_q.at[p][...], kh.at[slot, p][...], (((1,), (1,)), ((), ())),
                                                 preferred_element_type=jnp.float32) for p in range(2))
                         your_turn()
-                    else:
-                        def qk(acc):
-                            for p in range(2):
-                                plgpu.wgmma(acc, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
-                            your_turn()
-                            plgpu.wgmma_wait(0)
-                            return acc[...]
-                        s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                        return s
+
+                    def qk(acc):
+                        issue_qk(acc, slot)
+                        your_turn()
+                        plgpu.wgmma_wait(0)
+                        return acc[...]
+                    return pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+
+                def softmax(s, m, l, j, masked):  # raw scores -> P (16-bit), the rows' new state, O's rescale
                     s = scores_log2(s, None if fold_scale else scale, val, q0, j * bk, masked, seg_rows,
-                                    vec(segk.at[slot], 1) if segs else None, mask_vectors=False)
+                                    vec(segk.at[step_slot(j, off, stages)], 1) if segs else None,
+                                    mask_vectors=False)
                     m_new = jnp.maximum(m, s.max(axis=1))  # fold_scale: in raw score units
                     alpha = jnp.exp2(log2_units(m - m_new))
                     p16 = jnp.exp2(log2_units(s) - lax.broadcast_in_dim(log2_units(m_new), s.shape, [0]))
                     l = l * alpha + p16.sum(axis=1)
-                    p16 = p16.astype(q.dtype)
-                    o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+                    return p16.astype(q.dtype), alpha, m_new, l
+
+                def pv(o, p16, j, next_qk):
+                    """(o + P V(j), None); next_qk: QK^T of step j + 1 is issued right behind the PV wgmma,
+                    both are waited for once, and its raw scores come back in place of None."""
+                    slot = step_slot(j, off, stages)
                     plgpu.barrier_wait(vbar.at[slot])
                     if p_smem:
                         ps.at[wg][...] = p16
                         plgpu.commit_smem()  # generic-proxy writes of P -> visible to wgmma
                         my_turn()
 
-                        def pv(acc):
+                        def run(acc):
                             plgpu.wgmma(acc, ps.at[wg], vs.at[slot])
                             your_turn()
                             return acc[...]
-                        o = o + pl.run_scoped(pv, plgpu.ACC((bq, D), jnp.float32))
-                    else:
-                        my_turn()
-
-                        def pv(acc_ref):
+                        o = o + pl.run_scoped(run, plgpu.ACC((bq, D), jnp.float32))
+                        return o, raw_scores(j + 1) if next_qk else None
+                    my_turn()
+                    if not next_qk:
+                        def run(acc_ref):
                             plgpu.wgmma(acc_ref, p16, vs.at[slot])
                             your_turn()
-                        o = pl.run_state(pv)(plgpu.ACC.init(o))
-                    plgpu.barrier_arrive(consumed.at[slot])
-                    return o, m_new, l
+                        return pl.run_state(run)(plgpu.ACC.init(o)), None
+                    next_slot = step_slot(j + 1, off, stages)
+
+                    def run_both(accs):
+                        o_acc, s_acc = accs
+                        plgpu.wgmma(o_acc, p16, vs.at[slot])
+                        plgpu.barrier_wait(kbar.at[next_slot])
+                        issue_qk(s_acc, next_slot)
+                    zeros = cast(jnp.zeros((bq, bk), jnp.float32), plgpu.Layout.WGMMA)
+                    return pl.run_state(run_both)((plgpu.ACC.init(o), plgpu.ACC.init(zeros)))
+
+                def step(j, o, m, l, s, masked, next_qk):  # one key tile from its raw scores s
+                    p16, alpha, m, l = softmax(s, m, l, j, masked)
+                    o, s = pv(o * lax.broadcast_in_dim(alpha, o.shape, [0]), p16, j, next_qk)
+                    plgpu.barrier_arrive(consumed.at[step_slot(j, off, stages)])
+                    return o, m, l, s
+
+                def loop(lo, hi, carry, masked):
+                    if early_qk:  # the carry holds step j's raw scores, computed by step j - 1
+                        return lax.fori_loop(lo, hi, lambda j, c: step(j, *c, masked, True), carry)
+                    return lax.fori_loop(lo, hi, lambda j, c: step(j, *c, raw_scores(j), masked, False)[:3], carry)
 
                 o = cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
                 # finite: with segments a row may see no key of a tile (exp2(-inf - -inf) would be NaN)
                 m = cast(jnp.full((bq,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                 l = cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                 first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
-                carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (o, m, l))
-                o, m, l = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
+                last = kv_steps - 1 if early_qk else kv_steps  # early_qk: the last step (masked) is peeled
+                first_masked = jnp.minimum(first_masked, last)
+                carry = (o, m, l, raw_scores(kv_min)) if early_qk else (o, m, l)
+                o, m, l, *s = loop(first_masked, last, loop(kv_min, first_masked, carry, False), True)
+                if early_qk:  # it issues no further QK^T
+                    o, m, l, _ = step(last, o, m, l, s[0], True, False)
 
                 skip_kv_steps((kbar, vbar, consumed), kv_steps, kv_max, off, stages)
                 if own_out:  # every wgmma reading Q was waited for: the next tile's Q comes in now

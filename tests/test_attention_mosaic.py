@@ -51,18 +51,25 @@ def test_segment_block_ranges_match_a_brute_force_count():
     (2, 256, 2, 1, False, True, True, 3), (1, 128, 4, 2, True, False, True, 3),
     (2, 256, 2, 1, False, True, True, (3, 128, False, False)),  # 128-key tiles, the scale multiplied before the max
     (1, 256, 2, 2, False, False, True, (None, 128)),  # (the others: folded into the exp2, the default)
-    (2, 256, 2, 1, False, True, True, (3, 128, True))])  # and ping-pong consumers
+    (2, 256, 2, 1, False, True, True, (3, 128, True)),  # and ping-pong consumers
+    # early_qk (the next QK^T issued behind each PV): packed, persistent, 128 keys; 64 keys (the
+    # lower rows' consumer one step short); RoPE tables
+    (2, 256, 2, 1, False, True, True, (3, 128, False, True, True)),
+    (1, 256, 2, 2, False, False, False, (None, 64, False, True, True)),
+    (1, 128, 4, 2, True, False, True, (3, 64, False, True, True))])
 def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, longest_first, ctas):
-    ctas, key_block, pingpong, fold_scale = (*ctas, False, True)[:4] if isinstance(ctas, tuple) else \
-        (ctas, M.BLOCK_K, False, True)
+    defaults = (None, M.BLOCK_K, False, True, False)
+    ctas = ctas + defaults[len(ctas):] if isinstance(ctas, tuple) else (ctas, *defaults[1:])
+    ctas, key_block, pingpong, fold_scale, early_qk = ctas
     q, k, v, inv_freq = _inputs(B, T, Hq, Hkv, seed=T + Hq)
     seg = packed_segments(B, T, seed=T) if segments else None
     inv_freq = inv_freq if rope else None
     scale = M.HEAD_DIM ** -0.5
     tables = rope_tables(T, inv_freq) if rope else ()
-    o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=2, longest_first=longest_first,
+    stages = 3 if rope and early_qk else 2  # (early_qk with tables needs 3)
+    o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=stages, longest_first=longest_first,
                               ctas=ctas, key_block=key_block, pingpong=pingpong, fold_scale=fold_scale,
-                              interpret=_interpret_params())
+                              early_qk=early_qk, interpret=_interpret_params())
     ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg)
     err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
     assert o.shape == q.shape and o.dtype == q.dtype

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Session 17 device calls (attention_NOTES.md "Session 17").
+#   bash benchmarks/run_session17.sh earlyqk   # forward: the next QK^T issued behind each PV (early_qk) vs the
+#                                              # default, in one process (GPU check, 2k / 8k / 32k, ptxas spills);
+#                                              # then end to end against cuDNN + XLA RoPE
+set -u
+export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
+OUT=${OUT:-/tmp/s17}; mkdir -p "$OUT"
+ab() {  # name, seconds, bench_mosaic_bwd.py flags...: the timing lines, checks and ptxas spills
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 benchmarks/bench_mosaic_bwd.py --no-baseline --with-32k "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name rc=$?"; grep -E " ms |PASS|FAIL|Error|spill stores," "$OUT/$name.log" | sort | uniq -c | sort -k2 | head -24
+}
+case ${1:-earlyqk} in
+  earlyqk)
+    P='"ctas": "sms", "key_block": 128'
+    ab earlyqk 240 --kernel fwd --no-rope --kwargs "[{$P}, {$P, \"early_qk\": true}, {$P, \"early_qk\": true, \"regs\": [240, 24]}]"
+    timeout 300 python3 benchmarks/bench_attention.py --timing-only --impls "ours;ours, fwd early QK^T;cudnn + XLA RoPE" \
+      --seqs 2048,8192,32768 > "$OUT/e2e.log" 2>&1; echo "== e2e rc=$?"; grep -A12 summary "$OUT/e2e.log" | head -30 ;;
+  *) echo "usage: $0 earlyqk" >&2; exit 2 ;;
+esac
