@@ -3,6 +3,7 @@
 #   bash benchmarks/run_session17.sh earlyqk   # forward: the next QK^T issued behind each PV (early_qk) vs the
 #                                              # default, in one process (GPU check, 2k / 8k / 32k, ptxas spills);
 #                                              # then end to end against cuDNN + XLA RoPE
+#   bash benchmarks/run_session17.sh bwdearly  # the same idea in dq and dk/dv (kernels alone, then end to end)
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
 OUT=${OUT:-/tmp/s17}; mkdir -p "$OUT"
@@ -17,5 +18,11 @@ case ${1:-earlyqk} in
     ab earlyqk 240 --kernel fwd --no-rope --kwargs "[{$P}, {$P, \"early_qk\": true}, {$P, \"early_qk\": true, \"regs\": [240, 24]}]"
     timeout 300 python3 benchmarks/bench_attention.py --timing-only --impls "ours;ours, fwd early QK^T;cudnn + XLA RoPE" \
       --seqs 2048,8192,32768 > "$OUT/e2e.log" 2>&1; echo "== e2e rc=$?"; grep -A12 summary "$OUT/e2e.log" | head -30 ;;
-  *) echo "usage: $0 earlyqk" >&2; exit 2 ;;
+  bwdearly)  # dq (next S, dP behind dQ) and dk/dv (next S^T behind dK) early vs not; then end to end
+    ab dq 200 --kernel dq --no-rope --kwargs '[{}, {"early": true}]'
+    ab dkv 200 --kernel dkv --no-rope --kwargs '[{}, {"early_s": true}]'
+    timeout 300 python3 benchmarks/bench_attention.py --timing-only \
+      --impls "ours;ours, bwd early;ours, dq early;ours, dk/dv early;cudnn + XLA RoPE" \
+      --seqs 2048,8192,32768 > "$OUT/e2e.log" 2>&1; echo "== e2e rc=$?"; grep -A18 summary "$OUT/e2e.log" | head -30 ;;
+  *) echo "usage: $0 earlyqk|bwdearly" >&2; exit 2 ;;
 esac

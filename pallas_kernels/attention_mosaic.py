@@ -264,6 +264,25 @@ def when_any_tile(tiles, f, after=None):
     pl.when(n > (0 if after is None else after + 1))(f)
 
 
+def run_key_steps(step, scores, carry, kv_min, first_masked, kv_steps, early):
+    """A Q-stationary consumer's key steps [kv_min, kv_steps), masked from first_masked on.
+    step(j, carry, s, masked, next_qk) -> (carry, next s or None), where s is step j's raw product
+    (scores(j): the wgmmas issued and waited for). early: each step issues step j + 1's product
+    right behind its own last wgmma (next_qk) and waits for both at once, so s comes from step
+    j - 1 (the first from scores(kv_min)); the last step is peeled: it issues nothing further.
+    Returns the carry."""
+    last = kv_steps - 1 if early else kv_steps
+    first_masked = jnp.minimum(first_masked, last)
+
+    def loop(lo, hi, c, masked):
+        if early:
+            return lax.fori_loop(lo, hi, lambda j, c: step(j, *c, masked, True), c)
+        return lax.fori_loop(lo, hi, lambda j, c: step(j, c, scores(j), masked, False)[0], c)
+    c = (carry, scores(kv_min)) if early else carry
+    c = loop(first_masked, last, loop(kv_min, first_masked, c, False), True)
+    return step(last, *c, True, False)[0] if early else c
+
+
 def causal_kv_range(rng_ref, bk=BLOCK_K):
     """kv_range of a Q-stationary kernel (for_each_tile): query block qi's `bk`-key tiles under
     causal masking, from the first one sharing a segment (rng_ref: segment_ranges(seg)[0], in
@@ -532,28 +551,19 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                     zeros = cast(jnp.zeros((bq, bk), jnp.float32), plgpu.Layout.WGMMA)
                     return pl.run_state(run_both)((plgpu.ACC.init(o), plgpu.ACC.init(zeros)))
 
-                def step(j, o, m, l, s, masked, next_qk):  # one key tile from its raw scores s
+                def step(j, carry, s, masked, next_qk):  # one key tile from its raw scores s
+                    o, m, l = carry
                     p16, alpha, m, l = softmax(s, m, l, j, masked)
                     o, s = pv(o * lax.broadcast_in_dim(alpha, o.shape, [0]), p16, j, next_qk)
                     plgpu.barrier_arrive(consumed.at[step_slot(j, off, stages)])
-                    return o, m, l, s
-
-                def loop(lo, hi, carry, masked):
-                    if early_qk:  # the carry holds step j's raw scores, computed by step j - 1
-                        return lax.fori_loop(lo, hi, lambda j, c: step(j, *c, masked, True), carry)
-                    return lax.fori_loop(lo, hi, lambda j, c: step(j, *c, raw_scores(j), masked, False)[:3], carry)
+                    return (o, m, l), s
 
                 o = cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
                 # finite: with segments a row may see no key of a tile (exp2(-inf - -inf) would be NaN)
                 m = cast(jnp.full((bq,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                 l = cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                 first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
-                last = kv_steps - 1 if early_qk else kv_steps  # early_qk: the last step (masked) is peeled
-                first_masked = jnp.minimum(first_masked, last)
-                carry = (o, m, l, raw_scores(kv_min)) if early_qk else (o, m, l)
-                o, m, l, *s = loop(first_masked, last, loop(kv_min, first_masked, carry, False), True)
-                if early_qk:  # it issues no further QK^T
-                    o, m, l, _ = step(last, o, m, l, s[0], True, False)
+                o, m, l = run_key_steps(step, raw_scores, (o, m, l), kv_min, first_masked, kv_steps, early_qk)
 
                 skip_kv_steps((kbar, vbar, consumed), kv_steps, kv_max, off, stages)
                 if own_out:  # every wgmma reading Q was waited for: the next tile's Q comes in now
