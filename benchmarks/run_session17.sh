@@ -4,6 +4,8 @@
 #                                              # default, in one process (GPU check, 2k / 8k / 32k, ptxas spills);
 #                                              # then end to end against cuDNN + XLA RoPE
 #   bash benchmarks/run_session17.sh bwdearly  # the same idea in dq and dk/dv (kernels alone, then end to end)
+#   bash benchmarks/run_session17.sh verify    # GPU checks with early_qk the default; the forward with tables; dq early
+#                                              # with setmaxnreg (240, 24)
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
 OUT=${OUT:-/tmp/s17}; mkdir -p "$OUT"
@@ -24,5 +26,13 @@ case ${1:-earlyqk} in
     timeout 300 python3 benchmarks/bench_attention.py --timing-only \
       --impls "ours;ours, bwd early;ours, dq early;ours, dk/dv early;cudnn + XLA RoPE" \
       --seqs 2048,8192,32768 > "$OUT/e2e.log" 2>&1; echo "== e2e rc=$?"; grep -A18 summary "$OUT/e2e.log" | head -30 ;;
-  *) echo "usage: $0 earlyqk|bwdearly" >&2; exit 2 ;;
+  verify)  # the GPU checks of flash_attention's Mosaic cases with early_qk the default (tables, packing
+            # included); the forward with RoPE tables (64-key steps, 3 stages) early or not; dq early with registers
+    timeout 200 python3 benchmarks/bench_attention.py --timing-only --checks mosaic --seqs 8192 \
+      --impls "ours;ours, fwd QK^T after PV;cudnn + XLA RoPE" > "$OUT/checks.log" 2>&1; echo "== checks rc=$?"
+    grep -E "FAIL|PASS|correctness" "$OUT/checks.log" | head -30; grep -A4 summary "$OUT/checks.log"
+    ab fwd_tables 150 --kernel fwd --kwargs '[{}, {"early_qk": true}]'
+    ab dq_regs 200 --kernel dq --no-rope --kwargs '[{"regs": [240, 24]}, {"early": true, "regs": [240, 24]}]'
+    grep -c "serialized" "$OUT/dq_regs.log" ;;
+  *) echo "usage: $0 earlyqk|bwdearly|verify" >&2; exit 2 ;;
 esac
