@@ -15,7 +15,6 @@ Writes a JSON of every number to $OUT (or /tmp) as bench_attention.json.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -262,9 +261,6 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_fwd_late_qk(q, k, v):  # each forward step waits for its PV before the next QK^T (before session 17)
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd_early_qk=False))
 
-    def ours_bwd_early(q, k, v, dq=True, dkv=True):  # the next step's products issued behind dQ / dK (session 17)
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dq_early=dq, mosaic_dkv_early_s=dkv))
-
     def ours_norope(q, k, v):
         return flash_attention(q, k, v)
 
@@ -328,9 +324,6 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, fwd 128-key steps, ping-pong": (ours_fwd_pingpong, (q, k, v)),
         "ours, fwd scale not folded": (ours_fwd_scale_apart, (q, k, v)),
         "ours, fwd QK^T after PV": (ours_fwd_late_qk, (q, k, v)),
-        "ours, bwd early": (ours_bwd_early, (q, k, v)),
-        "ours, dq early": (functools.partial(ours_bwd_early, dkv=False), (q, k, v)),
-        "ours, dk/dv early": (functools.partial(ours_bwd_early, dq=False), (q, k, v)),
         "ours, Triton (RoPE in kernel)": (ours_triton, (q, k, v)),
         "ours, Triton (RoPE by XLA)": (ours_triton_rope_xla, (q, k, v)),
         "ours, Triton bwd": (ours_triton_bwd, (q, k, v)),

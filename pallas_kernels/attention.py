@@ -201,16 +201,12 @@ class Tuning:
     # alone on the H200 in one process: 1.014x at 32k, 1.001x at 8k, 0.996x at 2k; the forward end
     # to end 16.82 -> 16.44 ms at 32k (attention_NOTES.md session 15).
     mosaic_fwd_fold_scale: bool = True
-    # Each step of the Mosaic forward issues the next step's QK^T right behind its PV and waits for
-    # both at once (attention_mosaic.mosaic_forward(early_qk=True)); not with ping-pong. The kernel
-    # alone on the H200 in one process: 1.020x at 2k, 0.999x at 8k, 1.095x at 32k; the forward end
-    # to end 16.73 -> 15.59 ms at 32k (attention_NOTES.md session 17).
+    # With 128-key steps, each step of the Mosaic forward issues the next step's QK^T right behind
+    # its PV and waits for both at once (attention_mosaic.mosaic_forward(early_qk=True)); not with
+    # ping-pong. The kernel alone on the H200 in one process: 1.020x at 2k, 0.999x at 8k, 1.095x at
+    # 32k; the forward end to end 16.73 -> 15.59 ms at 32k. With RoPE tables (64-key steps) it ran
+    # 0.80-0.88x, so not there (attention_NOTES.md session 17).
     mosaic_fwd_early_qk: bool = True
-    # The same for the Mosaic dq kernel (the next step's S and dP wgmmas behind its dQ wgmmas,
-    # attention_mosaic_dq.mosaic_dq(early=True)) and dk/dv (the next S^T behind the dK wgmmas,
-    # mosaic_dkv(early_s=True)); neither where the kernel rotates Q / K itself.
-    mosaic_dq_early: bool = False
-    mosaic_dkv_early_s: bool = False
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -775,7 +771,7 @@ def _flash_fwd(cfg, q, k, v, aux):
             scale=cfg.scale, longest_first=tn.mosaic_longest_first,
             ctas="sms" if tn.mosaic_persistent_fwd and not cfg.rope else None,
             key_block=key_block, pingpong=pingpong, fold_scale=tn.mosaic_fwd_fold_scale,
-            early_qk=tn.mosaic_fwd_early_qk and not pingpong)
+            early_qk=tn.mosaic_fwd_early_qk and key_block == 128 and not pingpong)
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)
@@ -801,14 +797,12 @@ def _flash_bwd(cfg, res, dout):
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,
-                                           longest_first=cfg.tuning.mosaic_longest_first,
-                                           early=cfg.tuning.mosaic_dq_early and not cfg.rope, **un_rotate)
+                                           longest_first=cfg.tuning.mosaic_longest_first, **un_rotate)
     else:
         dq = _backward_dq(cfg, *triton)
     if cfg.mosaic_dkv:
         dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
-                                                 longest_first=cfg.tuning.mosaic_longest_first,
-                                                 early_s=cfg.tuning.mosaic_dkv_early_s and not cfg.rope, **un_rotate)
+                                                 longest_first=cfg.tuning.mosaic_longest_first, **un_rotate)
     else:
         dk, dv = _backward_dkv(cfg, *triton)
     return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)

@@ -60,7 +60,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
-               ds_under_dv=None, early_s=False, pre_rotated=False, interpret=None):
+               ds_under_dv=None, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -89,9 +89,6 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     measured: p_regs without RoPE tables (H200, same process: 1.01x / 1.07x at 2k / 8k, fused
     1.06x / 1.07x; RESULTS.md 0000000000). The interpreter cannot run it (p_regs).
 
-    early_s (ds_under_dv): each step issues the next step's S^T right behind its dK wgmmas and
-    waits for all at once (the forward's early_qk), so S^T no longer waits alone at a step's start.
-
     pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query
     tables, no rotation in shared memory), which saves XLA's separate un-rotation pass over dk. The
@@ -119,7 +116,6 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     if ds_under_dv is None:
         ds_under_dv = p_regs and not rotate
     assert not ds_under_dv or p_regs, "ds_under_dv: p_regs"
-    assert not early_s or ds_under_dv, "early_s: ds_under_dv (the compiled kernel without the kernel's rotation)"
     ds_bufs = 2 if with_dq else 1  # dS^T buffers per consumer, by step parity (with_dq: the consumers read each other's)
     n_kb = T // BLOCK_K
     val = Values(interp)
@@ -128,26 +124,18 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     def col_vec(ref):
         return vec(ref, 1)
 
-    def issue_scores_t(acc, my_k, q_parts):
-        for p in range(2):
-            plgpu.wgmma(acc, my_k.at[p], plgpu.transpose_ref(q_parts.at[p], (1, 0)))
-
-    def scores_t(my_k, q_parts):
-        """S^T [keys, queries] of one 64x64 tile in raw units, float32."""
+    def probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t=None):
+        """P^T [keys, queries] of one 64x64 tile, float32. seg_t: (key ids [t] value, query ids ref)."""
         if interp:  # no transposed wgmma operand in the interpreter
-            return sum(lax.dot_general(my_k.at[p][...], q_parts.at[p][...], (((1,), (1,)), ((), ())),
-                                       preferred_element_type=jnp.float32) for p in range(2))
-
-        def qk(acc):
-            issue_scores_t(acc, my_k, q_parts)
-            plgpu.wgmma_wait(0)
-            return acc[...]
-        return pl.run_scoped(qk, plgpu.ACC((t, t), jnp.float32))
-
-    def probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t=None, s_t=None):
-        """P^T [keys, queries] of one 64x64 tile, float32. seg_t: (key ids [t] value, query ids ref).
-        s_t: its raw scores if already computed."""
-        s_t = scores_t(my_k, q_parts) if s_t is None else s_t
+            s_t = sum(lax.dot_general(my_k.at[p][...], q_parts.at[p][...], (((1,), (1,)), ((), ())),
+                                      preferred_element_type=jnp.float32) for p in range(2))
+        else:
+            def qk(acc):
+                for p in range(2):
+                    plgpu.wgmma(acc, my_k.at[p], plgpu.transpose_ref(q_parts.at[p], (1, 0)))
+                plgpu.wgmma_wait(0)
+                return acc[...]
+            s_t = pl.run_scoped(qk, plgpu.ACC((t, t), jnp.float32))
         s_t = s_t * (scale * LOG2E)
         if masked:  # key k0 + r sees query q0 + c iff k0 + r <= q0 + c
             s_t = jnp.where(val.compare_positions((t, t), k0, q0, operator.le), s_t, -jnp.inf)
@@ -184,14 +172,10 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             plgpu.wgmma(dk_accs[p], my_p, q_parts.at[p])
         plgpu.wgmma_wait(0)
 
-    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, ds_out=None,
-                       s_t=None, next_tile=None):
+    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, ds_out=None):
         """tile_math with P^T and dS^T as register A operands and the accumulators as values
         (compiled path only: the interpreter has no register A operand nor run_state); dS^T also
-        into the shared-memory tile ds_out if given (the fused backward's dQ reads it).
-        s_t: this tile's raw S^T if already computed. next_tile (ds_under_dv): (wait, Q parts) of
-        the next step, whose S^T is issued right behind the dK wgmmas once wait() returns and
-        comes back as a fourth value, waited for with them."""
+        into the shared-memory tile ds_out if given (the fused backward's dQ reads it)."""
 
         def store_ds(ds_t):
             if ds_out is not None:
@@ -199,27 +183,21 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.commit_smem()
 
         dv, dk0, dk1 = accs
-        p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t, s_t)
+        p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t)
         zeros = plgpu.layout_cast(jnp.zeros((t, t), jnp.float32), plgpu.Layout.WGMMA)
-        assert next_tile is None or ds_under_dv, "next_tile: ds_under_dv"
         if ds_under_dv:  # one run_state: dV stays in flight while dS^T is computed
             def step(refs):
-                dv_ref, dp_ref, dk_refs, s_ref = refs
+                dv_ref, dp_ref, dk_refs = refs
                 plgpu.wgmma(dp_ref, my_v, plgpu.transpose_ref(do_t, (1, 0)))
                 plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
                 dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dP^T done, dV may run on
                 ds_t = (p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1]))).astype(q.dtype)
                 for p in range(2):
                     plgpu.wgmma(dk_refs[p], ds_t, q_parts.at[p])
-                if next_tile is not None:
-                    wait, next_q = next_tile
-                    wait()
-                    issue_scores_t(s_ref, my_k, next_q)
                 store_ds(ds_t)
-            s_init = None if next_tile is None else plgpu.ACC.init(zeros)
-            dv, _, (dk0, dk1), s_next = pl.run_state(step)(
-                (plgpu.ACC.init(dv), plgpu.ACC.init(zeros), (plgpu.ACC.init(dk0), plgpu.ACC.init(dk1)), s_init))
-            return (dv, dk0, dk1) if next_tile is None else (dv, dk0, dk1, s_next)
+            dv, _, (dk0, dk1) = pl.run_state(step)(
+                (plgpu.ACC.init(dv), plgpu.ACC.init(zeros), (plgpu.ACC.init(dk0), plgpu.ACC.init(dk1))))
+            return dv, dk0, dk1
 
         def dv_dp(refs):
             dv_ref, dp_ref = refs
@@ -389,42 +367,27 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                     lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: step(accs, j, masked=False), None)
                 lax.fori_loop(0, G, head, None)
 
-            def step_regs(carry, j, masked):
-                """Step j on values; carry: (dV, dK halves) and, with early_s, step j's raw S^T
-                (issued and waited for by step j - 1, or before the loop for step 0)."""
-                accs, s_t = carry
+            def step_regs(accs, j, masked):
                 slot = lax.rem(j, jnp.int32(stages))
                 _, i = tile_of(j)
-                if not early_s:
-                    plgpu.barrier_wait(qready.at[slot])
+                plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
-                next_tile = None
-                if early_s:  # the last step re-issues its own S^T (its Q is still in): no conditional wgmma
-                    more = j + 1 < n_steps
-                    next_slot = jnp.where(more, lax.rem(j + 1, jnp.int32(stages)), slot)
-                    next_tile = (lambda: pl.when(more)(lambda: plgpu.barrier_wait(qready.at[next_slot])),
-                                 qh.at[next_slot])
-                out = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
-                                     k0, i * t, masked, seg_of(slot), ds_out=p_buf(j) if with_dq else None,
-                                     s_t=s_t, next_tile=next_tile)
+                accs = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
+                                      k0, i * t, masked, seg_of(slot), ds_out=p_buf(j) if with_dq else None)
                 if with_dq:
                     dq_tile(j)
                 plgpu.barrier_arrive(consumed.at[slot])
-                return (out[:3], out[3]) if early_s else (out, None)
+                return accs
 
-            def head_regs(g, carry):  # no pl.when with values: both consumers run the first two
-                j0 = g * per_head     # tiles masked (the upper one's first is all masked: P = 0)
-                carry = step_regs(carry, j0, masked=True)
-                carry = step_regs(carry, j0 + 1, masked=True)
-                return lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: step_regs(c, j, masked=False), carry)
+            def head_regs(g, accs):  # no pl.when with values: both consumers run the first two
+                j0 = g * per_head    # tiles masked (the upper one's first is all masked: P = 0)
+                accs = step_regs(accs, j0, masked=True)
+                accs = step_regs(accs, j0 + 1, masked=True)
+                return lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: step_regs(c, j, masked=False), accs)
 
             if p_regs:
                 wg_zeros = lambda n: plgpu.layout_cast(jnp.zeros((t, n), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
-                s0 = None
-                if early_s:
-                    plgpu.barrier_wait(qready.at[0])
-                    s0 = scores_t(my_k, qh.at[0])
-                (dv, dk0, dk1), _ = lax.fori_loop(0, G, head_regs, ((wg_zeros(D), wg_zeros(half), wg_zeros(half)), s0))
+                dv, dk0, dk1 = lax.fori_loop(0, G, head_regs, (wg_zeros(D), wg_zeros(half), wg_zeros(half)))
             else:
                 dv, dk0, dk1 = accumulate(loop)
             if with_dq:  # the other consumer is done with my K (finish reuses the buffer)

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import (QTiles, Values, causal_kv_range, check_regs, for_each_tile, kv_producer,
-                                             rotate_halves, run_key_steps, scores_log2, segment_ranges, skip_kv_steps, sm_count,
+                                             rotate_halves, scores_log2, segment_ranges, skip_kv_steps, sm_count,
                                              smem_tiles, step_slot)
 
 LOG2E = math.log2(math.e)
@@ -42,7 +42,7 @@ BLOCK_K = 64
 
 
 def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs="auto",
-              longest_first=True, ctas=None, key_block=BLOCK_K, pre_rotated=False, early=False, interpret=None):
+              longest_first=True, ctas=None, key_block=BLOCK_K, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -77,7 +77,6 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                          "memory); rotate q/k before the kernel (Tuning(rope_in_kernel=False))")
     if stages is None:
         stages = 2 if rotate or bk == 128 else 3
-    assert not (early and rotate and stages < 3), "early with the kernel's rotation: stages >= 3"
     if regs == "auto":
         regs = (240, 24) if bk == 128 else None
     table_b = cos.shape[0] if rope else 1
@@ -133,36 +132,26 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                 seg_rows = vec(segq.at[wg], 0) if segs else None
                 kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
 
-                def issue_products(s_ref, dp_ref, slot):
-                    for p in range(2):
-                        plgpu.wgmma(s_ref, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
-                    plgpu.wgmma(dp_ref, my_do, plgpu.transpose_ref(vs.at[slot], (1, 0)))
-
-                def products(j):  # S = Q K(j)^T and dP = dO V(j)^T in fp32, once K(j) and V(j) are in
+                def step(j, carry, masked):
+                    dq0, dq1 = carry
                     slot = step_slot(j, off, stages)
                     plgpu.barrier_wait(kbar.at[slot])
                     plgpu.barrier_wait(vbar.at[slot])
                     if interp:  # the interpreter's wgmma takes no transposed operand
-                        return sum(dot_t(my_q.at[p][...], kh.at[slot, p][...]) for p in range(2)), \
-                            dot_t(my_do[...], vs.at[slot][...])
-
-                    def qk_dov(s_ref, dp_ref):  # both issued before either is read
-                        issue_products(s_ref, dp_ref, slot)
-                        plgpu.wgmma_wait(0)
-                        return s_ref[...], dp_ref[...]
-                    return pl.run_scoped(qk_dov, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
-
-                def step(j, carry, s_dp, masked, next_qk):
-                    """dQ += dS K(j) from step j's products; next_qk: step j + 1's products issued right
-                    behind the dQ wgmmas and waited for with them (returned, else None)."""
-                    dq0, dq1 = carry
-                    s, dp = s_dp
-                    slot = step_slot(j, off, stages)
+                        s = sum(dot_t(my_q.at[p][...], kh.at[slot, p][...]) for p in range(2))
+                        dp = dot_t(my_do[...], vs.at[slot][...])
+                    else:
+                        def qk_dov(s_ref, dp_ref):  # both issued before either is read
+                            for p in range(2):
+                                plgpu.wgmma(s_ref, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
+                            plgpu.wgmma(dp_ref, my_do, plgpu.transpose_ref(vs.at[slot], (1, 0)))
+                            plgpu.wgmma_wait(0)
+                            return s_ref[...], dp_ref[...]
+                        s, dp = pl.run_scoped(qk_dov, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
                     s = scores_log2(s, scale, val, q0, j * bk, masked, seg_rows,
                                     vec(segk.at[slot], 1) if segs else None)
                     p_ = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
                     ds = (p_ * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0]))).astype(k.dtype)
-                    following = None
                     if interp:  # no register A operand: dS through shared memory
                         dss.at[wg][...] = ds
                         plgpu.commit_smem()  # generic-proxy writes of dS -> visible to wgmma
@@ -172,32 +161,18 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                             return acc[...]
                         dq0 = dq0 + pl.run_scoped(functools.partial(dsk, p=0), plgpu.ACC((bq, half), jnp.float32))
                         dq1 = dq1 + pl.run_scoped(functools.partial(dsk, p=1), plgpu.ACC((bq, half), jnp.float32))
-                        following = products(j + 1) if next_qk else None
-                    elif not next_qk:
+                    else:
                         def dsk(accs):
                             for p in range(2):
                                 plgpu.wgmma(accs[p], ds, kh.at[slot, p])
                         dq0, dq1 = pl.run_state(dsk)((plgpu.ACC.init(dq0), plgpu.ACC.init(dq1)))
-                    else:
-                        next_slot = step_slot(j + 1, off, stages)
-
-                        def dsk_then_products(accs):
-                            dq_accs, s_acc, dp_acc = accs
-                            for p in range(2):
-                                plgpu.wgmma(dq_accs[p], ds, kh.at[slot, p])
-                            plgpu.barrier_wait(kbar.at[next_slot])
-                            plgpu.barrier_wait(vbar.at[next_slot])
-                            issue_products(s_acc, dp_acc, next_slot)
-                        zeros = cast(jnp.zeros((bq, bk), jnp.float32), plgpu.Layout.WGMMA)
-                        (dq0, dq1), *following = pl.run_state(dsk_then_products)(
-                            ((plgpu.ACC.init(dq0), plgpu.ACC.init(dq1)), plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
-                        following = tuple(following)
                     plgpu.barrier_arrive(consumed.at[slot])
-                    return (dq0, dq1), following
+                    return dq0, dq1
 
                 zero = cast(jnp.zeros((bq, half), jnp.float32), plgpu.Layout.WGMMA)
                 first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
-                dq0, dq1 = run_key_steps(step, products, (zero, zero), kv_min, first_masked, kv_steps, early)
+                carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (zero, zero))
+                dq0, dq1 = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
 
                 skip_kv_steps((kbar, vbar, consumed), kv_steps, kv_max, off, stages)
 

@@ -25,19 +25,18 @@ def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, se
     assert rel_err(dk, dk_ref) < 2e-2, rel_err(dk, dk_ref)
 
 
-@pytest.mark.parametrize("rope,p_regs,segments,ds_under_dv,pre_rotated,early_s", [
-    (True, None, False, None, False, False), (False, None, False, None, False, False),  # compiled default: P^T in registers
-    (True, False, False, False, False, False), (False, False, False, False, False, False),  # P^T through shared memory
-    (True, None, True, None, False, False), (True, False, True, False, False, False),
-    (False, None, False, False, False, False), (False, None, True, None, False, False),  # dS^T after dV (or under it)
-    (True, None, False, None, True, False), (True, None, True, None, True, False),  # tables to un-rotate dK only
-    (False, None, True, None, False, True), (True, None, False, None, True, True)])  # the next S^T issued early
-def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, ds_under_dv, pre_rotated, early_s):
+@pytest.mark.parametrize("rope,p_regs,segments,ds_under_dv,pre_rotated", [
+    (True, None, False, None, False), (False, None, False, None, False),  # compiled default: P^T in registers
+    (True, False, False, False, False), (False, False, False, False, False),  # P^T through shared memory
+    (True, None, True, None, False), (True, False, True, False, False),
+    (False, None, False, False, False), (False, None, True, None, False),  # dS^T after dV (or under it)
+    (True, None, False, None, True), (True, None, True, None, True)])  # tables to un-rotate dK only
+def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, ds_under_dv, pre_rotated):
     """The compiled paths (wgmma with transposed and register operands, WGMMA layouts) through
     Mosaic GPU's layout inference, for CUDA on the CPU."""
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
     f = lambda *a: M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs,  # noqa: E731
-                                ds_under_dv=ds_under_dv, pre_rotated=pre_rotated, early_s=early_s)
+                                ds_under_dv=ds_under_dv, pre_rotated=pre_rotated)
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -56,10 +55,9 @@ def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, 
         assert rel_err(got, want) < 2e-2, rel_err(got, want)
 
 
-@pytest.mark.parametrize("p_regs,segments,ds_under_dv,early_s", [
-    (None, False, None, False), (False, False, None, False), (None, True, None, False), (None, True, False, False),
-    (None, False, False, False), (None, True, None, True)])
-def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, early_s):
+@pytest.mark.parametrize("p_regs,segments,ds_under_dv", [
+    (None, False, None), (False, False, None), (None, True, None), (None, True, False), (None, False, False)])
+def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
     accumulator), inside a remat'ed scan as in the model."""
     import jax.numpy as jnp
@@ -69,7 +67,7 @@ def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, early
     def f(*a):
         def layer(c, _):
             dk, dv, dq = M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs, with_dq=True,
-                                      ds_under_dv=ds_under_dv, early_s=early_s)
+                                      ds_under_dv=ds_under_dv)
             return c + dq.astype(jnp.float32).sum() + dk.astype(jnp.float32).sum(), None
         return jax.lax.scan(jax.checkpoint(layer), 0.0, None, length=2)[0]
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -13,31 +13,25 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,ctas,key_block,early", [
-    (1, 128, 4, 2, True, False, None, 64, False), (2, 128, 2, 1, True, True, None, 64, False),
-    (2, 256, 2, 1, False, True, 3, 64, False),  # persistent: 8 tiles on 3 CTAs
-    (2, 256, 2, 1, False, True, 3, 128, False),  # 128-key steps (packed, persistent)
-    # the next step's products issued behind each dQ wgmma: packed, persistent; 128 keys, one tile per CTA
-    (2, 256, 2, 1, False, True, 3, 64, True), (1, 256, 2, 2, False, False, None, 128, True)])
-def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, ctas, key_block, early):
+@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,ctas,key_block", [
+    (1, 128, 4, 2, True, False, None, 64), (2, 128, 2, 1, True, True, None, 64),
+    (2, 256, 2, 1, False, True, 3, 64),  # persistent: 8 tiles on 3 CTAs
+    (2, 256, 2, 1, False, True, 3, 128)])  # 128-key steps (packed, persistent)
+def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, ctas, key_block):
     args, seg, scale, (dq_ref, _, _) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
-    dq = M.mosaic_dq(*args, seg=seg, scale=scale, ctas=ctas, key_block=key_block, early=early,
-                     interpret=_interpret_params())
+    dq = M.mosaic_dq(*args, seg=seg, scale=scale, ctas=ctas, key_block=key_block, interpret=_interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
     assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
 
 
-@pytest.mark.parametrize("rope,regs,segments,ctas,key_block,pre_rotated,early", [
-    (True, None, False, None, 64, False, False), (False, None, False, None, 64, False, False),
-    (True, (200, 104), False, None, 64, False, False), (True, None, True, None, 64, False, False),
-    (False, None, True, 5, 64, False, False), (False, "auto", False, None, 128, False, False),
-    (False, "auto", True, "sms", 128, False, False),
-    (True, None, True, None, 64, True, False),  # tables to un-rotate dQ only
-    (False, None, False, None, 64, False, True), (True, None, True, None, 64, True, True)])  # early products
-def test_mosaic_dq_lowers_for_cuda(rope, regs, segments, ctas, key_block, pre_rotated, early):
+@pytest.mark.parametrize("rope,regs,segments,ctas,key_block,pre_rotated", [
+    (True, None, False, None, 64, False), (False, None, False, None, 64, False), (True, (200, 104), False, None, 64, False),
+    (True, None, True, None, 64, False), (False, None, True, 5, 64, False), (False, "auto", False, None, 128, False),
+    (False, "auto", True, "sms", 128, False), (True, None, True, None, 64, True)])  # tables to un-rotate dQ only
+def test_mosaic_dq_lowers_for_cuda(rope, regs, segments, ctas, key_block, pre_rotated):
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
     f = lambda *a: M.mosaic_dq(*a, seg=seg, scale=scale, regs=regs, ctas=ctas, key_block=key_block,  # noqa: E731
-                               pre_rotated=pre_rotated, early=early)
+                               pre_rotated=pre_rotated)
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
