@@ -6,6 +6,7 @@
 #   bash benchmarks/run_session17.sh bwdearly  # the same idea in dq and dk/dv (kernels alone, then end to end)
 #   bash benchmarks/run_session17.sh verify    # GPU checks with early_qk the default; the forward with tables; dq early
 #                                              # with setmaxnreg (240, 24)
+#   bash benchmarks/run_session17.sh fusedbwd  # the fused backward, dQ staging double-buffered or not, vs separate
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
 OUT=${OUT:-/tmp/s17}; mkdir -p "$OUT"
@@ -34,5 +35,8 @@ case ${1:-earlyqk} in
     ab fwd_tables 150 --kernel fwd --kwargs '[{}, {"early_qk": true}]'
     ab dq_regs 200 --kernel dq --no-rope --kwargs '[{"regs": [240, 24]}, {"early": true, "regs": [240, 24]}]'
     grep -c "serialized" "$OUT/dq_regs.log" ;;
-  *) echo "usage: $0 earlyqk|bwdearly|verify" >&2; exit 2 ;;
+  fusedbwd)  # the fused backward (dq reduce-added from dk/dv) with 1 or 2 staging tiles vs the separate kernels
+    ab fusedbwd 300 --kernel bwd --no-rope --kwargs '[{"fused": false}, {"fused": true}, {"fused": true, "dq_stages": 2}]'
+    grep -c "serialized" "$OUT/fusedbwd.log" ;;
+  *) echo "usage: $0 earlyqk|bwdearly|verify|fusedbwd" >&2; exit 2 ;;
 esac
