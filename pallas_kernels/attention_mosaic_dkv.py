@@ -59,7 +59,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
-               regs="auto", p_regs=None, longest_first=True, with_dq=False, dq_stages=1,
+               regs="auto", p_regs=None, longest_first=True, with_dq=False,
                ds_under_dv=None, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
@@ -83,8 +83,6 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     [T/128, B, T, Hq, D] output and XLA sums them. (Each consumer reduce-adding its own keys' dQ
     over all of D instead, with no meeting per step and twice the reduce-add bytes, measured 0.66x /
     0.70x at 2k / 8k: `git show f4132a9:pallas_kernels/attention_mosaic_dkv.py`, dq_tiles="own_keys".)
-    dq_stages: staging tiles per consumer for those reduce-adds (2: by step parity, so a consumer
-    waits for the reduce-add of step j - 2, not j - 1, before staging step j's; 32 KB more).
 
     ds_under_dv (p_regs): issue dP^T before dV and wait for dP^T only, so dS^T
     is computed while the dV wgmma runs (tokamax's order; the other waits for both). None = where
@@ -308,12 +306,12 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                     return acc[...]
                 return pl.run_scoped(mm, plgpu.ACC((t, half), jnp.float32))
 
-            def add_dq(acc, i, h, j):
-                """Reduce-add step j's acc into dQ[rows of tile i, head h, my half of D] through my
-                staging tile of its parity (dq_stages 2; once the reduce-add last issued from it read
-                it; interpreted: a plain store into this key block's partials slice)."""
-                plgpu.wait_smem_to_gmem(dq_stages - 1, wait_read_only=True)
-                stage = dqs.at[lax.rem(j, jnp.int32(dq_stages)), wg]
+            def add_dq(acc, i, h):
+                """Reduce-add acc into dQ[rows of tile i, head h, my half of D] through my staging
+                tile (once the last reduce-add from it read it; interpreted: a plain store into
+                this key block's partials slice)."""
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                stage = dqs.at[wg]
                 stage[...] = acc
                 plgpu.commit_smem()
                 rows, cols = pl.ds(i * t, t), pl.ds(wg * half, half)
@@ -331,7 +329,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.barrier_wait(ds_ready)
                 h, i = tile_of(j)
                 ds_tiles = ps.at[ds_slot(j)]
-                add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)]), i, h, j)
+                add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)]), i, h)
 
             def step(accs, j, masked):
                 slot = lax.rem(j, jnp.int32(stages))
@@ -458,7 +456,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         k_loads = 3 + (2 if rotate else 0) + (1 if segs else 0)  # K halves, V (+ cos, sin) (+ ids)
         kv_bufs = (smem((2, 2, t, half), k.dtype), smem((2, t, D), v.dtype))
         p_buf = smem((ds_bufs, 2, t, t), q.dtype)  # [step's buffer, consumer]
-        dq_stage = plgpu.SMEM((dq_stages, 2, t, half), jnp.float32,  # 128-byte swizzle: 32 floats a row
+        dq_stage = plgpu.SMEM((2, t, half), jnp.float32,  # 128-byte swizzle: 32 floats a row
                               transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
         buffers = (smem((stages, 2, t, half), q.dtype), q_table(stages), q_table(stages),
                    smem((stages, t, D), do.dtype), plgpu.SMEM((stages, t), jnp.float32),

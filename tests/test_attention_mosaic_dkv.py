@@ -40,26 +40,24 @@ def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, ds_under_dv, pre_rot
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments,dq_stages", [
-    (1, 256, 4, 2, False, 1),  # two key blocks adding into the same query tiles, GQA 2
-    (1, 256, 2, 1, True, 2),   # packed documents (key blocks stop at their last shared segment); 2 staging tiles
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments", [
+    (1, 256, 4, 2, False),  # two key blocks adding into the same query tiles, GQA 2
+    (1, 256, 2, 1, True),   # packed documents (key blocks stop at their last shared segment)
 ])
-def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, dq_stages):
+def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments):
     """The fused backward: dq from the dk/dv kernel's dS^T tiles (in the interpreter each key block
     stores its dQ partial, summed by XLA, where the GPU reduce-adds), dk/dv unchanged by it."""
     args, seg, scale, (dq_ref, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=False, segments=segments,
                                                                seed=T + Hq + 7)
-    dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, dq_stages=dq_stages,
-                              interpret=_interpret_params())
+    dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, interpret=_interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
     for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         assert rel_err(got, want) < 2e-2, rel_err(got, want)
 
 
-@pytest.mark.parametrize("p_regs,segments,ds_under_dv,dq_stages", [
-    (None, False, None, 1), (False, False, None, 1), (None, True, None, 1), (None, True, False, 1),
-    (None, False, False, 1), (None, False, None, 2)])
-def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, dq_stages):
+@pytest.mark.parametrize("p_regs,segments,ds_under_dv", [
+    (None, False, None), (False, False, None), (None, True, None), (None, True, False), (None, False, False)])
+def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
     accumulator), inside a remat'ed scan as in the model."""
     import jax.numpy as jnp
@@ -69,7 +67,7 @@ def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, dq_st
     def f(*a):
         def layer(c, _):
             dk, dv, dq = M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs, with_dq=True,
-                                      ds_under_dv=ds_under_dv, dq_stages=dq_stages)
+                                      ds_under_dv=ds_under_dv)
             return c + dq.astype(jnp.float32).sum() + dk.astype(jnp.float32).sum(), None
         return jax.lax.scan(jax.checkpoint(layer), 0.0, None, length=2)[0]
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
