@@ -125,7 +125,7 @@ def check_correctness(only=None):
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_packed=True))),
         ("mosaic_fwd_triton_bwd_packed_rope_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, tuning=Tuning(mosaic_packed=True, mosaic_dq=False, mosaic_dkv=False))),
-        # the fused backward (the default from FUSED_BWD_MIN_T positions on), plain and packed
+        # the fused backward (Tuning(mosaic_fused_bwd=True)), plain and packed
         ("mosaic_fused_bwd_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True))),
         ("mosaic_packed_fused_bwd_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
@@ -281,9 +281,6 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_fused_bwd(q, k, v):  # dq from the dk/dv kernel (reduce-adds) instead of the dq kernel
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fused_bwd=True))
 
-    def ours_separate_bwd(q, k, v):  # the dq and dk/dv kernels at every T
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fused_bwd=False))
-
     def ours_triton_dkv(q, k, v):  # the Mosaic forward and dq, the Triton dk/dv
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv=False))
 
@@ -337,7 +334,6 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, Triton bwd": (ours_triton_bwd, (q, k, v)),
         "ours, Triton dk/dv": (ours_triton_dkv, (q, k, v)),
         "ours, fused bwd": (ours_fused_bwd, (q, k, v)),
-        "ours, separate bwd": (ours_separate_bwd, (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),
