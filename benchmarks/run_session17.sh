@@ -9,6 +9,7 @@
 #   bash benchmarks/run_session17.sh fusedbwd  # the fused backward, dQ staging double-buffered or not, vs separate
 #   bash benchmarks/run_session17.sh e2e       # the fused backward end to end, 2k / 8k / 16k / 32k (written, not
 #                                              # run: no device was lent after the fusedbwd call)
+#   bash benchmarks/run_session17.sh fwdstalls # ncu PC sampling of the forward with early_qk (why 8k did not gain); not run
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
 OUT=${OUT:-/tmp/s17}; mkdir -p "$OUT"
@@ -44,5 +45,7 @@ case ${1:-earlyqk} in
     timeout 400 python3 benchmarks/bench_attention.py --timing-only --checks fused --seqs 2048,8192,16384,32768 \
       --impls "ours;ours, fused bwd;cudnn + XLA RoPE" > "$OUT/e2e.log" 2>&1; echo "== e2e rc=$?"
     grep -E "FAIL|PASS|correctness" "$OUT/e2e.log" | head; grep -A14 summary "$OUT/e2e.log" ;;
-  *) echo "usage: $0 earlyqk|bwdearly|verify|fusedbwd|e2e" >&2; exit 2 ;;
+  fwdstalls)  # where the forward's warps wait now (session 16's profile on the early_qk default), 8k, B = 2
+    OUT=$OUT bash benchmarks/run_session15.sh fwdstalls 2>&1 | cut -c1-220 | head -120 ;;
+  *) echo "usage: $0 earlyqk|bwdearly|verify|fusedbwd|e2e|fwdstalls" >&2; exit 2 ;;
 esac

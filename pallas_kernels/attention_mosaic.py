@@ -8,7 +8,8 @@ Why: the Triton lowering of Pallas reaches ~0.7x cuDNN's forward without RoPE an
 head): a producer brings K halves, cos/sin and V in by TMA over `stages` slots and rotates each K
 tile once in shared memory (so the 4-8 query heads of a GQA group do not each rotate it), two
 consumers (64 rows each) rotate their Q tile once, run QK^T and PV on wgmma with P kept in
-registers, and hand each slot back on a "consumed" barrier. Causal: key tiles past the diagonal
+registers (with `early_qk` each step issues the next step's QK^T behind its PV: `run_key_steps`),
+and hand each slot back on a "consumed" barrier. Causal: key tiles past the diagonal
 are never loaded; the consumer of the lower rows runs fewer steps and only keeps the barriers'
 phases in step for the rest. Persistent (`ctas`, the default without tables): one CTA per SM
 loops over query tiles (`QTiles`), the producer streaming K/V across them. Packing (segment ids):
