@@ -273,7 +273,8 @@ def run_key_steps(step, scores, carry, kv_min, first_masked, kv_steps, early):
     j - 1 (the first from scores(kv_min)); the last step is peeled: it issues nothing further.
     Returns the carry."""
     last = kv_steps - 1 if early else kv_steps
-    first_masked = jnp.minimum(first_masked, last)
+    if early:  # the peeled step must not run in the loops too (causal: the last step is masked anyway)
+        first_masked = jnp.minimum(first_masked, last)
 
     def loop(lo, hi, c, masked):
         if early:
