@@ -511,20 +511,18 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                         return acc[...]
                     return pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
 
-                def softmax(s, m, l, j, masked):  # raw scores -> P (16-bit), the rows' new state, O's rescale
+                def softmax(s, m, l, j, slot, masked):  # raw scores -> P (16-bit), the rows' new state, O's rescale
                     s = scores_log2(s, None if fold_scale else scale, val, q0, j * bk, masked, seg_rows,
-                                    vec(segk.at[step_slot(j, off, stages)], 1) if segs else None,
-                                    mask_vectors=False)
+                                    vec(segk.at[slot], 1) if segs else None, mask_vectors=False)
                     m_new = jnp.maximum(m, s.max(axis=1))  # fold_scale: in raw score units
                     alpha = jnp.exp2(log2_units(m - m_new))
                     p16 = jnp.exp2(log2_units(s) - lax.broadcast_in_dim(log2_units(m_new), s.shape, [0]))
                     l = l * alpha + p16.sum(axis=1)
                     return p16.astype(q.dtype), alpha, m_new, l
 
-                def pv(o, p16, j, next_qk):
+                def pv(o, p16, j, slot, next_qk):
                     """(o + P V(j), None); next_qk: QK^T of step j + 1 is issued right behind the PV wgmma,
                     both are waited for once, and its raw scores come back in place of None."""
-                    slot = step_slot(j, off, stages)
                     plgpu.barrier_wait(vbar.at[slot])
                     if p_smem:
                         ps.at[wg][...] = p16
@@ -555,9 +553,10 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
 
                 def step(j, carry, s, masked, next_qk):  # one key tile from its raw scores s
                     o, m, l = carry
-                    p16, alpha, m, l = softmax(s, m, l, j, masked)
-                    o, s = pv(o * lax.broadcast_in_dim(alpha, o.shape, [0]), p16, j, next_qk)
-                    plgpu.barrier_arrive(consumed.at[step_slot(j, off, stages)])
+                    slot = step_slot(j, off, stages)
+                    p16, alpha, m, l = softmax(s, m, l, j, slot, masked)
+                    o, s = pv(o * lax.broadcast_in_dim(alpha, o.shape, [0]), p16, j, slot, next_qk)
+                    plgpu.barrier_arrive(consumed.at[slot])
                     return (o, m, l), s
 
                 o = cast(jnp.zeros((bq, D), jnp.float32), plgpu.Layout.WGMMA)
