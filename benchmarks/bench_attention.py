@@ -130,11 +130,6 @@ def check_correctness(only=None):
          dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True))),
         ("mosaic_packed_fused_bwd_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_fused_bwd=True))),
-        ("mosaic_fused_bwd_dq_before_dk_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
-         dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True, mosaic_fused_dq_before_dk=True))),
-        ("mosaic_packed_fused_bwd_dq_before_dk_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
-         dict(rope=True, segments=True, positions=True,
-              tuning=Tuning(mosaic_fused_bwd=True, mosaic_fused_dq_before_dk=True))),
     ]
     ok = True
     for name, (B, T, Hq, Hkv, D, dtype), opts in cases:
@@ -286,10 +281,6 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_fused_bwd(q, k, v):  # dq from the dk/dv kernel (reduce-adds) instead of the dq kernel
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fused_bwd=True))
 
-    def ours_fused_dq_before_dk(q, k, v):  # the fused backward, each step's dK wgmmas under its dQ epilogue
-        return flash_attention(q, k, v, inv_freq=freq,
-                               tuning=Tuning(mosaic_fused_bwd=True, mosaic_fused_dq_before_dk=True))
-
     def ours_triton_dkv(q, k, v):  # the Mosaic forward and dq, the Triton dk/dv
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv=False))
 
@@ -343,7 +334,6 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, Triton bwd": (ours_triton_bwd, (q, k, v)),
         "ours, Triton dk/dv": (ours_triton_dkv, (q, k, v)),
         "ours, fused bwd": (ours_fused_bwd, (q, k, v)),
-        "ours, fused bwd, dq before dk": (ours_fused_dq_before_dk, (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

@@ -185,9 +185,6 @@ class Tuning:
     # (staging its dQ reduce-adds by step parity: slower); not yet timed end to end, where session
     # 11 had it 2% slower at 32k.
     mosaic_fused_bwd: bool = False
-    # In the fused backward: each step's dQ wgmmas issued before its dK ones, so dK runs while the
-    # consumer stages dQ and issues its reduce-add (FA3's order; attention_mosaic_dkv dq_before_dk).
-    mosaic_fused_dq_before_dk: bool = False
     # The Mosaic forward as a persistent kernel (one CTA per SM looping over query tiles, the next
     # tile's K/V and Q loaded under the last one's epilogue; attention_mosaic.QTiles) where it runs
     # without RoPE tables. The forward kernel alone on the H200: 1.07x at 2k, 1.01x at 8k (same
@@ -799,8 +796,7 @@ def _flash_bwd(cfg, res, dout):
     un_rotate = dict(pre_rotated=True) if cfg.rope_outside else {}
     if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd:
         dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
-                                                     longest_first=cfg.tuning.mosaic_longest_first, with_dq=True,
-                                                     dq_before_dk=cfg.tuning.mosaic_fused_dq_before_dk)
+                                                     longest_first=cfg.tuning.mosaic_longest_first, with_dq=True)
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,

@@ -60,7 +60,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
-               ds_under_dv=None, dq_before_dk=False, pre_rotated=False, interpret=None):
+               ds_under_dv=None, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -89,10 +89,6 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     measured: p_regs without RoPE tables (H200, same process: 1.01x / 1.07x at 2k / 8k, fused
     1.06x / 1.07x; RESULTS.md 0000000000). The interpreter cannot run it (p_regs).
 
-    dq_before_dk (with_dq, ds_under_dv): FA3's order: each step's dQ wgmmas are issued before its
-    dK ones, which then run while the consumer stages dQ and issues its reduce-add (the default
-    waits for dK, then computes dQ).
-
     pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query
     tables, no rotation in shared memory), which saves XLA's separate un-rotation pass over dk. The
@@ -120,7 +116,6 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     if ds_under_dv is None:
         ds_under_dv = p_regs and not rotate
     assert not ds_under_dv or p_regs, "ds_under_dv: p_regs"
-    assert not dq_before_dk or (with_dq and ds_under_dv), "dq_before_dk: with_dq and ds_under_dv"
     ds_bufs = 2 if with_dq else 1  # dS^T buffers per consumer, by step parity (with_dq: the consumers read each other's)
     n_kb = T // BLOCK_K
     val = Values(interp)
@@ -177,13 +172,10 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             plgpu.wgmma(dk_accs[p], my_p, q_parts.at[p])
         plgpu.wgmma_wait(0)
 
-    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, ds_out=None,
-                       dq_over=None):
+    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, ds_out=None):
         """tile_math with P^T and dS^T as register A operands and the accumulators as values
         (compiled path only: the interpreter has no register A operand nor run_state); dS^T also
-        into the shared-memory tile ds_out if given (the fused backward's dQ reads it). dq_over
-        (ds_under_dv): dS^T goes to ds_out first and dq_over(issue_dk) does the tile's dQ, issuing
-        the dK wgmmas behind its own."""
+        into the shared-memory tile ds_out if given (the fused backward's dQ reads it)."""
 
         def store_ds(ds_t):
             if ds_out is not None:
@@ -200,16 +192,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
                 dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dP^T done, dV may run on
                 ds_t = (p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1]))).astype(q.dtype)
-
-                def issue_dk():
-                    for p in range(2):
-                        plgpu.wgmma(dk_refs[p], ds_t, q_parts.at[p])
-                if dq_over is None:
-                    issue_dk()
-                    store_ds(ds_t)
-                else:
-                    store_ds(ds_t)
-                    dq_over(issue_dk)
+                for p in range(2):
+                    plgpu.wgmma(dk_refs[p], ds_t, q_parts.at[p])
+                store_ds(ds_t)
             dv, _, (dk0, dk1) = pl.run_state(step)(
                 (plgpu.ACC.init(dv), plgpu.ACC.init(zeros), (plgpu.ACC.init(dk0), plgpu.ACC.init(dk1))))
             return dv, dk0, dk1
@@ -308,10 +293,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             def seg_of(slot):
                 return (key_ids, segq.at[slot]) if segs else None
 
-            def ds_times_k(pairs, issue_behind=None):
-                """sum of dS_w K_w over (dS^T tile, K part) pairs: a [queries, D/2] float32 value.
-                issue_behind: issues two more wgmma groups (the dK halves) once these are issued;
-                they stay in flight."""
+            def ds_times_k(pairs):
+                """sum of dS_w K_w over (dS^T tile, K part) pairs: a [queries, D/2] float32 value."""
                 if interp:  # no transposed wgmma operand in the interpreter
                     return sum(lax.dot_general(d[...], k_[...], (((0,), (0,)), ((), ())),
                                                preferred_element_type=jnp.float32) for d, k_ in pairs)
@@ -319,10 +302,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 def mm(acc):
                     for d, k_ in pairs:
                         plgpu.wgmma(acc, plgpu.transpose_ref(d, (1, 0)), k_)
-                    if issue_behind is None:
-                        return plgpu.wgmma_accumulator_load(acc, wait_n=0)
-                    issue_behind()
-                    return plgpu.wgmma_accumulator_load(acc, wait_n=2)
+                    plgpu.wgmma_wait(0)
+                    return acc[...]
                 return pl.run_scoped(mm, plgpu.ACC((t, half), jnp.float32))
 
             def add_dq(acc, i, h):
@@ -339,16 +320,16 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 else:
                     plgpu.copy_smem_to_gmem(stage, dq_ref.at[b, rows, h, cols], reduction_op="add")
 
-            def dq_tile(j, issue_behind=None):
-                """The dQ work of step j, once my dS^T of tile j is in shared memory: tile j's
+            def dq_tile(j):
+                """The dQ work of step j, after tile j's GEMMs wrote my dS^T of tile j: tile j's
                 dQ[:, my half of D] over both consumers' keys (their two dS^T tiles of step j times
-                K_rot's half), reduce-added (issue_behind: see ds_times_k)."""
+                K_rot's half), reduce-added."""
                 # Meet first. Writing step j's dS^T was safe: the other consumer arrived at step
                 plgpu.barrier_arrive(ds_ready)  # j - 1's meeting after reading step j - 2's tiles
                 plgpu.barrier_wait(ds_ready)
                 h, i = tile_of(j)
                 ds_tiles = ps.at[ds_slot(j)]
-                add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)], issue_behind), i, h)
+                add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)]), i, h)
 
             def step(accs, j, masked):
                 slot = lax.rem(j, jnp.int32(stages))
@@ -391,11 +372,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 _, i = tile_of(j)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
-                dq_over = functools.partial(dq_tile, j) if with_dq and dq_before_dk else None
                 accs = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
-                                      k0, i * t, masked, seg_of(slot), ds_out=p_buf(j) if with_dq else None,
-                                      dq_over=dq_over)
-                if with_dq and dq_over is None:
+                                      k0, i * t, masked, seg_of(slot), ds_out=p_buf(j) if with_dq else None)
+                if with_dq:
                     dq_tile(j)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return accs
