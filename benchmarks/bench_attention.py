@@ -281,6 +281,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_fused_bwd(q, k, v):  # dq from the dk/dv kernel (reduce-adds) instead of the dq kernel
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fused_bwd=True))
 
+    def ours_separate_bwd(q, k, v):  # the dq and dk/dv kernels at every length (before session 18: from 16k on fused)
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fused_bwd=False))
+
     def ours_triton_dkv(q, k, v):  # the Mosaic forward and dq, the Triton dk/dv
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv=False))
 
@@ -334,6 +337,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, Triton bwd": (ours_triton_bwd, (q, k, v)),
         "ours, Triton dk/dv": (ours_triton_dkv, (q, k, v)),
         "ours, fused bwd": (ours_fused_bwd, (q, k, v)),
+        "ours, separate bwd": (ours_separate_bwd, (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

@@ -6,7 +6,7 @@
 
 Impls: "ours" (the defaults: RoPE by XLA before the Mosaic kernels on sm_90), "ours-ropegrad"
 (Tuning(rope_grad_in_kernel=True): the backward kernels un-rotate dq / dk), "ours-norope",
-"cudnn-rope" (XLA RoPE, then cuDNN), "cudnn" (pre-rotated inputs).
+"ours-fused" (no RoPE, the fused backward at every length), "cudnn-rope" (XLA RoPE, then cuDNN), "cudnn" (pre-rotated inputs).
 """
 import argparse
 
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.attention import Tuning, apply_rope, flash_attention, rope_cos_sin
 
-IMPLS = ("ours", "ours-ropegrad", "ours-norope", "cudnn-rope", "cudnn")
+IMPLS = ("ours", "ours-ropegrad", "ours-norope", "ours-fused", "cudnn-rope", "cudnn")
 
 
 def attention_fn(impl, inv_freq, positions):
@@ -29,6 +29,7 @@ def attention_fn(impl, inv_freq, positions):
             "ours-ropegrad": lambda q, k, v: flash_attention(q, k, v, inv_freq=inv_freq,
                                                              tuning=Tuning(rope_grad_in_kernel=True)),
             "ours-norope": lambda q, k, v: flash_attention(q, k, v),
+            "ours-fused": lambda q, k, v: flash_attention(q, k, v, tuning=Tuning(mosaic_fused_bwd=True)),
             "cudnn-rope": lambda q, k, v: cudnn(*rope(q, k), v),
             "cudnn": cudnn}[impl]
 

@@ -175,16 +175,18 @@ class Tuning:
     mosaic_longest_first: bool = True
     # The fused Mosaic backward: dq from the dk/dv kernel's dS tiles, reduce-added in fp32
     # (attention_mosaic_dkv with_dq; 5 GEMMs per tile pair instead of 7), where both Mosaic
-    # backward kernels run without RoPE tables. Off by default: on the H200 fwd+bwd took 1.13x /
-    # 1.03x / 0.98x the time of the separate dq and dk/dv kernels at 2k / 8k / 32k
+    # backward kernels run without RoPE tables. None: from FUSED_BWD_MIN_T positions on. Session
+    # 18, fwd+bwd in one process on the H200: 1.07x the separate kernels' time at 8k, 0.979x at 16k,
+    # 0.980x at 32k (kernels alone 0.82x / 0.91x / 1.03x the speed at 2k / 8k / 32k); FA3's order
+    # (each step's dQ wgmmas issued before its dK ones, dK under the dQ epilogue) measured the same
+    # and was removed. History: on the H200 fwd+bwd took 1.13x / 1.03x / 0.98x the time of the separate dq and dk/dv kernels at 2k / 8k / 32k
     # (attention_NOTES.md session 9: the zeroed fp32 accumulator, its epilogue and a consumer sync per
     # tile cost more than the 2 GEMMs it saves, except at 32k). Session 11, with dS^T under the dV
     # wgmma: 0.79x / 0.93x of the separate kernels at 2k / 8k; deferring each tile's dQ by a step
     # (no meeting per step) was slower still (0.78x / 0.85x), so the meeting is not the cost.
     # Session 17, the backward alone in one process: 0.735x / 0.946x / 1.035x at 2k / 8k / 32k
-    # (staging its dQ reduce-adds by step parity: slower); not yet timed end to end, where session
-    # 11 had it 2% slower at 32k.
-    mosaic_fused_bwd: bool = False
+    # (staging its dQ reduce-adds by step parity: slower).
+    mosaic_fused_bwd: bool | None = None
     # The Mosaic forward as a persistent kernel (one CTA per SM looping over query tiles, the next
     # tile's K/V and Q loaded under the last one's epilogue; attention_mosaic.QTiles) where it runs
     # without RoPE tables. The forward kernel alone on the H200: 1.07x at 2k, 1.01x at 8k (same
@@ -824,8 +826,13 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+FUSED_BWD_MIN_T = 16384  # Tuning.mosaic_fused_bwd=None: the fused Mosaic backward from here on
+
+
 def _resolve_tuning(T, P, G, itemsize, tuning, block_q, block_k):
     tn = tuning or default_tuning(P, itemsize)
+    if tn.mosaic_fused_bwd is None:
+        tn = dataclasses.replace(tn, mosaic_fused_bwd=T >= FUSED_BWD_MIN_T)
     if block_q is not None or block_k is not None:
         bq, bk = block_q or block_k, block_k or block_q
         tn = dataclasses.replace(tn, fwd_q=bq, fwd_k=bk, dq_q=bq, dq_k=bk, dkv_q=bq, dkv_k=bk)

@@ -115,6 +115,24 @@ def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, m
     assert ("flash_attention_fwd" in text) == triton
 
 
+@pytest.mark.parametrize("T,fused", [(256, True), (128, False)])
+def test_flash_attention_fuses_the_mosaic_backward_from_a_length_on(monkeypatch, T, fused):
+    """Tuning.mosaic_fused_bwd=None: dq comes from the dk/dv kernel (its fp32 accumulator aliased
+    in and out, no dq kernel) from FUSED_BWD_MIN_T positions on (lowered for CUDA on the CPU, the
+    threshold lowered to 256 to keep the shapes small)."""
+    from unsloth_jax import compat
+    monkeypatch.setattr(compat, "is_sm90", lambda: True)
+    monkeypatch.setattr(attn, "FUSED_BWD_MIN_T", 256)
+    q, k, v, inv_freq = _inputs(1, T, 4, 2, seed=3)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(lambda *a: attn.flash_attention(*a, inv_freq=inv_freq), q, k, v)
+        return vjp(jnp.ones_like(out))
+
+    text = jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("output_operand_alias" in text) == fused
+
+
 @pytest.mark.parametrize("B,T,Hq,Hkv,segments,tuning", [
     (1, 128, 4, 2, False, dict(mosaic_fwd_key_block=64)), (1, 100, 2, 1, True, dict(rope_in_kernel=True)),
     (1, 100, 2, 1, True, {}), (1, 100, 2, 1, True, dict(rope_grad_in_kernel=True))])
