@@ -8,6 +8,8 @@
 #   bash benchmarks/run_session18.sh stalls  # the fused backward with 3 query-tile stages (fits without segment ids),
 #                                            # kernels alone; then ncu PC sampling of the fused kernel at 8k, B = 2
 #                                            # (where its consumers wait), and cuDNN's tensor-pipe share there
+#   bash benchmarks/run_session18.sh static  # dk/dv and fused with static_consumers vs without (kernels alone, spills),
+#                                            # GPU checks, end to end at 8k / 32k
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
 OUT=${OUT:-/tmp/s18}; mkdir -p "$OUT"
@@ -37,5 +39,10 @@ case ${1:-stalls} in
     $NCU -i "$OUT/fused.ncu-rep" --page details --csv 2>&1 | grep -iE "gmma|Stall|Warp Cycles|Issued|Eligible|Duration|red|L2|Local" | cut -c1-200 | head -50
     timeout 120 $NCU --clock-control none -k regex:"cudnn|sm90|flash|fmha" --metrics gpu__time_duration.sum,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
       python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl cudnn 2>&1 | grep -E "^  [a-z_]|gmma|duration" | tail -12 ;;
-  *) echo "usage: $0 fused|stalls" >&2; exit 2 ;;
+  static)  # each dk/dv consumer its own code (constant buffer indices: wgmma descriptors as immediates)
+    ab static 250 --kernel bwd --no-rope --kwargs '[{"fused": false}, {"fused": false, "static_consumers": true}, {"fused": true}, {"fused": true, "static_consumers": true}]'
+    timeout 300 python3 benchmarks/bench_attention.py --timing-only --checks static --seqs 8192,32768 \
+      --impls "ours, separate bwd;ours, static consumers;ours, fused bwd;ours, fused bwd, static consumers;cudnn + XLA RoPE" > "$OUT/e2e.log" 2>&1
+    echo "== e2e rc=$?"; grep -E "FAIL|PASS|correctness|Error" "$OUT/e2e.log" | head; grep -A12 summary "$OUT/e2e.log" ;;
+  *) echo "usage: $0 fused|stalls|static" >&2; exit 2 ;;
 esac

@@ -187,6 +187,10 @@ class Tuning:
     # Session 17, the backward alone in one process: 0.735x / 0.946x / 1.035x at 2k / 8k / 32k
     # (staging its dQ reduce-adds by step parity: slower).
     mosaic_fused_bwd: bool | None = None
+    # The Mosaic dk/dv (and fused) kernel with each consumer warpgroup's code specialised to its
+    # buffer index (attention_mosaic_dkv static_consumers: wgmma descriptors as immediates
+    # instead of registers that the fused kernel spilled).
+    mosaic_dkv_static_consumers: bool = False
     # The Mosaic forward as a persistent kernel (one CTA per SM looping over query tiles, the next
     # tile's K/V and Q loaded under the last one's epilogue; attention_mosaic.QTiles) where it runs
     # without RoPE tables. The forward kernel alone on the H200: 1.07x at 2k, 1.01x at 8k (same
@@ -798,7 +802,8 @@ def _flash_bwd(cfg, res, dout):
     un_rotate = dict(pre_rotated=True) if cfg.rope_outside else {}
     if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd:
         dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
-                                                     longest_first=cfg.tuning.mosaic_longest_first, with_dq=True)
+                                                     longest_first=cfg.tuning.mosaic_longest_first, with_dq=True,
+                                                     static_consumers=cfg.tuning.mosaic_dkv_static_consumers)
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,
@@ -807,7 +812,8 @@ def _flash_bwd(cfg, res, dout):
         dq = _backward_dq(cfg, *triton)
     if cfg.mosaic_dkv:
         dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
-                                                 longest_first=cfg.tuning.mosaic_longest_first, **un_rotate)
+                                                 longest_first=cfg.tuning.mosaic_longest_first,
+                                                 static_consumers=cfg.tuning.mosaic_dkv_static_consumers, **un_rotate)
     else:
         dk, dv = _backward_dkv(cfg, *triton)
     return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)

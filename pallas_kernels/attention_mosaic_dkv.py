@@ -60,7 +60,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
-               ds_under_dv=None, pre_rotated=False, interpret=None):
+               ds_under_dv=None, static_consumers=False, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -88,6 +88,11 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     is computed while the dV wgmma runs (tokamax's order; the other waits for both). None = where
     measured: p_regs without RoPE tables (H200, same process: 1.01x / 1.07x at 2k / 8k, fused
     1.06x / 1.07x; RESULTS.md 0000000000). The interpreter cannot run it (p_regs).
+
+    static_consumers: each consumer warpgroup runs its own copy of the consumer code with its buffer
+    index a constant, so every wgmma descriptor of its buffers is an immediate; otherwise they
+    depend on the warpgroup index, are computed once and held in registers (spilled in the fused
+    kernel: its consumers spent ~16% of their samples reloading them, session 18's profile).
 
     pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query
@@ -272,10 +277,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         def tile_of(j):  # step -> (query head, query tile)
             return kvh * G + lax.div(j, jnp.int32(per_head)), i0 + lax.rem(j, jnp.int32(per_head))
 
-        @pl.when(wg < 2)
-        def _consumer():
-            if use_regs:
-                plgpu.set_max_registers(regs[0], action="increase")
+        def consumer(wg):  # wg: 0 or 1, a Python int with static_consumers (constant buffer addresses)
             k0 = kb * BLOCK_K + wg * t
             keys = pl.ds(k0, t)
             my_k, my_v = kh.at[wg], vs.at[wg]
@@ -397,6 +399,16 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 if tbar is not None:
                     plgpu.barrier_wait(tbar.at[wg])
             finish(dv, dk0, dk1, my_k, my_v, my_c, my_s, dk_ref, dv_ref, b, keys, kvh, keys_tables)
+
+        @pl.when(wg < 2)
+        def _consumer():
+            if use_regs:
+                plgpu.set_max_registers(regs[0], action="increase")
+            if static_consumers:
+                for w in range(2):
+                    pl.when(wg == w)(functools.partial(consumer, w))
+            else:
+                consumer(wg)
 
         @pl.when(wg == 2)
         def _producer():

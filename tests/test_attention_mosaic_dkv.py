@@ -13,13 +13,15 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments", [
-    (1, 128, 4, 2, True, False),    # producer + 2 consumers, 4 steps through 2 slots
-    (1, 256, 2, 1, True, True),     # packed documents (two key blocks)
+@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,static_consumers", [
+    (1, 128, 4, 2, True, False, False),    # producer + 2 consumers, 4 steps through 2 slots
+    (1, 256, 2, 1, True, True, False),     # packed documents (two key blocks)
+    (1, 256, 2, 1, True, True, True),      # each consumer its own code (constant buffer indices)
 ])
-def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments):
+def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, static_consumers):
     args, seg, scale, (_, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
-    dk, dv = M.mosaic_dkv(*args, seg=seg, scale=scale, interpret=_interpret_params())
+    dk, dv = M.mosaic_dkv(*args, seg=seg, scale=scale, static_consumers=static_consumers,
+                          interpret=_interpret_params())
     assert dk.shape == dk_ref.shape and dk.dtype == args[1].dtype and dv.shape == dv_ref.shape
     assert rel_err(dv, dv_ref) < 2e-2, rel_err(dv, dv_ref)
     assert rel_err(dk, dk_ref) < 2e-2, rel_err(dk, dk_ref)
@@ -30,34 +32,39 @@ def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, se
     (True, False, False, False, False), (False, False, False, False, False),  # P^T through shared memory
     (True, None, True, None, False), (True, False, True, False, False),
     (False, None, False, False, False), (False, None, True, None, False),  # dS^T after dV (or under it)
-    (True, None, False, None, True), (True, None, True, None, True)])  # tables to un-rotate dK only
+    (True, None, False, None, True), (True, None, True, None, True),  # tables to un-rotate dK only
+    (False, None, True, None, "static")])  # each consumer its own code
 def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, ds_under_dv, pre_rotated):
     """The compiled paths (wgmma with transposed and register operands, WGMMA layouts) through
     Mosaic GPU's layout inference, for CUDA on the CPU."""
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
+    static = pre_rotated == "static"
     f = lambda *a: M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs,  # noqa: E731
-                                ds_under_dv=ds_under_dv, pre_rotated=pre_rotated)
+                                ds_under_dv=ds_under_dv, pre_rotated=pre_rotated is True, static_consumers=static)
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments", [
-    (1, 256, 4, 2, False),  # two key blocks adding into the same query tiles, GQA 2
-    (1, 256, 2, 1, True),   # packed documents (key blocks stop at their last shared segment)
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,static_consumers", [
+    (1, 256, 4, 2, False, False),  # two key blocks adding into the same query tiles, GQA 2
+    (1, 256, 2, 1, True, False),   # packed documents (key blocks stop at their last shared segment)
+    (1, 256, 4, 2, False, True),   # each consumer its own code
 ])
-def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments):
+def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, static_consumers):
     """The fused backward: dq from the dk/dv kernel's dS^T tiles (in the interpreter each key block
     stores its dQ partial, summed by XLA, where the GPU reduce-adds), dk/dv unchanged by it."""
     args, seg, scale, (dq_ref, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=False, segments=segments,
                                                                seed=T + Hq + 7)
-    dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, interpret=_interpret_params())
+    dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, static_consumers=static_consumers,
+                              interpret=_interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
     for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         assert rel_err(got, want) < 2e-2, rel_err(got, want)
 
 
-@pytest.mark.parametrize("p_regs,segments,ds_under_dv", [
-    (None, False, None), (False, False, None), (None, True, None), (None, True, False), (None, False, False)])
-def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv):
+@pytest.mark.parametrize("p_regs,segments,ds_under_dv,static_consumers", [
+    (None, False, None, False), (False, False, None, False), (None, True, None, False), (None, True, False, False),
+    (None, False, False, False), (None, True, None, True)])
+def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, static_consumers):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
     accumulator), inside a remat'ed scan as in the model."""
     import jax.numpy as jnp
@@ -67,7 +74,7 @@ def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv):
     def f(*a):
         def layer(c, _):
             dk, dv, dq = M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs, with_dq=True,
-                                      ds_under_dv=ds_under_dv)
+                                      ds_under_dv=ds_under_dv, static_consumers=static_consumers)
             return c + dq.astype(jnp.float32).sum() + dk.astype(jnp.float32).sum(), None
         return jax.lax.scan(jax.checkpoint(layer), 0.0, None, length=2)[0]
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
