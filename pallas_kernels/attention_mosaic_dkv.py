@@ -277,7 +277,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         def tile_of(j):  # step -> (query head, query tile)
             return kvh * G + lax.div(j, jnp.int32(per_head)), i0 + lax.rem(j, jnp.int32(per_head))
 
-        def consumer(wg):  # wg: 0 or 1, a Python int with static_consumers (constant buffer addresses)
+        def consumer(wg):  # wg: this consumer's index (0 or 1)
             k0 = kb * BLOCK_K + wg * t
             keys = pl.ds(k0, t)
             my_k, my_v = kh.at[wg], vs.at[wg]
@@ -404,9 +404,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         def _consumer():
             if use_regs:
                 plgpu.set_max_registers(regs[0], action="increase")
-            if static_consumers:
-                for w in range(2):
-                    pl.when(wg == w)(functools.partial(consumer, w))
+            if static_consumers:  # wg * 0 + w: traced (a Python int trips Mosaic's lowering in JAX 0.11),
+                for w in range(2):  # folded to the constant w by the compiler
+                    pl.when(wg == w)(functools.partial(consumer, wg * 0 + w))
             else:
                 consumer(wg)
 
