@@ -130,12 +130,9 @@ def check_correctness(only=None):
          dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True))),
         ("mosaic_packed_fused_bwd_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_fused_bwd=True))),
-        # each dk/dv consumer its own code (Tuning.mosaic_dkv_static_consumers), separate and fused
-        ("mosaic_static_consumers_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
-         dict(rope=True, tuning=Tuning(mosaic_dkv_static_consumers=True))),
-        ("mosaic_packed_static_consumers_fused_bwd_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
-         dict(rope=True, segments=True, positions=True,
-              tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_static_consumers=True))),
+        # one dk/dv consumer code for both warpgroups (Tuning(mosaic_dkv_static_consumers=False))
+        ("mosaic_consumers_by_index_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, tuning=Tuning(mosaic_dkv_static_consumers=False))),
     ]
     ok = True
     for name, (B, T, Hq, Hkv, D, dtype), opts in cases:
@@ -290,12 +287,8 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_separate_bwd(q, k, v):  # the dq and dk/dv kernels at every length (before session 18: from 16k on fused)
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fused_bwd=False))
 
-    def ours_static_consumers(q, k, v):  # dk/dv (or fused) consumers with constant buffer indices
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv_static_consumers=True))
-
-    def ours_fused_static_consumers(q, k, v):
-        return flash_attention(q, k, v, inv_freq=freq,
-                               tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_static_consumers=True))
+    def ours_consumers_by_index(q, k, v):  # one dk/dv consumer code for both (before session 18)
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv_static_consumers=False))
 
     def ours_triton_dkv(q, k, v):  # the Mosaic forward and dq, the Triton dk/dv
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv=False))
@@ -351,8 +344,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, Triton dk/dv": (ours_triton_dkv, (q, k, v)),
         "ours, fused bwd": (ours_fused_bwd, (q, k, v)),
         "ours, separate bwd": (ours_separate_bwd, (q, k, v)),
-        "ours, static consumers": (ours_static_consumers, (q, k, v)),
-        "ours, fused bwd, static consumers": (ours_fused_static_consumers, (q, k, v)),
+        "ours, dk/dv consumers by index": (ours_consumers_by_index, (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

@@ -9,7 +9,9 @@
 #                                            # kernels alone; then ncu PC sampling of the fused kernel at 8k, B = 2
 #                                            # (where its consumers wait), and cuDNN's tensor-pipe share there
 #   bash benchmarks/run_session18.sh static  # dk/dv and fused with static_consumers vs without (kernels alone, spills),
-#                                            # GPU checks, end to end at 8k / 32k
+#                                            # GPU checks, end to end at 8k / 32k (ran at 8b1fb0f, static off by default;
+#                                            # later its bench impls became "ours, dk/dv consumers by index")
+#   bash benchmarks/run_session18.sh final   # the defaults (static consumers, fused from 16k) vs cuDNN, 2k-32k
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
 OUT=${OUT:-/tmp/s18}; mkdir -p "$OUT"
@@ -44,5 +46,9 @@ case ${1:-stalls} in
     timeout 300 python3 benchmarks/bench_attention.py --timing-only --checks static --seqs 8192,32768 \
       --impls "ours, separate bwd;ours, static consumers;ours, fused bwd;ours, fused bwd, static consumers;cudnn + XLA RoPE" > "$OUT/e2e.log" 2>&1
     echo "== e2e rc=$?"; grep -E "FAIL|PASS|correctness|Error" "$OUT/e2e.log" | head; grep -A12 summary "$OUT/e2e.log" ;;
-  *) echo "usage: $0 fused|stalls|static" >&2; exit 2 ;;
+  final)  # the new defaults (static consumers; fused backward from 16k on) end to end against cuDNN, checks first
+    timeout 280 python3 benchmarks/bench_attention.py --timing-only --checks mosaic_causal --seqs 2048,8192,16384,32768 \
+      --impls "ours;ours, separate bwd;cudnn + XLA RoPE" > "$OUT/e2e.log" 2>&1
+    echo "== e2e rc=$?"; grep -E "FAIL|PASS|correctness|Error" "$OUT/e2e.log" | head; grep -A14 summary "$OUT/e2e.log" ;;
+  *) echo "usage: $0 fused|stalls|static|final" >&2; exit 2 ;;
 esac

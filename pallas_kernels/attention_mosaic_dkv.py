@@ -60,7 +60,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
-               ds_under_dv=None, static_consumers=False, pre_rotated=False, interpret=None):
+               ds_under_dv=None, static_consumers=True, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -90,9 +90,11 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     1.06x / 1.07x; RESULTS.md 0000000000). The interpreter cannot run it (p_regs).
 
     static_consumers: each consumer warpgroup runs its own copy of the consumer code with its buffer
-    index a constant, so every wgmma descriptor of its buffers is an immediate; otherwise they
-    depend on the warpgroup index, are computed once and held in registers (spilled in the fused
-    kernel: its consumers spent ~16% of their samples reloading them, session 18's profile).
+    index a constant, so every wgmma descriptor of its buffers is an immediate; otherwise (False)
+    they depend on the warpgroup index, are computed once and held in registers, which the fused
+    kernel spilled: ~16% of its warps' stall samples were R2URs waiting on those reloads (ncu, 8k).
+    On the H200, kernels alone (2026-12-04, RESULTS.md session 18): dk/dv 1.016x / 1.029x / 1.007x
+    at 2k / 8k / 32k, fused 1.09x / 1.11x / 1.09x (its 32k backward 47.2 -> 42.1 ms).
 
     pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query

@@ -14,9 +14,9 @@ def _interpret_params():
 
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,static_consumers", [
-    (1, 128, 4, 2, True, False, False),    # producer + 2 consumers, 4 steps through 2 slots
-    (1, 256, 2, 1, True, True, False),     # packed documents (two key blocks)
-    (1, 256, 2, 1, True, True, True),      # each consumer its own code (constant buffer indices)
+    (1, 128, 4, 2, True, False, True),     # producer + 2 consumers, 4 steps through 2 slots
+    (1, 256, 2, 1, True, True, True),      # packed documents (two key blocks)
+    (1, 256, 2, 1, True, True, False),     # one consumer code for both, the buffers by warpgroup index
 ])
 def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, static_consumers):
     args, seg, scale, (_, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
@@ -33,21 +33,21 @@ def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, se
     (True, None, True, None, False), (True, False, True, False, False),
     (False, None, False, False, False), (False, None, True, None, False),  # dS^T after dV (or under it)
     (True, None, False, None, True), (True, None, True, None, True),  # tables to un-rotate dK only
-    (False, None, True, None, "static")])  # each consumer its own code
+    (False, None, True, None, "by index")])  # one consumer code for both, the buffers by warpgroup index
 def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, ds_under_dv, pre_rotated):
     """The compiled paths (wgmma with transposed and register operands, WGMMA layouts) through
     Mosaic GPU's layout inference, for CUDA on the CPU."""
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
-    static = pre_rotated == "static"
     f = lambda *a: M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs,  # noqa: E731
-                                ds_under_dv=ds_under_dv, pre_rotated=pre_rotated is True, static_consumers=static)
+                                ds_under_dv=ds_under_dv, pre_rotated=pre_rotated is True,
+                                static_consumers=pre_rotated != "by index")
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,segments,static_consumers", [
-    (1, 256, 4, 2, False, False),  # two key blocks adding into the same query tiles, GQA 2
-    (1, 256, 2, 1, True, False),   # packed documents (key blocks stop at their last shared segment)
-    (1, 256, 4, 2, False, True),   # each consumer its own code
+    (1, 256, 4, 2, False, True),   # two key blocks adding into the same query tiles, GQA 2
+    (1, 256, 2, 1, True, True),    # packed documents (key blocks stop at their last shared segment)
+    (1, 256, 4, 2, False, False),  # one consumer code for both, the buffers by warpgroup index
 ])
 def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, static_consumers):
     """The fused backward: dq from the dk/dv kernel's dS^T tiles (in the interpreter each key block
@@ -62,8 +62,8 @@ def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, 
 
 
 @pytest.mark.parametrize("p_regs,segments,ds_under_dv,static_consumers", [
-    (None, False, None, False), (False, False, None, False), (None, True, None, False), (None, True, False, False),
-    (None, False, False, False), (None, True, None, True)])
+    (None, False, None, True), (False, False, None, True), (None, True, None, True), (None, True, False, True),
+    (None, False, False, True), (None, True, None, False)])
 def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, static_consumers):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
     accumulator), inside a remat'ed scan as in the model."""
