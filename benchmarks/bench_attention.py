@@ -133,6 +133,8 @@ def check_correctness(only=None):
         # one dk/dv consumer code for both warpgroups (Tuning(mosaic_dkv_static_consumers=False))
         ("mosaic_consumers_by_index_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_dkv_static_consumers=False))),
+        ("mosaic_packed_dq_static_consumers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
+         dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dq_static_consumers=True))),
     ]
     ok = True
     for name, (B, T, Hq, Hkv, D, dtype), opts in cases:
@@ -287,6 +289,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_separate_bwd(q, k, v):  # the dq and dk/dv kernels at every length (before session 18: from 16k on fused)
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fused_bwd=False))
 
+    def ours_dq_static_consumers(q, k, v):  # the dq kernel's consumers specialised too (not the default yet)
+        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dq_static_consumers=True))
+
     def ours_consumers_by_index(q, k, v):  # one dk/dv consumer code for both (before session 18)
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv_static_consumers=False))
 
@@ -345,6 +350,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, fused bwd": (ours_fused_bwd, (q, k, v)),
         "ours, separate bwd": (ours_separate_bwd, (q, k, v)),
         "ours, dk/dv consumers by index": (ours_consumers_by_index, (q, k, v)),
+        "ours, dq static consumers": (ours_dq_static_consumers, (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

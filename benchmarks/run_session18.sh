@@ -9,9 +9,10 @@
 #                                            # kernels alone; then ncu PC sampling of the fused kernel at 8k, B = 2
 #                                            # (where its consumers wait), and cuDNN's tensor-pipe share there
 #   bash benchmarks/run_session18.sh static  # dk/dv and fused with static_consumers vs without (kernels alone, spills),
-#                                            # GPU checks, end to end at 8k / 32k (ran at 8b1fb0f, static off by default;
+#                                            # GPU checks, end to end at 8k / 32k (ran at a881f22, static off by default;
 #                                            # later its bench impls became "ours, dk/dv consumers by index")
 #   bash benchmarks/run_session18.sh final   # the defaults (static consumers, fused from 16k) vs cuDNN, 2k-32k
+#   bash benchmarks/run_session18.sh next    # (not run) dq with static consumers; the fused kernel's stalls again
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
 OUT=${OUT:-/tmp/s18}; mkdir -p "$OUT"
@@ -22,6 +23,19 @@ ab() {  # name, seconds, bench_mosaic_bwd.py flags...: the timing lines, checks 
   echo "== $name rc=$?"; grep -E " ms |PASS|FAIL|Error|spill stores," "$OUT/$name.log" | sort | uniq -c | sort -k2 | head -40
   echo "wgmma serialized (ptxas C7512): $(grep -c serialized "$OUT/$name.log")"
 }
+fused_profile() {  # ncu PC sampling of the fused backward (8k, B = 2), hot spots; cuDNN's kernels in the same shape
+  # launch order of one fwd+bwd: the forward, then the fused backward
+  timeout 240 $NCU --clock-control none -k regex:mosaic --launch-skip 1 --launch-count 1 \
+    --section SourceCounters --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_gmma.sum,lts__t_sectors_op_red.sum,lts__t_sectors_op_atom.sum \
+    -o "$OUT/fused" python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl ours-fused > "$OUT/ncu.log" 2>&1
+  tail -3 "$OUT/ncu.log"
+  $NCU -i "$OUT/fused.ncu-rep" --page source --csv --print-source sass > "$OUT/source.csv" 2> "$OUT/source.err"
+  python3 benchmarks/ncu_hotspots.py "$OUT/source.csv" --top 40 --context 2 | cut -c1-200
+  $NCU -i "$OUT/fused.ncu-rep" --page details --csv 2>&1 | grep -iE "gmma|Stall|Warp Cycles|Issued|Eligible|Duration|red|L2|Local" | cut -c1-200 | head -50
+  timeout 120 $NCU --clock-control none -k regex:"cudnn|sm90|flash|fmha" --metrics gpu__time_duration.sum,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
+    python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl cudnn 2>&1 | grep -E "^  [a-z_]|gmma|duration" | tail -12
+}
 case ${1:-stalls} in
   fused)
     ab fused 240 --kernel bwd --no-rope --kwargs '[{"fused": false}, {"fused": true}, {"fused": true, "dq_before_dk": true}]'
@@ -30,18 +44,8 @@ case ${1:-stalls} in
     echo "== e2e rc=$?"; grep -E "FAIL|PASS|correctness|Error" "$OUT/e2e.log" | head; grep -A16 summary "$OUT/e2e.log" ;;
   stalls)
     ab stages 200 --kernel bwd --no-rope --kwargs '[{"fused": true}, {"fused": true, "stages": 3}]'
-    # launch order of one fwd+bwd: the forward, then the fused backward
-    timeout 240 $NCU --clock-control none -k regex:mosaic --launch-skip 1 --launch-count 1 \
-      --section SourceCounters --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-      --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_gmma.sum,lts__t_sectors_op_red.sum,lts__t_sectors_op_atom.sum \
-      -o "$OUT/fused" python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl ours-fused > "$OUT/ncu.log" 2>&1
-    tail -3 "$OUT/ncu.log"
-    $NCU -i "$OUT/fused.ncu-rep" --page source --csv --print-source sass > "$OUT/source.csv" 2> "$OUT/source.err"
-    python3 benchmarks/ncu_hotspots.py "$OUT/source.csv" --top 40 --context 2 | cut -c1-200
-    $NCU -i "$OUT/fused.ncu-rep" --page details --csv 2>&1 | grep -iE "gmma|Stall|Warp Cycles|Issued|Eligible|Duration|red|L2|Local" | cut -c1-200 | head -50
-    timeout 120 $NCU --clock-control none -k regex:"cudnn|sm90|flash|fmha" --metrics gpu__time_duration.sum,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
-      python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl cudnn 2>&1 | grep -E "^  [a-z_]|gmma|duration" | tail -12 ;;
-  static)  # each dk/dv consumer its own code (constant buffer indices: wgmma descriptors as immediates)
+    fused_profile ;;
+  static)  # each dk/dv consumer its own code (constant buffer indices: wgmma descriptors as immediates); at a881f22
     ab static 250 --kernel bwd --no-rope --kwargs '[{"fused": false}, {"fused": false, "static_consumers": true}, {"fused": true, "static_consumers": true}]'
     timeout 300 python3 benchmarks/bench_attention.py --timing-only --checks static --seqs 8192,32768 \
       --impls "ours, separate bwd;ours, static consumers;ours, fused bwd;ours, fused bwd, static consumers;cudnn + XLA RoPE" > "$OUT/e2e.log" 2>&1
@@ -50,5 +54,12 @@ case ${1:-stalls} in
     timeout 280 python3 benchmarks/bench_attention.py --timing-only --checks mosaic_causal --seqs 2048,8192,16384,32768 \
       --impls "ours;ours, separate bwd;cudnn + XLA RoPE" > "$OUT/e2e.log" 2>&1
     echo "== e2e rc=$?"; grep -E "FAIL|PASS|correctness|Error" "$OUT/e2e.log" | head; grep -A14 summary "$OUT/e2e.log" ;;
-  *) echo "usage: $0 fused|stalls|static|final" >&2; exit 2 ;;
+  next)  # written for the next session, not run: dq with static consumers (kernel alone, spills), GPU checks, end
+          # to end at 8k / 16k; then the fused kernel's stalls again with its descriptors as immediates
+    ab dq_static 200 --kernel dq --no-rope --kwargs '[{}, {"static_consumers": true}]'
+    timeout 200 python3 benchmarks/bench_attention.py --timing-only --checks static_consumers --seqs 8192,16384 \
+      --impls "ours;ours, dq static consumers;ours, fused bwd;cudnn + XLA RoPE" > "$OUT/e2e.log" 2>&1
+    echo "== e2e rc=$?"; grep -E "FAIL|PASS|correctness|Error" "$OUT/e2e.log" | head; grep -A10 summary "$OUT/e2e.log"
+    fused_profile ;;
+  *) echo "usage: $0 fused|stalls|static|final|next" >&2; exit 2 ;;
 esac

@@ -192,6 +192,8 @@ class Tuning:
     # instead of registers that the fused kernel spilled). Kernels alone on the H200 (session 18):
     # dk/dv 1.02x / 1.03x / 1.01x, fused 1.09x / 1.11x / 1.09x at 2k / 8k / 32k.
     mosaic_dkv_static_consumers: bool = True
+    # The same for the Mosaic dq kernel (its Q / dO buffers by consumer index); not timed yet.
+    mosaic_dq_static_consumers: bool = False
     # The Mosaic forward as a persistent kernel (one CTA per SM looping over query tiles, the next
     # tile's K/V and Q loaded under the last one's epilogue; attention_mosaic.QTiles) where it runs
     # without RoPE tables. The forward kernel alone on the H200: 1.07x at 2k, 1.01x at 8k (same
@@ -808,7 +810,8 @@ def _flash_bwd(cfg, res, dout):
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,
-                                           longest_first=cfg.tuning.mosaic_longest_first, **un_rotate)
+                                           longest_first=cfg.tuning.mosaic_longest_first,
+                                           static_consumers=cfg.tuning.mosaic_dq_static_consumers, **un_rotate)
     else:
         dq = _backward_dq(cfg, *triton)
     if cfg.mosaic_dkv:

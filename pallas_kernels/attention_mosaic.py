@@ -22,6 +22,7 @@ shared memory and QK^T is a jnp dot. The compiled path was checked on the H100 a
 kernels and the reference (benchmarks/run_mosaic_attention.py, attention_NOTES.md session 4).
 """
 import dataclasses
+import functools
 import math
 import operator
 
@@ -185,6 +186,18 @@ def check_regs(regs):
     if regs is not None:
         assert all(r % 8 == 0 and 24 <= r <= 256 for r in regs), regs
         assert 256 * regs[0] + 128 * regs[1] <= 65536, regs
+
+
+def run_consumers(wg, consumer, static):
+    """consumer(index) on the two consumer warpgroups (wg < 2). static: each runs its own copy of the
+    code with its index a constant to the compiler, so the buffer addresses that depend on it and
+    their wgmma descriptors become immediates instead of registers held (and spilled) for the whole
+    kernel. The index is traced as wg * 0 + w: a Python int trips JAX 0.11's Mosaic lowering inside
+    loops ("Shaped arrays must be represented by ir.Values")."""
+    if not static:
+        return consumer(wg)
+    for w in range(2):
+        pl.when(wg == w)(functools.partial(consumer, wg * 0 + w))
 
 
 def rotate_halves(x_parts, c_ref, s_ref, rows, chunk):

@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import (Values, block_index, check_regs, cta_grid, launch_kernel, rotate_halves,
-                                             segment_ranges, smem_tiles)
+                                             run_consumers, segment_ranges, smem_tiles)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -406,11 +406,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         def _consumer():
             if use_regs:
                 plgpu.set_max_registers(regs[0], action="increase")
-            if static_consumers:  # wg * 0 + w: traced (a Python int trips Mosaic's lowering in JAX 0.11),
-                for w in range(2):  # folded to the constant w by the compiler
-                    pl.when(wg == w)(functools.partial(consumer, wg * 0 + w))
-            else:
-                consumer(wg)
+            run_consumers(wg, consumer, static_consumers)
 
         @pl.when(wg == 2)
         def _producer():

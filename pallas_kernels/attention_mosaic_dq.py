@@ -32,8 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import (QTiles, Values, causal_kv_range, check_regs, for_each_tile, kv_producer,
-                                             rotate_halves, scores_log2, segment_ranges, skip_kv_steps, sm_count,
-                                             smem_tiles, step_slot)
+                                             rotate_halves, run_consumers, scores_log2, segment_ranges, skip_kv_steps,
+                                             sm_count, smem_tiles, step_slot)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -42,7 +42,8 @@ BLOCK_K = 64
 
 
 def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs="auto",
-              longest_first=True, ctas=None, key_block=BLOCK_K, pre_rotated=False, interpret=None):
+              longest_first=True, ctas=None, key_block=BLOCK_K, pre_rotated=False, static_consumers=False,
+              interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -62,6 +63,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     K tables, no rotation in shared memory; the Q rows' tables come on a barrier only the epilogue
     waits for), which saves XLA's separate un-rotation pass over dq. Measured 0.82x / 0.94x of dq
     without tables at 2k / 8k (RESULTS.md 000000000000); Tuning.rope_grad_in_kernel turns it on.
+    static_consumers: each consumer warpgroup its own code, its Q / dO buffer descriptors immediates
+    (attention_mosaic.run_consumers; the dk/dv kernel's default). Not timed here yet.
     interpret: InterpretGPUParams to run on the CPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -98,10 +101,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
 
         kv_range = causal_kv_range(rng_ref, bk)
 
-        @pl.when(wg < 2)
-        def _consumer():
-            if regs and not interp:
-                plgpu.set_max_registers(regs[0], action="increase")
+        def consumer(wg):  # wg: this consumer's index (0 or 1)
             my_q, my_do, my_bar = qh.at[wg], dos.at[wg], qbar.at[wg]
             my_cq, my_sq = (cq.at[wg], sq.at[wg]) if rope else (None, None)
 
@@ -192,6 +192,12 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
 
             for_each_tile(tiles, kv_range, run_tile)
             plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg < 2)
+        def _consumer():
+            if regs and not interp:
+                plgpu.set_max_registers(regs[0], action="increase")
+            run_consumers(wg, consumer, static_consumers)
 
         @pl.when(wg == 2)
         def _producer():
