@@ -175,17 +175,12 @@ class Tuning:
     mosaic_longest_first: bool = True
     # The fused Mosaic backward: dq from the dk/dv kernel's dS tiles, reduce-added in fp32
     # (attention_mosaic_dkv with_dq; 5 GEMMs per tile pair instead of 7), where both Mosaic
-    # backward kernels run without RoPE tables. None: from FUSED_BWD_MIN_T positions on. Session
-    # 18, fwd+bwd in one process on the H200: 1.07x the separate kernels' time at 8k, 0.979x at 16k,
-    # 0.980x at 32k (kernels alone 0.82x / 0.91x / 1.03x the speed at 2k / 8k / 32k); FA3's order
-    # (each step's dQ wgmmas issued before its dK ones, dK under the dQ epilogue) measured the same
-    # and was removed. History: on the H200 fwd+bwd took 1.13x / 1.03x / 0.98x the time of the separate dq and dk/dv kernels at 2k / 8k / 32k
-    # (attention_NOTES.md session 9: the zeroed fp32 accumulator, its epilogue and a consumer sync per
-    # tile cost more than the 2 GEMMs it saves, except at 32k). Session 11, with dS^T under the dV
-    # wgmma: 0.79x / 0.93x of the separate kernels at 2k / 8k; deferring each tile's dQ by a step
-    # (no meeting per step) was slower still (0.78x / 0.85x), so the meeting is not the cost.
-    # Session 17, the backward alone in one process: 0.735x / 0.946x / 1.035x at 2k / 8k / 32k
-    # (staging its dQ reduce-adds by step parity: slower).
+    # backward kernels run without RoPE tables. None: from FUSED_BWD_MIN_T positions on. On the
+    # H200 (session 18, static consumers) the backward kernels alone ran 0.87x / 1.04x / 1.11x the
+    # separate kernels' speed at 2k / 8k / 32k; end to end at 8k the separate kernels were still
+    # ahead (7.94 against 8.32 ms), at 16k / 32k fused was (before static consumers already 0.98x
+    # the time). FA3's order (dQ wgmmas before dK) and double-buffered dQ staging were tried and
+    # removed (attention_NOTES.md sessions 9-18).
     mosaic_fused_bwd: bool | None = None
     # The Mosaic dk/dv (and fused) kernel with each consumer warpgroup's code specialised to its
     # buffer index (attention_mosaic_dkv static_consumers: wgmma descriptors as immediates

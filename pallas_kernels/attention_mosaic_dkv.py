@@ -32,9 +32,8 @@ Without RoPE tables (the default path: XLA rotates before the kernels) the produ
 copies and the consumers get 240 registers (FA3's split): 1.11-1.14x faster than (200, 104) at
 2k / 8k (2026-12-02, benchmarks/RESULTS.md 00000000).
 
-with_dq: the fused backward (dq from the same dS^T tiles, reduce-added; see mosaic_dkv). Opt-in:
-correct on the H200 but fwd+bwd 1.13x / 1.03x slower than the separate dq kernel at 2k / 8k, 2%
-faster at 32k (attention_NOTES.md session 9).
+with_dq: the fused backward (dq from the same dS^T tiles, reduce-added; see mosaic_dkv). flash_attention
+uses it from T = 16k on (Tuning.mosaic_fused_bwd; attention_NOTES.md sessions 9-18).
 
 Under JAX's Mosaic GPU interpreter (no transposed wgmma operand, no load with a layout), S^T and
 dP^T are jnp dots of the shared-memory tiles and lse/delta plain loads (tests/test_attention_mosaic_dkv.py).
