@@ -8,7 +8,10 @@ report collected with `--section SourceCounters --section WarpStateStats`), summ
     python3 benchmarks/ncu_hotspots.py $OUT/source.csv [--top 40]
 
 Prints the sample share per opcode, per stall reason, and the top instructions with the ones just
-before them (a wait's cost shows on the instruction after the thing waited for).
+before them (a wait's cost shows on the instruction after the thing waited for). --feeders: the
+samples of each sampled instruction charged to the instruction that last wrote one of its source
+registers, summed by (opcode, writer's opcode): e.g. "R2UR <- LDL.64" is a wgmma descriptor
+reloaded from a spill (session 18: 15.7% of the fused backward's samples).
 """
 import argparse
 import collections
@@ -74,11 +77,59 @@ def summarise(rows, top, context):
             print(f"{'':7s}  {body[j][addr]:>6}  {body[j][src].strip()[:70]}")
 
 
+def print_feeders(rows, n):
+    low = [h.lower() for h in rows[0]]
+    src = low.index("source")
+    total = next(i for i, h in enumerate(low) if "sampling (all" in h)
+    body = rows[1:]
+    samples = [number(r[total]) if len(r) > total else 0.0 for r in body]
+    all_ = sum(samples) or 1.0
+    pairs = feeders([r[src] for r in body], samples)
+    print("by (opcode <- writer of its sources):",
+          ", ".join(f"{op} <- {w} {100 * v / all_:.1f}%" for (op, w), v in pairs.most_common(n)))
+
+
+def opcode(text):
+    return re.sub(r"^@!?U?P\w+\s+", "", text.strip()).split(" ")[0]
+
+
+def registers(text):
+    """(destination registers, source registers) of one SASS instruction: R<n> only; a .64 / .128
+    load or a wide move writes 2 / 4 consecutive registers."""
+    body = re.sub(r"^@!?U?P\w+\s+", "", text.strip())
+    op, _, args = body.partition(" ")
+    regs = [a.strip() for a in args.split(",")]
+    if not regs or not re.fullmatch(r"R\d+", regs[0]) or op.startswith(("ST", "HGMMA", "RED", "ATOM", "BAR", "SYNCS")):
+        return [], [r for a in regs for r in re.findall(r"\bR\d+\b", a)]
+    width = 4 if ".128" in op else 2 if ".64" in op or "WIDE" in op else 1
+    first = int(regs[0][1:])
+    return [f"R{first + i}" for i in range(width)], [r for a in regs[1:] for r in re.findall(r"\bR\d+\b", a)]
+
+
+def feeders(instructions, samples, window=400):
+    """{(opcode, writer's opcode): samples}: each sampled instruction's samples charged to the
+    closest earlier instruction (within `window`, in address order) writing one of its sources."""
+    out = collections.Counter()
+    for i, (text, n) in enumerate(zip(instructions, samples)):
+        if not n:
+            continue
+        _, srcs = registers(text)
+        writer = "none"
+        for j in range(i - 1, max(-1, i - window), -1):
+            if set(registers(instructions[j])[0]) & set(srcs):
+                writer = opcode(instructions[j])
+                break
+        out[(opcode(text), writer)] += n
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("csv")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--context", type=int, default=0, help="instructions shown before each top one")
+    p.add_argument("--feeders", type=int, default=0, metavar="N",
+                   help="also the N largest (opcode, writer of its sources) sample sums")
     a = p.parse_args()
     ts = tables(open(a.csv, errors="replace").read())
     if not ts:
@@ -86,6 +137,8 @@ def main():
     for n, t in enumerate(ts):
         print(f"== kernel {n}")
         summarise(t, a.top, a.context)
+        if a.feeders:
+            print_feeders(t, a.feeders)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ fused_profile() {  # ncu PC sampling of the fused backward (8k, B = 2), hot spot
     -o "$OUT/fused" python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl ours-fused > "$OUT/ncu.log" 2>&1
   tail -3 "$OUT/ncu.log"
   $NCU -i "$OUT/fused.ncu-rep" --page source --csv --print-source sass > "$OUT/source.csv" 2> "$OUT/source.err"
-  python3 benchmarks/ncu_hotspots.py "$OUT/source.csv" --top 40 --context 2 | cut -c1-200
+  python3 benchmarks/ncu_hotspots.py "$OUT/source.csv" --top 40 --context 2 --feeders 12 | cut -c1-200
   $NCU -i "$OUT/fused.ncu-rep" --page details --csv 2>&1 | grep -iE "gmma|Stall|Warp Cycles|Issued|Eligible|Duration|red|L2|Local" | cut -c1-200 | head -50
   timeout 120 $NCU --clock-control none -k regex:"cudnn|sm90|flash|fmha" --metrics gpu__time_duration.sum,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
     python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl cudnn 2>&1 | grep -E "^  [a-z_]|gmma|duration" | tail -12
