@@ -42,25 +42,34 @@ def number(s):
         return 0.0
 
 
+def sampled_source(rows):
+    """(the source and total-samples columns' indices, each instruction's samples), or None
+    without those columns."""
+    low = [h.lower() for h in rows[0]]
+    src = next((i for i, h in enumerate(low) if h == "source"), None)
+    total = next((i for i, h in enumerate(low) if "sampling (all" in h), None)
+    if src is None or total is None:
+        return None
+    return src, total, [number(r[total]) if len(r) > total else 0.0 for r in rows[1:]]
+
+
 def summarise(rows, top, context):
     head = rows[0]
     body = rows[1:]
     low = [h.lower() for h in head]
-    src = next((i for i, h in enumerate(low) if h == "source"), None)
     addr = next((i for i, h in enumerate(low) if "address" in h), 0)
-    total = next((i for i, h in enumerate(low) if "sampling (all" in h), None)
-    if src is None or total is None:
+    found = sampled_source(rows)
+    if found is None:
         print("columns:", head)
         return
+    src, total, samples = found
     reasons = [i for i, h in enumerate(low) if h.startswith("stall_") or "pcsamp_warps_issue_stalled" in h
                or (h.startswith("warp stall sampling") and i != total and "not-issued" not in h)]
-    samples = [number(r[total]) if len(r) > total else 0.0 for r in body]
     all_ = sum(samples) or 1.0
     print(f"{len(body)} instructions, {all_:.0f} samples; columns: {len(head)}")
     by_op = collections.Counter()
     for r, s in zip(body, samples):
-        op = re.sub(r"^@!?U?P\w+\s+", "", r[src].strip()).split(" ")[0]
-        by_op[op] += s
+        by_op[opcode(r[src])] += s
     print("by opcode:", ", ".join(f"{op} {100 * s / all_:.1f}%" for op, s in by_op.most_common(14)))
     if reasons:
         per = collections.Counter({head[i]: sum(number(r[i]) for r in body if len(r) > i) for i in reasons})
@@ -78,26 +87,28 @@ def summarise(rows, top, context):
 
 
 def print_feeders(rows, n):
-    low = [h.lower() for h in rows[0]]
-    src = low.index("source")
-    total = next(i for i, h in enumerate(low) if "sampling (all" in h)
-    body = rows[1:]
-    samples = [number(r[total]) if len(r) > total else 0.0 for r in body]
+    found = sampled_source(rows)
+    if found is None:
+        return
+    src, _, samples = found
     all_ = sum(samples) or 1.0
-    pairs = feeders([r[src] for r in body], samples)
+    pairs = feeders([r[src] for r in rows[1:]], samples)
     print("by (opcode <- writer of its sources):",
           ", ".join(f"{op} <- {w} {100 * v / all_:.1f}%" for (op, w), v in pairs.most_common(n)))
 
 
+def unpredicated(text):
+    return re.sub(r"^@!?U?P\w+\s+", "", text.strip())
+
+
 def opcode(text):
-    return re.sub(r"^@!?U?P\w+\s+", "", text.strip()).split(" ")[0]
+    return unpredicated(text).split(" ")[0]
 
 
 def registers(text):
     """(destination registers, source registers) of one SASS instruction: R<n> only; a .64 / .128
     load or a wide move writes 2 / 4 consecutive registers."""
-    body = re.sub(r"^@!?U?P\w+\s+", "", text.strip())
-    op, _, args = body.partition(" ")
+    op, _, args = unpredicated(text).partition(" ")
     regs = [a.strip() for a in args.split(",")]
     if not regs or not re.fullmatch(r"R\d+", regs[0]) or op.startswith(("ST", "HGMMA", "RED", "ATOM", "BAR", "SYNCS")):
         return [], [r for a in regs for r in re.findall(r"\bR\d+\b", a)]
@@ -109,14 +120,15 @@ def registers(text):
 def feeders(instructions, samples, window=400):
     """{(opcode, writer's opcode): samples}: each sampled instruction's samples charged to the
     closest earlier instruction (within `window`, in address order) writing one of its sources."""
+    regs = [registers(text) for text in instructions]
     out = collections.Counter()
     for i, (text, n) in enumerate(zip(instructions, samples)):
         if not n:
             continue
-        _, srcs = registers(text)
+        srcs = set(regs[i][1])
         writer = "none"
         for j in range(i - 1, max(-1, i - window), -1):
-            if set(registers(instructions[j])[0]) & set(srcs):
+            if srcs.intersection(regs[j][0]):
                 writer = opcode(instructions[j])
                 break
         out[(opcode(text), writer)] += n

@@ -27,20 +27,19 @@ def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, se
     assert rel_err(dk, dk_ref) < 2e-2, rel_err(dk, dk_ref)
 
 
-@pytest.mark.parametrize("rope,p_regs,segments,ds_under_dv,pre_rotated", [
-    (True, None, False, None, False), (False, None, False, None, False),  # compiled default: P^T in registers
-    (True, False, False, False, False), (False, False, False, False, False),  # P^T through shared memory
-    (True, None, True, None, False), (True, False, True, False, False),
-    (False, None, False, False, False), (False, None, True, None, False),  # dS^T after dV (or under it)
-    (True, None, False, None, True), (True, None, True, None, True),  # tables to un-rotate dK only
-    (False, None, True, None, "by index")])  # one consumer code for both, the buffers by warpgroup index
-def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, ds_under_dv, pre_rotated):
+@pytest.mark.parametrize("rope,p_regs,segments,ds_under_dv,pre_rotated,static_consumers", [
+    (True, None, False, None, False, True), (False, None, False, None, False, True),  # compiled default: P^T in registers
+    (True, False, False, False, False, True), (False, False, False, False, False, True),  # P^T through shared memory
+    (True, None, True, None, False, True), (True, False, True, False, False, True),
+    (False, None, False, False, False, True), (False, None, True, None, False, True),  # dS^T after dV (or under it)
+    (True, None, False, None, True, True), (True, None, True, None, True, True),  # tables to un-rotate dK only
+    (False, None, True, None, False, False)])  # one consumer code for both, the buffers by warpgroup index
+def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, ds_under_dv, pre_rotated, static_consumers):
     """The compiled paths (wgmma with transposed and register operands, WGMMA layouts) through
     Mosaic GPU's layout inference, for CUDA on the CPU."""
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
     f = lambda *a: M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs,  # noqa: E731
-                                ds_under_dv=ds_under_dv, pre_rotated=pre_rotated is True,
-                                static_consumers=pre_rotated != "by index")
+                                ds_under_dv=ds_under_dv, pre_rotated=pre_rotated, static_consumers=static_consumers)
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 

@@ -23,18 +23,21 @@ def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, seg
     args, seg, scale, (dq_ref, _, _) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
     dq = M.mosaic_dq(*args, seg=seg, scale=scale, ctas=ctas, key_block=key_block, static_consumers=static_consumers,
                      interpret=_interpret_params())
+    assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
     assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
 
 
-@pytest.mark.parametrize("rope,regs,segments,ctas,key_block,pre_rotated", [
-    (True, None, False, None, 64, False), (False, None, False, None, 64, False), (True, (200, 104), False, None, 64, False),
-    (True, None, True, None, 64, False), (False, None, True, 5, 64, False), (False, "auto", False, None, 128, False),
-    (False, "auto", True, "sms", 128, False), (True, None, True, None, 64, True),  # tables to un-rotate dQ only
-    (False, "auto", True, "sms", 128, "static consumers")])
-def test_mosaic_dq_lowers_for_cuda(rope, regs, segments, ctas, key_block, pre_rotated):
+@pytest.mark.parametrize("rope,regs,segments,ctas,key_block,pre_rotated,static_consumers", [
+    (True, None, False, None, 64, False, False), (False, None, False, None, 64, False, False),
+    (True, (200, 104), False, None, 64, False, False), (True, None, True, None, 64, False, False),
+    (False, None, True, 5, 64, False, False), (False, "auto", False, None, 128, False, False),
+    (False, "auto", True, "sms", 128, False, False),
+    (True, None, True, None, 64, True, False),  # tables to un-rotate dQ only
+    (False, "auto", True, "sms", 128, False, True)])  # each consumer its own code
+def test_mosaic_dq_lowers_for_cuda(rope, regs, segments, ctas, key_block, pre_rotated, static_consumers):
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
     f = lambda *a: M.mosaic_dq(*a, seg=seg, scale=scale, regs=regs, ctas=ctas, key_block=key_block,  # noqa: E731
-                               pre_rotated=pre_rotated is True, static_consumers=pre_rotated == "static consumers")
+                               pre_rotated=pre_rotated, static_consumers=static_consumers)
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
