@@ -1,0 +1,21 @@
+# Shell helpers the run_session*.sh device scripts source (they set OUT and PYTHONPATH first).
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+ab() {  # name, seconds, bench_mosaic_bwd.py flags...: the timing lines, checks and ptxas spills
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 benchmarks/bench_mosaic_bwd.py --no-baseline --with-32k "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name rc=$?"; grep -E " ms |PASS|FAIL|Error|spill stores," "$OUT/$name.log" | sort | uniq -c | sort -k2 | head -40
+  echo "wgmma serialized (ptxas C7512): $(grep -c serialized "$OUT/$name.log")"
+}
+fused_profile() {  # ncu PC sampling of the fused backward (8k, B = 2), hot spots; cuDNN's kernels in the same shape
+  # launch order of one fwd+bwd: the forward, then the fused backward
+  timeout 240 $NCU --clock-control none -k regex:mosaic --launch-skip 1 --launch-count 1 \
+    --section SourceCounters --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_gmma.sum,lts__t_sectors_op_red.sum,lts__t_sectors_op_atom.sum \
+    -o "$OUT/fused" python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl ours-fused > "$OUT/ncu.log" 2>&1
+  tail -3 "$OUT/ncu.log"
+  $NCU -i "$OUT/fused.ncu-rep" --page source --csv --print-source sass > "$OUT/source.csv" 2> "$OUT/source.err"
+  python3 benchmarks/ncu_hotspots.py "$OUT/source.csv" --top 40 --context 2 --feeders 12 | cut -c1-200
+  $NCU -i "$OUT/fused.ncu-rep" --page details --csv 2>&1 | grep -iE "gmma|Stall|Warp Cycles|Issued|Eligible|Duration|red|L2|Local" | cut -c1-200 | head -50
+  timeout 120 $NCU --clock-control none -k regex:"cudnn|sm90|flash|fmha" --metrics gpu__time_duration.sum,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
+    python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl cudnn 2>&1 | grep -E "^  [a-z_]|gmma|duration" | tail -12
+}
