@@ -133,9 +133,6 @@ def check_correctness(only=None):
         # one dk/dv consumer code for both warpgroups (Tuning(mosaic_dkv_static_consumers=False))
         ("mosaic_consumers_by_index_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_dkv_static_consumers=False))),
-        # the dk/dv consumers both masking the first two tiles of each head (before session 19)
-        ("mosaic_shared_diagonal_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
-         dict(rope=True, tuning=Tuning(mosaic_dkv_own_diagonal=False))),
         ("mosaic_packed_dq_static_consumers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dq_static_consumers=True))),
     ]
@@ -298,13 +295,6 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_consumers_by_index(q, k, v):  # one dk/dv consumer code for both (before session 18)
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv_static_consumers=False))
 
-    def ours_shared_diagonal(q, k, v):  # both dk/dv consumers mask the first two tiles of a head (before session 19)
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv_own_diagonal=False))
-
-    def ours_fused_shared_diagonal(q, k, v):
-        return flash_attention(q, k, v, inv_freq=freq,
-                               tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_own_diagonal=False))
-
     def ours_triton_dkv(q, k, v):  # the Mosaic forward and dq, the Triton dk/dv
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv=False))
 
@@ -361,8 +351,6 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, separate bwd": (ours_separate_bwd, (q, k, v)),
         "ours, dk/dv consumers by index": (ours_consumers_by_index, (q, k, v)),
         "ours, dq static consumers": (ours_dq_static_consumers, (q, k, v)),
-        "ours, shared diagonal": (ours_shared_diagonal, (q, k, v)),
-        "ours, fused bwd, shared diagonal": (ours_fused_shared_diagonal, (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

@@ -187,10 +187,6 @@ class Tuning:
     # instead of registers that the fused kernel spilled). Kernels alone on the H200 (session 18):
     # dk/dv 1.02x / 1.03x / 1.01x, fused 1.09x / 1.11x / 1.09x at 2k / 8k / 32k.
     mosaic_dkv_static_consumers: bool = True
-    # With static consumers: each dk/dv consumer masks only its own diagonal query tile and the
-    # upper one skips the tile above it (attention_mosaic_dkv own_diagonal), instead of both
-    # running the first two tiles of every head masked.
-    mosaic_dkv_own_diagonal: bool = True
     # The same for the Mosaic dq kernel (its Q / dO buffers by consumer index); not timed yet.
     mosaic_dq_static_consumers: bool = False
     # The Mosaic forward as a persistent kernel (one CTA per SM looping over query tiles, the next
@@ -768,11 +764,6 @@ def _flash(cfg, q, k, v, aux):
     return _flash_fwd(cfg, q, k, v, aux)[0]
 
 
-def _dkv_consumers(tuning):
-    """The Mosaic dk/dv kernel's consumer settings from the tuning."""
-    return dict(static_consumers=tuning.mosaic_dkv_static_consumers, own_diagonal=tuning.mosaic_dkv_own_diagonal)
-
-
 def _flash_fwd(cfg, q, k, v, aux):
     if cfg.rope_outside:  # the residuals are the rotated q, k (as with the rotation outside)
         cos, sin = rope_cos_sin(aux["rope_pos"], aux["inv_freq"])
@@ -810,7 +801,7 @@ def _flash_bwd(cfg, res, dout):
     if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd:
         dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
                                                      longest_first=cfg.tuning.mosaic_longest_first, with_dq=True,
-                                                     **_dkv_consumers(cfg.tuning))
+                                                     static_consumers=cfg.tuning.mosaic_dkv_static_consumers)
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,
@@ -821,7 +812,7 @@ def _flash_bwd(cfg, res, dout):
     if cfg.mosaic_dkv:
         dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
                                                  longest_first=cfg.tuning.mosaic_longest_first,
-                                                 **_dkv_consumers(cfg.tuning), **un_rotate)
+                                                 static_consumers=cfg.tuning.mosaic_dkv_static_consumers, **un_rotate)
     else:
         dk, dv = _backward_dkv(cfg, *triton)
     return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)

@@ -189,16 +189,15 @@ def check_regs(regs):
 
 
 def run_consumers(wg, consumer, static):
-    """consumer(index, known) on the two consumer warpgroups (wg < 2). static: each runs its own copy
-    of the code with its index a constant to the compiler, so the buffer addresses that depend on it
-    and their wgmma descriptors become immediates instead of registers held (and spilled) for the
-    whole kernel; `known` is then that index as a Python int (for code that differs between the
-    consumers), else None. The index is traced as wg * 0 + w: a Python int trips JAX 0.11's Mosaic
-    lowering inside loops ("Shaped arrays must be represented by ir.Values")."""
+    """consumer(index) on the two consumer warpgroups (wg < 2). static: each runs its own copy of the
+    code with its index a constant to the compiler, so the buffer addresses that depend on it and
+    their wgmma descriptors become immediates instead of registers held (and spilled) for the whole
+    kernel. The index is traced as wg * 0 + w: a Python int trips JAX 0.11's Mosaic lowering inside
+    loops ("Shaped arrays must be represented by ir.Values")."""
     if not static:
-        return consumer(wg, None)
+        return consumer(wg)
     for w in range(2):
-        pl.when(wg == w)(functools.partial(consumer, wg * 0 + w, w))
+        pl.when(wg == w)(functools.partial(consumer, wg * 0 + w))
 
 
 def rotate_halves(x_parts, c_ref, s_ref, rows, chunk):

@@ -59,7 +59,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
-               ds_under_dv=None, static_consumers=True, own_diagonal=True, pre_rotated=False, interpret=None):
+               ds_under_dv=None, static_consumers=True, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -95,13 +95,6 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     On the H200, kernels alone (2026-12-04, RESULTS.md session 18): dk/dv 1.016x / 1.029x / 1.007x
     at 2k / 8k / 32k, fused 1.09x / 1.11x / 1.09x (its 32k backward 47.2 -> 42.1 ms).
 
-    own_diagonal (where p_regs and static_consumers; the shared-memory path without dq always
-    does it): each consumer masks only the query tile on its own diagonal, and the upper one skips
-    the tile above it (the first of each head: its P is 0), instead of one code for both consumers
-    running the first two tiles of a head masked (the lower consumer's second tile is entirely
-    visible). With with_dq the upper consumer still computes its half of D of that tile's dQ, from
-    the lower consumer's dS^T only.
-
     pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query
     tables, no rotation in shared memory), which saves XLA's separate un-rotation pass over dk. The
@@ -128,7 +121,6 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     assert not with_dq or not rope, "with_dq: the kernel without tables"
     if ds_under_dv is None:
         ds_under_dv = p_regs and not rotate
-    own_diagonal = own_diagonal and p_regs and static_consumers
     assert not ds_under_dv or p_regs, "ds_under_dv: p_regs"
     ds_bufs = 2 if with_dq else 1  # dS^T buffers per consumer, by step parity (with_dq: the consumers read each other's)
     n_kb = T // BLOCK_K
@@ -286,7 +278,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         def tile_of(j):  # step -> (query head, query tile)
             return kvh * G + lax.div(j, jnp.int32(per_head)), i0 + lax.rem(j, jnp.int32(per_head))
 
-        def consumer(wg, known):  # wg: this consumer's index (0 or 1); known: the same as an int, or None
+        def consumer(wg):  # wg: this consumer's index (0 or 1)
             k0 = kb * BLOCK_K + wg * t
             keys = pl.ds(k0, t)
             my_k, my_v = kh.at[wg], vs.at[wg]
@@ -331,17 +323,16 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 else:
                     plgpu.copy_smem_to_gmem(stage, dq_ref.at[b, rows, h, cols], reduction_op="add")
 
-            def dq_tile(j, lower_only=False):
+            def dq_tile(j):
                 """The dQ work of step j, after tile j's GEMMs wrote my dS^T of tile j: tile j's
                 dQ[:, my half of D] over both consumers' keys (their two dS^T tiles of step j times
-                K_rot's half), reduce-added. lower_only: the upper consumer skipped tile j (own_diagonal),
-                only the lower one's dS^T counts."""
+                K_rot's half), reduce-added."""
                 # Meet first. Writing step j's dS^T was safe: the other consumer arrived at step
                 plgpu.barrier_arrive(ds_ready)  # j - 1's meeting after reading step j - 2's tiles
                 plgpu.barrier_wait(ds_ready)
                 h, i = tile_of(j)
                 ds_tiles = ps.at[ds_slot(j)]
-                add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(1 if lower_only else 2)]), i, h)
+                add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)]), i, h)
 
             def step(accs, j, masked):
                 slot = lax.rem(j, jnp.int32(stages))
@@ -379,7 +370,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                     lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: step(accs, j, masked=False), None)
                 lax.fori_loop(0, G, head, None)
 
-            def step_regs(accs, j, masked, lower_only=False):
+            def step_regs(accs, j, masked):
                 slot = lax.rem(j, jnp.int32(stages))
                 _, i = tile_of(j)
                 plgpu.barrier_wait(qready.at[slot])
@@ -387,33 +378,14 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 accs = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
                                       k0, i * t, masked, seg_of(slot), ds_out=p_buf(j) if with_dq else None)
                 if with_dq:
-                    dq_tile(j, lower_only)
+                    dq_tile(j)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return accs
 
-            def skip_regs(j):  # the upper consumer's tile above its diagonal (own_diagonal)
-                if not with_dq:
-                    return skip(j)
-                slot = lax.rem(j, jnp.int32(stages))
-                plgpu.barrier_wait(qready.at[slot])
-                plgpu.barrier_wait(dbar.at[slot])
-                dq_tile(j, lower_only=True)  # my half of D of its dQ, from the lower consumer's dS^T
-                plgpu.barrier_arrive(consumed.at[slot])
-
-            def first_two_regs(j0, accs):
-                """The first two query tiles of a head, the ones the diagonal crosses."""
-                if not own_diagonal:  # one code for both consumers: both masked (the upper one's first: P = 0)
-                    accs = step_regs(accs, j0, masked=True)
-                    return step_regs(accs, j0 + 1, masked=True)
-                if known == 0:
-                    accs = step_regs(accs, j0, masked=True, lower_only=True)
-                    return step_regs(accs, j0 + 1, masked=False)
-                skip_regs(j0)
-                return step_regs(accs, j0 + 1, masked=True)
-
-            def head_regs(g, accs):
-                j0 = g * per_head
-                accs = first_two_regs(j0, accs)
+            def head_regs(g, accs):  # no pl.when with values: both consumers run the first two
+                j0 = g * per_head    # tiles masked (the upper one's first is all masked: P = 0)
+                accs = step_regs(accs, j0, masked=True)
+                accs = step_regs(accs, j0 + 1, masked=True)
                 return lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: step_regs(c, j, masked=False), accs)
 
             if p_regs:

@@ -101,7 +101,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
 
         kv_range = causal_kv_range(rng_ref, bk)
 
-        def consumer(wg, _known):  # wg: this consumer's index (0 or 1)
+        def consumer(wg):  # wg: this consumer's index (0 or 1)
             my_q, my_do, my_bar = qh.at[wg], dos.at[wg], qbar.at[wg]
             my_cq, my_sq = (cq.at[wg], sq.at[wg]) if rope else (None, None)
 
