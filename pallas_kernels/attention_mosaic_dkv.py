@@ -59,7 +59,8 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
-               ds_under_dv=None, static_consumers=True, pre_rotated=False, interpret=None):
+               ds_under_dv=None, static_consumers=True, dq_lag=False, dq_behind_dk=False, pre_rotated=False,
+               interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -95,6 +96,12 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     On the H200, kernels alone (2026-12-04, RESULTS.md session 18): dk/dv 1.016x / 1.029x / 1.007x
     at 2k / 8k / 32k, fused 1.09x / 1.11x / 1.09x (its 32k backward 47.2 -> 42.1 ms).
 
+    dq_lag (with_dq): each step's dQ is computed one step later, after the next step's dS^T is
+    written, so the consumers meet on a dS^T tile a step after it was written (one barrier per
+    buffer, stages + 1 buffers) instead of every step right after writing it; they need not run in
+    step. dq_behind_dk (with_dq, p_regs): the dQ wgmmas are issued right behind the step's dK ones
+    (inside their run_state, one wait for both) instead of after the dK / dV wgmmas completed.
+
     pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query
     tables, no rotation in shared memory), which saves XLA's separate un-rotation pass over dk. The
@@ -122,7 +129,12 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     if ds_under_dv is None:
         ds_under_dv = p_regs and not rotate
     assert not ds_under_dv or p_regs, "ds_under_dv: p_regs"
-    ds_bufs = 2 if with_dq else 1  # dS^T buffers per consumer, by step parity (with_dq: the consumers read each other's)
+    assert not (dq_lag or dq_behind_dk) or with_dq, "dq_lag / dq_behind_dk: with_dq"
+    assert not dq_behind_dk or p_regs, "dq_behind_dk: p_regs"
+    # dS^T buffers per consumer (with_dq: the consumers read each other's), by step: two (the
+    # other consumer may still read step j - 1's); dq_lag: a consumer may be `stages` steps
+    # ahead of the other one's reads
+    ds_bufs = (stages + 1 if dq_lag else 2) if with_dq else 1
     n_kb = T // BLOCK_K
     val = Values(interp)
     vec = val.vec  # dim 0: along the keys (rows), 1: the queries (columns) of a [keys, queries] tile
@@ -178,15 +190,19 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             plgpu.wgmma(dk_accs[p], my_p, q_parts.at[p])
         plgpu.wgmma_wait(0)
 
-    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, ds_out=None):
+    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, ds_out=None,
+                       after_ds=None):
         """tile_math with P^T and dS^T as register A operands and the accumulators as values
         (compiled path only: the interpreter has no register A operand nor run_state); dS^T also
-        into the shared-memory tile ds_out if given (the fused backward's dQ reads it)."""
+        into the shared-memory tile ds_out if given (the fused backward's dQ reads it), then
+        after_ds() (if given) with the dK wgmmas still in flight."""
 
         def store_ds(ds_t):
             if ds_out is not None:
                 ds_out[...] = ds_t
                 plgpu.commit_smem()
+            if after_ds is not None:
+                after_ds()
 
         dv, dk0, dk1 = accs
         p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t)
@@ -323,16 +339,36 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 else:
                     plgpu.copy_smem_to_gmem(stage, dq_ref.at[b, rows, h, cols], reduction_op="add")
 
-            def dq_tile(j):
-                """The dQ work of step j, after tile j's GEMMs wrote my dS^T of tile j: tile j's
-                dQ[:, my half of D] over both consumers' keys (their two dS^T tiles of step j times
-                K_rot's half), reduce-added."""
-                # Meet first. Writing step j's dS^T was safe: the other consumer arrived at step
-                plgpu.barrier_arrive(ds_ready)  # j - 1's meeting after reading step j - 2's tiles
-                plgpu.barrier_wait(ds_ready)
+            def dq_of(j):
+                """Tile j's dQ[:, my half of D] over both consumers' keys (their two dS^T tiles of
+                step j times K_rot's half), reduce-added."""
                 h, i = tile_of(j)
                 ds_tiles = ps.at[ds_slot(j)]
                 add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)]), i, h)
+
+            def dq_tile(j):
+                """The dQ work of step j, once my dS^T of tile j is written: meet the other consumer
+                and do tile j's dQ; dq_lag: publish my tile j and do tile j - 1's."""
+                if not dq_lag:  # writing step j's dS^T was safe: the other consumer arrived at step
+                    plgpu.barrier_arrive(ds_ready)  # j - 1's meeting after reading step j - 2's tiles
+                    plgpu.barrier_wait(ds_ready)
+                    return dq_of(j)
+                plgpu.barrier_arrive(ds_ready.at[ds_slot(j)])
+
+                @pl.when(j > 0)
+                def _():
+                    plgpu.barrier_wait(ds_ready.at[ds_slot(j - 1)])
+                    dq_of(j - 1)
+
+            def last_dq():
+                """After the last step: (dq_lag) its dQ; then both consumers meet (each reads the
+                other's K, which finish overwrites)."""
+                if dq_lag:
+                    plgpu.barrier_wait(ds_ready.at[ds_slot(n_steps - 1)])
+                    dq_of(n_steps - 1)
+                meet = ds_ready.at[ds_slot(n_steps)] if dq_lag else ds_ready
+                plgpu.barrier_arrive(meet)
+                plgpu.barrier_wait(meet)
 
             def step(accs, j, masked):
                 slot = lax.rem(j, jnp.int32(stages))
@@ -375,9 +411,11 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 _, i = tile_of(j)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
+                behind = functools.partial(dq_tile, j) if dq_behind_dk else None
                 accs = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
-                                      k0, i * t, masked, seg_of(slot), ds_out=p_buf(j) if with_dq else None)
-                if with_dq:
+                                      k0, i * t, masked, seg_of(slot), ds_out=p_buf(j) if with_dq else None,
+                                      after_ds=behind)
+                if with_dq and not dq_behind_dk:
                     dq_tile(j)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return accs
@@ -394,8 +432,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             else:
                 dv, dk0, dk1 = accumulate(loop)
             if with_dq:  # the other consumer is done with my K (finish reuses the buffer)
-                plgpu.barrier_arrive(ds_ready)
-                plgpu.barrier_wait(ds_ready)
+                last_dq()
             def keys_tables():  # pre-rotated: they came on their own barrier, waited for only here
                 if tbar is not None:
                     plgpu.barrier_wait(tbar.at[wg])
@@ -478,7 +515,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                     plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=k_loads, num_barriers=2),
-                    plgpu.Barrier(num_arrivals=2) if with_dq else None,  # both consumers' dS^T
+                    plgpu.Barrier(num_arrivals=2, num_barriers=ds_bufs if dq_lag else 1) if with_dq else None,  # both consumers' dS^T
                     plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope and not rotate else None)  # keys' tables
         pl.run_scoped(lambda *scr: pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
                                         seg_ref, rng_ref, dk_ref, dv_ref, dq_ref, scr),

@@ -43,27 +43,32 @@ def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, ds_under_dv, pre_rot
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments,static_consumers", [
-    (1, 256, 4, 2, False, True),   # two key blocks adding into the same query tiles, GQA 2
-    (1, 256, 2, 1, True, True),    # packed documents (key blocks stop at their last shared segment)
-    (1, 256, 4, 2, False, False),  # one consumer code for both, the buffers by warpgroup index
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,static_consumers,dq_lag", [
+    (1, 256, 4, 2, False, True, False),   # two key blocks adding into the same query tiles, GQA 2
+    (1, 256, 2, 1, True, True, False),    # packed documents (key blocks stop at their last shared segment)
+    (1, 256, 4, 2, False, False, False),  # one consumer code for both, the buffers by warpgroup index
+    (2, 384, 4, 2, False, True, True),    # each tile's dQ a step late (3 dS^T buffers, a barrier each)
+    (1, 256, 2, 1, True, True, True),
 ])
-def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, static_consumers):
+def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, static_consumers, dq_lag):
     """The fused backward: dq from the dk/dv kernel's dS^T tiles (in the interpreter each key block
     stores its dQ partial, summed by XLA, where the GPU reduce-adds), dk/dv unchanged by it."""
     args, seg, scale, (dq_ref, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=False, segments=segments,
                                                                seed=T + Hq + 7)
     dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, static_consumers=static_consumers,
-                              interpret=_interpret_params())
+                              dq_lag=dq_lag, interpret=_interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
     for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         assert rel_err(got, want) < 2e-2, rel_err(got, want)
 
 
-@pytest.mark.parametrize("p_regs,segments,ds_under_dv,static_consumers", [
-    (None, False, None, True), (False, False, None, True), (None, True, None, True), (None, True, False, True),
-    (None, False, False, True), (None, True, None, False)])
-def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, static_consumers):
+@pytest.mark.parametrize("p_regs,segments,ds_under_dv,static_consumers,dq_lag,dq_behind_dk", [
+    (None, False, None, True, False, False), (False, False, None, True, False, False),
+    (None, True, None, True, False, False), (None, True, False, True, False, False),
+    (None, False, False, True, False, False), (None, True, None, False, False, False),
+    (None, False, None, True, True, False), (None, True, None, True, True, True),
+    (None, False, None, True, False, True), (False, True, None, True, True, False)])
+def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, static_consumers, dq_lag, dq_behind_dk):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
     accumulator), inside a remat'ed scan as in the model."""
     import jax.numpy as jnp
@@ -73,7 +78,8 @@ def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, stati
     def f(*a):
         def layer(c, _):
             dk, dv, dq = M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs, with_dq=True,
-                                      ds_under_dv=ds_under_dv, static_consumers=static_consumers)
+                                      ds_under_dv=ds_under_dv, static_consumers=static_consumers,
+                                      dq_lag=dq_lag, dq_behind_dk=dq_behind_dk)
             return c + dq.astype(jnp.float32).sum() + dk.astype(jnp.float32).sum(), None
         return jax.lax.scan(jax.checkpoint(layer), 0.0, None, length=2)[0]
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
