@@ -59,7 +59,7 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
-               ds_under_dv=None, static_consumers=True, dq_lag=False, dq_behind_dk=False, pre_rotated=False,
+               ds_under_dv=None, static_consumers=True, dq_lag=False, dq_behind_dk=False, dq_atomic=False, pre_rotated=False,
                interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
@@ -101,6 +101,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     buffer, stages + 1 buffers) instead of every step right after writing it; they need not run in
     step. dq_behind_dk (with_dq, p_regs): the dQ wgmmas are issued right behind the step's dK ones
     (inside their run_state, one wait for both) instead of after the dK / dV wgmmas completed.
+    dq_atomic (with_dq, compiled only): each consumer adds its dQ tile into the accumulator straight from its
+    registers (fp32 `red.global.add`, 32 a thread per step) instead of staging it in shared memory
+    for a TMA reduce-add (no staging tile, fence, warpgroup barrier or wait for the last copy's read).
 
     pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query
@@ -131,6 +134,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     assert not ds_under_dv or p_regs, "ds_under_dv: p_regs"
     assert not (dq_lag or dq_behind_dk) or with_dq, "dq_lag / dq_behind_dk: with_dq"
     assert not dq_behind_dk or p_regs, "dq_behind_dk: p_regs"
+    assert not dq_atomic or (with_dq and not interp), "dq_atomic: with_dq, compiled (the interpreter has no atomics)"
     # dS^T buffers per consumer (with_dq: the consumers read each other's), by step: two (the
     # other consumer may still read step j - 1's); dq_lag: a consumer may be `stages` steps
     # ahead of the other one's reads
@@ -327,13 +331,15 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
 
             def add_dq(acc, i, h):
                 """Reduce-add acc into dQ[rows of tile i, head h, my half of D] through my staging
-                tile (once the last reduce-add from it read it; interpreted: a plain store into
-                this key block's partials slice)."""
+                tile (once the last reduce-add from it read it), or (dq_atomic) from registers;
+                interpreted: into this key block's partials slice."""
+                rows, cols = pl.ds(i * t, t), pl.ds(wg * half, half)
+                if dq_atomic:
+                    return plgpu.atomic_add(dq_ref.at[b, rows, h, cols], acc)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 stage = dqs.at[wg]
                 stage[...] = acc
                 plgpu.commit_smem()
-                rows, cols = pl.ds(i * t, t), pl.ds(wg * half, half)
                 if interp:
                     plgpu.copy_smem_to_gmem(stage, dq_ref.at[kb, b, rows, h, cols])
                 else:
@@ -509,7 +515,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                    plgpu.SMEM((stages, t), jnp.float32), *kv_bufs, table(2), table(2), p_buf,
                    plgpu.SMEM((2, t), jnp.int32) if segs else None,
                    plgpu.SMEM((stages, t), jnp.int32) if segs else None,
-                   dq_stage if with_dq else None)
+                   dq_stage if with_dq and not dq_atomic else None)
         barriers = (plgpu.Barrier(num_arrivals=2 + (2 if rotate else 0), num_barriers=stages),
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),

@@ -133,6 +133,23 @@ def test_flash_attention_fuses_the_mosaic_backward_from_a_length_on(monkeypatch,
     assert ("output_operand_alias" in text) == fused
 
 
+@pytest.mark.parametrize("kwargs,atomic", [((), False), ((("dq_atomic", True), ("dq_lag", True)), True)])
+def test_flash_attention_passes_fused_backward_settings_to_the_kernel(monkeypatch, kwargs, atomic):
+    """Tuning.mosaic_fused_bwd_kwargs reaches the fused kernel: with dq_atomic its dQ is added by
+    `red` atomics from registers, otherwise by a TMA reduce-add (lowered for CUDA on the CPU)."""
+    from unsloth_jax import compat
+    monkeypatch.setattr(compat, "is_sm90", lambda: True)
+    q, k, v, inv_freq = _inputs(1, 256, 4, 2, seed=3)
+    tuning = attn.Tuning(mosaic_fused_bwd=True, mosaic_fused_bwd_kwargs=kwargs)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, tuning=tuning), q, k, v)
+        return vjp(jnp.ones_like(out))
+
+    text = jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("red.relaxed" in text, "cp.reduce" in text) == (atomic, not atomic)
+
+
 @pytest.mark.parametrize("B,T,Hq,Hkv,segments,tuning", [
     (1, 128, 4, 2, False, dict(mosaic_fwd_key_block=64)), (1, 100, 2, 1, True, dict(rope_in_kernel=True)),
     (1, 100, 2, 1, True, {}), (1, 100, 2, 1, True, dict(rope_grad_in_kernel=True))])

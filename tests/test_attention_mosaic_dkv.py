@@ -62,13 +62,15 @@ def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, 
         assert rel_err(got, want) < 2e-2, rel_err(got, want)
 
 
-@pytest.mark.parametrize("p_regs,segments,ds_under_dv,static_consumers,dq_lag,dq_behind_dk", [
-    (None, False, None, True, False, False), (False, False, None, True, False, False),
-    (None, True, None, True, False, False), (None, True, False, True, False, False),
-    (None, False, False, True, False, False), (None, True, None, False, False, False),
-    (None, False, None, True, True, False), (None, True, None, True, True, True),
-    (None, False, None, True, False, True), (False, True, None, True, True, False)])
-def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, static_consumers, dq_lag, dq_behind_dk):
+@pytest.mark.parametrize("p_regs,segments,ds_under_dv,static_consumers,dq_lag,dq_behind_dk,dq_atomic", [
+    (None, False, None, True, False, False, False), (False, False, None, True, False, False, False),
+    (None, True, None, True, False, False, False), (None, True, False, True, False, False, False),
+    (None, False, False, True, False, False, False), (None, True, None, False, False, False, False),
+    (None, False, None, True, True, False, False), (None, True, None, True, True, True, False),
+    (None, False, None, True, False, True, False), (False, True, None, True, True, False, False),
+    (None, False, None, True, False, False, True), (None, True, None, True, True, True, True)])
+def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, static_consumers, dq_lag, dq_behind_dk,
+                                            dq_atomic):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
     accumulator), inside a remat'ed scan as in the model."""
     import jax.numpy as jnp
@@ -79,7 +81,7 @@ def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, stati
         def layer(c, _):
             dk, dv, dq = M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs, with_dq=True,
                                       ds_under_dv=ds_under_dv, static_consumers=static_consumers,
-                                      dq_lag=dq_lag, dq_behind_dk=dq_behind_dk)
+                                      dq_lag=dq_lag, dq_behind_dk=dq_behind_dk, dq_atomic=dq_atomic)
             return c + dq.astype(jnp.float32).sum() + dk.astype(jnp.float32).sum(), None
         return jax.lax.scan(jax.checkpoint(layer), 0.0, None, length=2)[0]
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
