@@ -133,15 +133,18 @@ def check_correctness(only=None):
         # one dk/dv consumer code for both warpgroups (Tuning(mosaic_dkv_static_consumers=False))
         ("mosaic_consumers_by_index_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_dkv_static_consumers=False))),
+        # dk/dv variants (session 19): the lse / delta rows loaded first
+        ("mosaic_packed_rows_early_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
+         dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dkv_kwargs=(("rows_early", True),)))),
         # fused backward variants (session 19): dQ a step late, behind dK, added from registers
         ("mosaic_fused_dq_lag_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
-         dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True, mosaic_fused_bwd_kwargs=(("dq_lag", True),)))),
+         dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("dq_lag", True),)))),
         ("mosaic_packed_fused_dq_behind_dk_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True,
-              tuning=Tuning(mosaic_fused_bwd=True, mosaic_fused_bwd_kwargs=(("dq_behind_dk", True),)))),
+              tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("dq_behind_dk", True),)))),
         ("mosaic_packed_fused_dq_atomic_lag_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True,
-              tuning=Tuning(mosaic_fused_bwd=True, mosaic_fused_bwd_kwargs=(("dq_atomic", True), ("dq_lag", True))))),
+              tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("dq_atomic", True), ("dq_lag", True))))),
         ("mosaic_packed_dq_static_consumers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dq_static_consumers=True))),
     ]
@@ -304,9 +307,12 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_consumers_by_index(q, k, v):  # one dk/dv consumer code for both (before session 18)
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv_static_consumers=False))
 
-    def ours_fused_with(**kw):  # the fused backward with launch settings not yet default (dq_lag, ...)
-        tuning = Tuning(mosaic_fused_bwd=True, mosaic_fused_bwd_kwargs=tuple(kw.items()))
+    def ours_dkv_with(fused=None, **kw):  # the dk/dv kernel with launch settings not yet default (rows_early, ...)
+        tuning = Tuning(mosaic_fused_bwd=fused, mosaic_dkv_kwargs=tuple(kw.items()))
         return lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuning)
+
+    def ours_fused_with(**kw):  # the fused backward with such settings (dq_lag, ...)
+        return ours_dkv_with(fused=True, **kw)
 
     def ours_triton_dkv(q, k, v):  # the Mosaic forward and dq, the Triton dk/dv
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv=False))
@@ -364,6 +370,8 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, separate bwd": (ours_separate_bwd, (q, k, v)),
         "ours, dk/dv consumers by index": (ours_consumers_by_index, (q, k, v)),
         "ours, dq static consumers": (ours_dq_static_consumers, (q, k, v)),
+        "ours, dk/dv rows early": (ours_dkv_with(rows_early=True), (q, k, v)),
+        "ours, fused bwd, rows early": (ours_fused_with(rows_early=True), (q, k, v)),
         "ours, fused bwd, dq lag": (ours_fused_with(dq_lag=True), (q, k, v)),
         "ours, fused bwd, dq behind dk": (ours_fused_with(dq_behind_dk=True), (q, k, v)),
         "ours, fused bwd, dq atomic": (ours_fused_with(dq_atomic=True), (q, k, v)),

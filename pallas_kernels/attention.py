@@ -190,9 +190,10 @@ class Tuning:
     # The same for the Mosaic dq kernel (its Q / dO buffers by consumer index). On the H200
     # (session 19) 1.03x / 1.00x / 0.96x at 2k / 8k / 32k: off.
     mosaic_dq_static_consumers: bool = False
-    # Extra launch settings of the fused Mosaic backward (attention_mosaic_dkv.mosaic_dkv keywords
-    # as (name, value) pairs, e.g. (("dq_lag", True),)), for A/B runs of variants not yet default.
-    mosaic_fused_bwd_kwargs: tuple = ()
+    # Extra launch settings of the Mosaic dk/dv kernel, separate or fused (attention_mosaic_dkv.
+    # mosaic_dkv keywords as (name, value) pairs, e.g. (("rows_early", True),); the fused-only ones
+    # such as dq_lag fail where the backward is not fused), for A/B runs of variants not yet default.
+    mosaic_dkv_kwargs: tuple = ()
     # The Mosaic forward as a persistent kernel (one CTA per SM looping over query tiles, the next
     # tile's K/V and Q loaded under the last one's epilogue; attention_mosaic.QTiles) where it runs
     # without RoPE tables. The forward kernel alone on the H200: 1.07x at 2k, 1.01x at 8k (same
@@ -806,7 +807,7 @@ def _flash_bwd(cfg, res, dout):
         dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
                                                      longest_first=cfg.tuning.mosaic_longest_first, with_dq=True,
                                                      static_consumers=cfg.tuning.mosaic_dkv_static_consumers,
-                                                     **dict(cfg.tuning.mosaic_fused_bwd_kwargs))
+                                                     **dict(cfg.tuning.mosaic_dkv_kwargs))
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,
@@ -817,7 +818,8 @@ def _flash_bwd(cfg, res, dout):
     if cfg.mosaic_dkv:
         dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
                                                  longest_first=cfg.tuning.mosaic_longest_first,
-                                                 static_consumers=cfg.tuning.mosaic_dkv_static_consumers, **un_rotate)
+                                                 static_consumers=cfg.tuning.mosaic_dkv_static_consumers,
+                                                 **dict(cfg.tuning.mosaic_dkv_kwargs), **un_rotate)
     else:
         dk, dv = _backward_dkv(cfg, *triton)
     return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)

@@ -59,7 +59,8 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
-               ds_under_dv=None, static_consumers=True, dq_lag=False, dq_behind_dk=False, dq_atomic=False, pre_rotated=False,
+               ds_under_dv=None, static_consumers=True, rows_early=False, dq_lag=False, dq_behind_dk=False, dq_atomic=False,
+               pre_rotated=False,
                interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
@@ -95,6 +96,11 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     kernel spilled: ~16% of its warps' stall samples were R2URs waiting on those reloads (ncu, 8k).
     On the H200, kernels alone (2026-12-04, RESULTS.md session 18): dk/dv 1.016x / 1.029x / 1.007x
     at 2k / 8k / 32k, fused 1.09x / 1.11x / 1.09x (its 32k backward 47.2 -> 42.1 ms).
+
+    rows_early (p_regs): each step loads its lse and delta rows from shared memory before issuing
+    S^T, instead of right after the wgmma whose result they meet (the first use then waited for the
+    load: ~9% of the fused kernel's consumer stall samples at 8k were FFMA / FADD on those loads,
+    session 19); costs their registers across the S^T wgmmas.
 
     dq_lag (with_dq): each step's dQ is computed one step later, after the next step's dS^T is
     written, so the consumers meet on a dS^T tile a step after it was written (one barrier per
@@ -146,8 +152,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     def col_vec(ref):
         return vec(ref, 1)
 
-    def probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t=None):
-        """P^T [keys, queries] of one 64x64 tile, float32. seg_t: (key ids [t] value, query ids ref)."""
+    def probs_t(my_k, q_parts, lse_of, k0, q0, masked, seg_t=None):
+        """P^T [keys, queries] of one 64x64 tile, float32. lse_of(): the lse row (a value along the
+        columns); seg_t: (key ids [t] value, query ids ref)."""
         if interp:  # no transposed wgmma operand in the interpreter
             s_t = sum(lax.dot_general(my_k.at[p][...], q_parts.at[p][...], (((1,), (1,)), ((), ())),
                                       preferred_element_type=jnp.float32) for p in range(2))
@@ -166,14 +173,14 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             same = (lax.broadcast_in_dim(key_ids, (t, t), [0])
                     == lax.broadcast_in_dim(col_vec(q_ids), (t, t), [1]))
             s_t = jnp.where(same, s_t, -jnp.inf)
-        return jnp.exp2(s_t - lax.broadcast_in_dim(col_vec(lse_t), (t, t), [1]))
+        return jnp.exp2(s_t - lax.broadcast_in_dim(lse_of(), (t, t), [1]))
 
     def tile_math(accs, my_k, my_v, my_p, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None):
         """One 64x64 (keys x queries) tile: dV += P^T dO, dK_rot (halves) += dS^T Q_rot, with P^T
         and dS^T through shared memory. Returns after every wgmma reading q_parts / do_t / my_p
         completed."""
         dv_acc, dk_accs = accs
-        p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t)
+        p_t = probs_t(my_k, q_parts, lambda: col_vec(lse_t), k0, q0, masked, seg_t)
         my_p[...] = p_t.astype(my_p.dtype)
         plgpu.commit_smem()  # generic-proxy writes of P^T -> visible to wgmma
         plgpu.wgmma(dv_acc, my_p, do_t)
@@ -209,7 +216,11 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 after_ds()
 
         dv, dk0, dk1 = accs
-        p_t = probs_t(my_k, q_parts, lse_t, k0, q0, masked, seg_t)
+        lse_of, delta_of = (lambda: col_vec(lse_t)), (lambda: col_vec(delta_t))
+        if rows_early:
+            lse_v, delta_v = lse_of(), delta_of()
+            lse_of, delta_of = (lambda: lse_v), (lambda: delta_v)
+        p_t = probs_t(my_k, q_parts, lse_of, k0, q0, masked, seg_t)
         zeros = plgpu.layout_cast(jnp.zeros((t, t), jnp.float32), plgpu.Layout.WGMMA)
         if ds_under_dv:  # one run_state: dV stays in flight while dS^T is computed
             def step(refs):
@@ -217,7 +228,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.wgmma(dp_ref, my_v, plgpu.transpose_ref(do_t, (1, 0)))
                 plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
                 dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dP^T done, dV may run on
-                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1]))).astype(q.dtype)
+                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta_of(), (t, t), [1]))).astype(q.dtype)
                 for p in range(2):
                     plgpu.wgmma(dk_refs[p], ds_t, q_parts.at[p])
                 store_ds(ds_t)
@@ -230,7 +241,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
             plgpu.wgmma(dp_ref, my_v, plgpu.transpose_ref(do_t, (1, 0)))
         dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-        ds_t = (p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1]))).astype(q.dtype)
+        ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta_of(), (t, t), [1]))).astype(q.dtype)
 
         def dk(refs):
             for p in range(2):

@@ -135,12 +135,12 @@ def test_flash_attention_fuses_the_mosaic_backward_from_a_length_on(monkeypatch,
 
 @pytest.mark.parametrize("kwargs,atomic", [((), False), ((("dq_atomic", True), ("dq_lag", True)), True)])
 def test_flash_attention_passes_fused_backward_settings_to_the_kernel(monkeypatch, kwargs, atomic):
-    """Tuning.mosaic_fused_bwd_kwargs reaches the fused kernel: with dq_atomic its dQ is added by
+    """Tuning.mosaic_dkv_kwargs reaches the fused kernel: with dq_atomic its dQ is added by
     `red` atomics from registers, otherwise by a TMA reduce-add (lowered for CUDA on the CPU)."""
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     q, k, v, inv_freq = _inputs(1, 256, 4, 2, seed=3)
-    tuning = attn.Tuning(mosaic_fused_bwd=True, mosaic_fused_bwd_kwargs=kwargs)
+    tuning = attn.Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=kwargs)
 
     def fwd_bwd(q, k, v):
         out, vjp = jax.vjp(lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, tuning=tuning), q, k, v)

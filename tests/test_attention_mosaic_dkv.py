@@ -27,19 +27,21 @@ def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, se
     assert rel_err(dk, dk_ref) < 2e-2, rel_err(dk, dk_ref)
 
 
-@pytest.mark.parametrize("rope,p_regs,segments,ds_under_dv,pre_rotated,static_consumers", [
-    (True, None, False, None, False, True), (False, None, False, None, False, True),  # compiled default: P^T in registers
-    (True, False, False, False, False, True), (False, False, False, False, False, True),  # P^T through shared memory
-    (True, None, True, None, False, True), (True, False, True, False, False, True),
-    (False, None, False, False, False, True), (False, None, True, None, False, True),  # dS^T after dV (or under it)
-    (True, None, False, None, True, True), (True, None, True, None, True, True),  # tables to un-rotate dK only
-    (False, None, True, None, False, False)])  # one consumer code for both, the buffers by warpgroup index
-def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, ds_under_dv, pre_rotated, static_consumers):
+@pytest.mark.parametrize("rope,p_regs,segments,ds_under_dv,pre_rotated,static_consumers,rows_early", [
+    (True, None, False, None, False, True, False), (False, None, False, None, False, True, False),  # compiled default: P^T in registers
+    (True, False, False, False, False, True, False), (False, False, False, False, False, True, False),  # P^T through shared memory
+    (True, None, True, None, False, True, False), (True, False, True, False, False, True, False),
+    (False, None, False, False, False, True, False), (False, None, True, None, False, True, False),  # dS^T after dV (or under it)
+    (True, None, False, None, True, True, False), (True, None, True, None, True, True, False),  # tables to un-rotate dK only
+    (False, None, True, None, False, False, False),  # one consumer code for both, the buffers by warpgroup index
+    (False, None, True, None, False, True, True), (False, None, False, False, False, True, True)])  # lse / delta rows first
+def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, ds_under_dv, pre_rotated, static_consumers, rows_early):
     """The compiled paths (wgmma with transposed and register operands, WGMMA layouts) through
     Mosaic GPU's layout inference, for CUDA on the CPU."""
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
     f = lambda *a: M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs,  # noqa: E731
-                                ds_under_dv=ds_under_dv, pre_rotated=pre_rotated, static_consumers=static_consumers)
+                                ds_under_dv=ds_under_dv, pre_rotated=pre_rotated, static_consumers=static_consumers,
+                                rows_early=rows_early)
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
