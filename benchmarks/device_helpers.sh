@@ -1,4 +1,8 @@
-# Shell helpers the run_session*.sh device scripts source (they set OUT and PYTHONPATH first).
+# What the run_session*.sh device scripts share (they source it first): the environment, OUT (default
+# /tmp/<script name>), and the helpers ab and fused_profile.
+set -u
+export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
+OUT=${OUT:-/tmp/$(basename "$0" .sh)}; mkdir -p "$OUT"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 ab() {  # name, seconds, bench_mosaic_bwd.py flags...: the timing lines, checks and ptxas spills
   local name=$1 limit=$2; shift 2

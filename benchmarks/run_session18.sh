@@ -13,10 +13,7 @@
 #                                            # later its bench impls became "ours, dk/dv consumers by index")
 #   bash benchmarks/run_session18.sh final   # the defaults (static consumers, fused from 16k) vs cuDNN, 2k-32k
 #   bash benchmarks/run_session18.sh next    # (not run) dq with static consumers; the fused kernel's stalls again
-set -u
-export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
-OUT=${OUT:-/tmp/s18}; mkdir -p "$OUT"
-. "$(dirname "$0")/device_helpers.sh"  # ab, fused_profile
+. "$(dirname "$0")/device_helpers.sh"  # environment, OUT; ab, fused_profile
 case ${1:-stalls} in
   fused)
     ab fused 240 --kernel bwd --no-rope --kwargs '[{"fused": false}, {"fused": true}, {"fused": true, "dq_before_dk": true}]'

@@ -13,10 +13,7 @@
 #                                             # rows loaded before S^T) against without, kernels alone
 #   bash benchmarks/run_session19.sh e2e      # GPU checks, then fwd+bwd at 8k / 16k / 32k against cuDNN
 #   bash benchmarks/run_session19.sh profile  # ncu PC sampling of the fused backward at 8k (device_helpers.sh)
-set -u
-export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
-OUT=${OUT:-/tmp/s19}; mkdir -p "$OUT"
-. "$(dirname "$0")/device_helpers.sh"  # ab, fused_profile
+. "$(dirname "$0")/device_helpers.sh"  # environment, OUT; ab, fused_profile
 case ${1:-kernels} in
   kernels)
     ab diagonal 300 --kernel bwd --no-rope --kwargs '[{"fused": false, "own_diagonal": false}, {"fused": false}, {"fused": true, "own_diagonal": false}, {"fused": true}]'
