@@ -136,6 +136,10 @@ def check_correctness(only=None):
         # dk/dv variants (session 19): the lse / delta rows loaded first
         ("mosaic_packed_rows_early_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dkv_kwargs=(("rows_early", True),)))),
+        ("mosaic_static_slots_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, tuning=Tuning(mosaic_dkv_kwargs=(("static_slots", True),)))),
+        ("mosaic_fused_static_slots_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("static_slots", True),)))),
         # fused backward variants (session 19): dQ a step late, behind dK, added from registers
         ("mosaic_fused_dq_lag_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("dq_lag", True),)))),
@@ -372,6 +376,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, dq static consumers": (ours_dq_static_consumers, (q, k, v)),
         "ours, dk/dv rows early": (ours_dkv_with(rows_early=True), (q, k, v)),
         "ours, fused bwd, rows early": (ours_fused_with(rows_early=True), (q, k, v)),
+        "ours, dk/dv static slots": (ours_dkv_with(static_slots=True), (q, k, v)),
         "ours, fused bwd, dq lag": (ours_fused_with(dq_lag=True), (q, k, v)),
         "ours, fused bwd, dq behind dk": (ours_fused_with(dq_behind_dk=True), (q, k, v)),
         "ours, fused bwd, dq atomic": (ours_fused_with(dq_atomic=True), (q, k, v)),

@@ -59,9 +59,8 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
-               ds_under_dv=None, static_consumers=True, rows_early=False, dq_lag=False, dq_behind_dk=False, dq_atomic=False,
-               pre_rotated=False,
-               interpret=None):
+               ds_under_dv=None, static_consumers=True, rows_early=False, dq_lag=False, dq_behind_dk=False,
+               dq_atomic=False, static_slots=False, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -98,18 +97,26 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     at 2k / 8k / 32k, fused 1.09x / 1.11x / 1.09x (its 32k backward 47.2 -> 42.1 ms).
 
     rows_early (p_regs): each step loads its lse and delta rows from shared memory before issuing
-    S^T, instead of right after the wgmma whose result they meet (the first use then waited for the
-    load: ~9% of the fused kernel's consumer stall samples at 8k were FFMA / FADD on those loads,
-    session 19); costs their registers across the S^T wgmmas.
+    S^T, instead of right after the wgmma whose result they meet (in the fused kernel at 8k ~13% of
+    a consumer's stall samples waited on those loads or on the lane index their addresses need,
+    session 19); costs their registers across the S^T wgmmas. Not timed yet.
 
     dq_lag (with_dq): each step's dQ is computed one step later, after the next step's dS^T is
     written, so the consumers meet on a dS^T tile a step after it was written (one barrier per
     buffer, stages + 1 buffers) instead of every step right after writing it; they need not run in
     step. dq_behind_dk (with_dq, p_regs): the dQ wgmmas are issued right behind the step's dK ones
     (inside their run_state, one wait for both) instead of after the dK / dV wgmmas completed.
-    dq_atomic (with_dq, compiled only): each consumer adds its dQ tile into the accumulator straight from its
-    registers (fp32 `red.global.add`, 32 a thread per step) instead of staging it in shared memory
-    for a TMA reduce-add (no staging tile, fence, warpgroup barrier or wait for the last copy's read).
+    dq_atomic (with_dq, compiled only): each consumer adds its dQ tile into the accumulator straight
+    from its registers (fp32 `red.global.add`, 32 a thread per step) instead of staging it in
+    shared memory for a TMA reduce-add (no staging tile, fence, warpgroup barrier or wait for the
+    last copy's read). None of the three timed yet (attention_NOTES.md session 19).
+
+    static_slots (applies where stages = 2 and there are no segment ids): the step loop runs two
+    steps at a time, so each step's slot (and dS^T buffer, unless dq_lag) is a constant to the
+    compiler and the wgmma descriptors of the Q / dO slots become immediates (the fused kernel at
+    8k still reloaded descriptors from spills: R2UR <- LDL.64 5.3% of its samples, session 19).
+    Relies on every head starting at an even step: per_head = T/64 - 2 kb is even without
+    segments. Not timed yet.
 
     pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query
@@ -141,6 +148,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     assert not (dq_lag or dq_behind_dk) or with_dq, "dq_lag / dq_behind_dk: with_dq"
     assert not dq_behind_dk or p_regs, "dq_behind_dk: p_regs"
     assert not dq_atomic or (with_dq and not interp), "dq_atomic: with_dq, compiled (the interpreter has no atomics)"
+    static_slots = static_slots and stages == 2 and seg is None  # every head starts at an even step
     # dS^T buffers per consumer (with_dq: the consumers read each other's), by step: two (the
     # other consumer may still read step j - 1's); dq_lag: a consumer may be `stages` steps
     # ahead of the other one's reads
@@ -318,11 +326,31 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                    seg_ref, segk.at[wg] if segs else None, table_bar=tbar.at[wg] if tbar is not None else None)
             key_ids = vec(segk.at[wg], 0) if segs else None
 
-            def ds_slot(j):  # with_dq: by step parity (the other consumer may still read step j - 1's)
-                return lax.rem(j, jnp.int32(ds_bufs))
+            def mod(j, n, parity):
+                """j % n; a constant to the compiler where j's parity is known (static_slots) and n
+                divides 2."""
+                if parity is not None and 2 % n == 0:
+                    return j * 0 + parity % n
+                return lax.rem(j, jnp.int32(n))
 
-            def p_buf(j):
-                return ps.at[ds_slot(j), wg]
+            def ds_slot(j, parity=None):  # with_dq: by step (the other consumer may still read step j - 1's)
+                return mod(j, ds_bufs, parity)
+
+            def p_buf(j, parity=None):
+                return ps.at[ds_slot(j, parity), wg]
+
+            def rest_of_head(j0, run, carry):
+                """run(carry, j, parity) over steps j0 + 2 .. j0 + per_head - 1 of a head; static_slots:
+                two at a time, their parities known (j0 and per_head are even)."""
+                if not static_slots:
+                    return lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: run(c, j, None), carry)
+
+                def pair(m, c):
+                    j = j0 + 2 + 2 * m
+                    return run(run(c, j, 0), j + 1, 1)
+                return lax.fori_loop(0, lax.div(per_head - 2, jnp.int32(2)), pair, carry)
+
+            first_parities = (0, 1) if static_slots else (None, None)  # of a head's first two steps
 
             def seg_of(slot):
                 return (key_ids, segq.at[slot]) if segs else None
@@ -356,20 +384,20 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 else:
                     plgpu.copy_smem_to_gmem(stage, dq_ref.at[b, rows, h, cols], reduction_op="add")
 
-            def dq_of(j):
+            def dq_of(j, parity=None):
                 """Tile j's dQ[:, my half of D] over both consumers' keys (their two dS^T tiles of
                 step j times K_rot's half), reduce-added."""
                 h, i = tile_of(j)
-                ds_tiles = ps.at[ds_slot(j)]
+                ds_tiles = ps.at[ds_slot(j, parity)]
                 add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)]), i, h)
 
-            def dq_tile(j):
+            def dq_tile(j, parity=None):
                 """The dQ work of step j, once my dS^T of tile j is written: meet the other consumer
                 and do tile j's dQ; dq_lag: publish my tile j and do tile j - 1's."""
                 if not dq_lag:  # writing step j's dS^T was safe: the other consumer arrived at step
                     plgpu.barrier_arrive(ds_ready)  # j - 1's meeting after reading step j - 2's tiles
                     plgpu.barrier_wait(ds_ready)
-                    return dq_of(j)
+                    return dq_of(j, parity)
                 plgpu.barrier_arrive(ds_ready.at[ds_slot(j)])
 
                 @pl.when(j > 0)
@@ -387,19 +415,19 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.barrier_arrive(meet)
                 plgpu.barrier_wait(meet)
 
-            def step(accs, j, masked):
-                slot = lax.rem(j, jnp.int32(stages))
+            def step(accs, j, masked, parity=None):
+                slot = mod(j, stages, parity)
                 _, i = tile_of(j)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
-                tile_math(accs, my_k, my_v, p_buf(j), qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
-                          k0, i * t, masked, seg_of(slot))
+                tile_math(accs, my_k, my_v, p_buf(j, parity), qh.at[slot], dos.at[slot], lses.at[slot],
+                          deltas.at[slot], k0, i * t, masked, seg_of(slot))
                 if with_dq:
-                    dq_tile(j)
+                    dq_tile(j, parity)
                 plgpu.barrier_arrive(consumed.at[slot])
 
-            def skip(j):  # a tile above this consumer's diagonal: keep the barriers' phases in step
-                slot = lax.rem(j, jnp.int32(stages))
+            def skip(j, parity=None):  # a tile above this consumer's diagonal: keep the barriers' phases in step
+                slot = mod(j, stages, parity)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
                 plgpu.barrier_arrive(consumed.at[slot])
@@ -407,41 +435,43 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             def loop(accs):
                 def head(g, _):
                     j0 = g * per_head
+                    p0, p1 = first_parities
                     if with_dq:  # both consumers take part in every dQ tile (the upper one's P = 0)
-                        step(accs, j0, masked=True)
-                        step(accs, j0 + 1, masked=True)
+                        step(accs, j0, masked=True, parity=p0)
+                        step(accs, j0 + 1, masked=True, parity=p1)
                     else:
                         @pl.when(wg == 0)
                         def _():
-                            step(accs, j0, masked=True)
-                            step(accs, j0 + 1, masked=False)
+                            step(accs, j0, masked=True, parity=p0)
+                            step(accs, j0 + 1, masked=False, parity=p1)
 
                         @pl.when(wg == 1)
                         def _():
-                            skip(j0)
-                            step(accs, j0 + 1, masked=True)
-                    lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: step(accs, j, masked=False), None)
+                            skip(j0, p0)
+                            step(accs, j0 + 1, masked=True, parity=p1)
+                    rest_of_head(j0, lambda c, j, parity: step(accs, j, masked=False, parity=parity), None)
                 lax.fori_loop(0, G, head, None)
 
-            def step_regs(accs, j, masked):
-                slot = lax.rem(j, jnp.int32(stages))
+            def step_regs(accs, j, masked, parity=None):
+                slot = mod(j, stages, parity)
                 _, i = tile_of(j)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
-                behind = functools.partial(dq_tile, j) if dq_behind_dk else None
+                behind = functools.partial(dq_tile, j, parity) if dq_behind_dk else None
                 accs = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
-                                      k0, i * t, masked, seg_of(slot), ds_out=p_buf(j) if with_dq else None,
+                                      k0, i * t, masked, seg_of(slot), ds_out=p_buf(j, parity) if with_dq else None,
                                       after_ds=behind)
                 if with_dq and not dq_behind_dk:
-                    dq_tile(j)
+                    dq_tile(j, parity)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return accs
 
             def head_regs(g, accs):  # no pl.when with values: both consumers run the first two
                 j0 = g * per_head    # tiles masked (the upper one's first is all masked: P = 0)
-                accs = step_regs(accs, j0, masked=True)
-                accs = step_regs(accs, j0 + 1, masked=True)
-                return lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: step_regs(c, j, masked=False), accs)
+                p0, p1 = first_parities
+                accs = step_regs(accs, j0, masked=True, parity=p0)
+                accs = step_regs(accs, j0 + 1, masked=True, parity=p1)
+                return rest_of_head(j0, lambda c, j, parity: step_regs(c, j, masked=False, parity=parity), accs)
 
             if p_regs:
                 wg_zeros = lambda n: plgpu.layout_cast(jnp.zeros((t, n), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
@@ -532,7 +562,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                     plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=k_loads, num_barriers=2),
-                    plgpu.Barrier(num_arrivals=2, num_barriers=ds_bufs if dq_lag else 1) if with_dq else None,  # both consumers' dS^T
+                    # both consumers' dS^T (dq_lag: one barrier per buffer)
+                    plgpu.Barrier(num_arrivals=2, num_barriers=ds_bufs if dq_lag else 1) if with_dq else None,
                     plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope and not rotate else None)  # keys' tables
         pl.run_scoped(lambda *scr: pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
                                         seg_ref, rng_ref, dk_ref, dv_ref, dq_ref, scr),

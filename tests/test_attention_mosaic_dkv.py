@@ -13,66 +13,71 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,static_consumers", [
-    (1, 128, 4, 2, True, False, True),     # producer + 2 consumers, 4 steps through 2 slots
-    (1, 256, 2, 1, True, True, True),      # packed documents (two key blocks)
-    (1, 256, 2, 1, True, True, False),     # one consumer code for both, the buffers by warpgroup index
+@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,static_consumers,static_slots", [
+    (1, 128, 4, 2, True, False, True, False),     # producer + 2 consumers, 4 steps through 2 slots
+    (1, 256, 2, 1, True, True, True, False),      # packed documents (two key blocks)
+    (1, 256, 2, 1, True, True, False, False),     # one consumer code for both, the buffers by warpgroup index
+    (1, 384, 4, 2, False, False, True, True),     # two steps at a time, their slots constants
 ])
-def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, static_consumers):
+def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, static_consumers,
+                                                         static_slots):
     args, seg, scale, (_, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
     dk, dv = M.mosaic_dkv(*args, seg=seg, scale=scale, static_consumers=static_consumers,
-                          interpret=_interpret_params())
+                          static_slots=static_slots, interpret=_interpret_params())
     assert dk.shape == dk_ref.shape and dk.dtype == args[1].dtype and dv.shape == dv_ref.shape
     assert rel_err(dv, dv_ref) < 2e-2, rel_err(dv, dv_ref)
     assert rel_err(dk, dk_ref) < 2e-2, rel_err(dk, dk_ref)
 
 
-@pytest.mark.parametrize("rope,p_regs,segments,ds_under_dv,pre_rotated,static_consumers,rows_early", [
-    (True, None, False, None, False, True, False), (False, None, False, None, False, True, False),  # compiled default: P^T in registers
-    (True, False, False, False, False, True, False), (False, False, False, False, False, True, False),  # P^T through shared memory
-    (True, None, True, None, False, True, False), (True, False, True, False, False, True, False),
-    (False, None, False, False, False, True, False), (False, None, True, None, False, True, False),  # dS^T after dV (or under it)
-    (True, None, False, None, True, True, False), (True, None, True, None, True, True, False),  # tables to un-rotate dK only
-    (False, None, True, None, False, False, False),  # one consumer code for both, the buffers by warpgroup index
-    (False, None, True, None, False, True, True), (False, None, False, False, False, True, True)])  # lse / delta rows first
-def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, ds_under_dv, pre_rotated, static_consumers, rows_early):
+@pytest.mark.parametrize("rope,p_regs,segments,settings", [
+    (True, None, False, {}), (False, None, False, {}),  # compiled default: P^T in registers
+    (True, False, False, dict(ds_under_dv=False)), (False, False, False, dict(ds_under_dv=False)),  # P^T through shared memory
+    (True, None, True, {}), (True, False, True, dict(ds_under_dv=False)),
+    (False, None, False, dict(ds_under_dv=False)), (False, None, True, {}),  # dS^T after dV (or under it)
+    (True, None, False, dict(pre_rotated=True)), (True, None, True, dict(pre_rotated=True)),  # tables to un-rotate dK only
+    (False, None, True, dict(static_consumers=False)),  # one consumer code for both, the buffers by warpgroup index
+    (False, None, True, dict(rows_early=True)), (False, None, False, dict(ds_under_dv=False, rows_early=True)),  # lse / delta first
+    (False, None, False, dict(static_slots=True)), (True, None, False, dict(static_slots=True, rows_early=True)),  # slots constants
+])
+def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, settings):
     """The compiled paths (wgmma with transposed and register operands, WGMMA layouts) through
-    Mosaic GPU's layout inference, for CUDA on the CPU."""
+    Mosaic GPU's layout inference, for CUDA on the CPU; settings: mosaic_dkv's other keywords."""
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=rope, segments=segments, seed=1)
-    f = lambda *a: M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs,  # noqa: E731
-                                ds_under_dv=ds_under_dv, pre_rotated=pre_rotated, static_consumers=static_consumers,
-                                rows_early=rows_early)
+    f = lambda *a: M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs, **settings)  # noqa: E731
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments,static_consumers,dq_lag", [
-    (1, 256, 4, 2, False, True, False),   # two key blocks adding into the same query tiles, GQA 2
-    (1, 256, 2, 1, True, True, False),    # packed documents (key blocks stop at their last shared segment)
-    (1, 256, 4, 2, False, False, False),  # one consumer code for both, the buffers by warpgroup index
-    (2, 384, 4, 2, False, True, True),    # each tile's dQ a step late (3 dS^T buffers, a barrier each)
-    (1, 256, 2, 1, True, True, True),
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,static_consumers,dq_lag,static_slots", [
+    (1, 256, 4, 2, False, True, False, False),   # two key blocks adding into the same query tiles, GQA 2
+    (1, 256, 2, 1, True, True, False, False),    # packed documents (key blocks stop at their last shared segment)
+    (1, 256, 4, 2, False, False, False, False),  # one consumer code for both, the buffers by warpgroup index
+    (2, 384, 4, 2, False, True, True, False),    # each tile's dQ a step late (3 dS^T buffers, a barrier each)
+    (1, 256, 2, 1, True, True, True, False),
+    (1, 384, 4, 2, False, True, False, True),    # two steps at a time, slots and dS^T buffers constants
 ])
-def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, static_consumers, dq_lag):
+def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, static_consumers, dq_lag,
+                                                                 static_slots):
     """The fused backward: dq from the dk/dv kernel's dS^T tiles (in the interpreter each key block
     stores its dQ partial, summed by XLA, where the GPU reduce-adds), dk/dv unchanged by it."""
     args, seg, scale, (dq_ref, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=False, segments=segments,
                                                                seed=T + Hq + 7)
     dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, static_consumers=static_consumers,
-                              dq_lag=dq_lag, interpret=_interpret_params())
+                              dq_lag=dq_lag, static_slots=static_slots, interpret=_interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
     for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         assert rel_err(got, want) < 2e-2, rel_err(got, want)
 
 
-@pytest.mark.parametrize("p_regs,segments,ds_under_dv,static_consumers,dq_lag,dq_behind_dk,dq_atomic", [
-    (None, False, None, True, False, False, False), (False, False, None, True, False, False, False),
-    (None, True, None, True, False, False, False), (None, True, False, True, False, False, False),
-    (None, False, False, True, False, False, False), (None, True, None, False, False, False, False),
-    (None, False, None, True, True, False, False), (None, True, None, True, True, True, False),
-    (None, False, None, True, False, True, False), (False, True, None, True, True, False, False),
-    (None, False, None, True, False, False, True), (None, True, None, True, True, True, True)])
-def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, static_consumers, dq_lag, dq_behind_dk,
-                                            dq_atomic):
+@pytest.mark.parametrize("p_regs,segments,settings", [
+    (None, False, {}), (False, False, {}), (None, True, {}), (None, True, dict(ds_under_dv=False)),
+    (None, False, dict(ds_under_dv=False)), (None, True, dict(static_consumers=False)),
+    (None, False, dict(dq_lag=True)), (None, True, dict(dq_lag=True, dq_behind_dk=True)),  # dQ a step late / behind dK
+    (None, False, dict(dq_behind_dk=True)), (False, True, dict(dq_lag=True)),
+    (None, False, dict(dq_atomic=True)), (None, True, dict(dq_lag=True, dq_behind_dk=True, dq_atomic=True)),  # red atomics
+    (None, False, dict(static_slots=True)), (None, False, dict(static_slots=True, dq_behind_dk=True, rows_early=True)),
+    (None, False, dict(static_slots=True, dq_lag=True, dq_atomic=True)),
+])
+def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, settings):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
     accumulator), inside a remat'ed scan as in the model."""
     import jax.numpy as jnp
@@ -81,9 +86,7 @@ def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, ds_under_dv, stati
 
     def f(*a):
         def layer(c, _):
-            dk, dv, dq = M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs, with_dq=True,
-                                      ds_under_dv=ds_under_dv, static_consumers=static_consumers,
-                                      dq_lag=dq_lag, dq_behind_dk=dq_behind_dk, dq_atomic=dq_atomic)
+            dk, dv, dq = M.mosaic_dkv(*a, seg=seg, scale=scale, p_regs=p_regs, with_dq=True, **settings)
             return c + dq.astype(jnp.float32).sum() + dk.astype(jnp.float32).sum(), None
         return jax.lax.scan(jax.checkpoint(layer), 0.0, None, length=2)[0]
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
