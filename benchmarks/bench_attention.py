@@ -149,6 +149,9 @@ def check_correctness(only=None):
         ("mosaic_packed_fused_dq_atomic_lag_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True,
               tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("dq_atomic", True), ("dq_lag", True))))),
+        ("mosaic_packed_fused_no_auto_barriers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
+         dict(rope=True, segments=True, positions=True,
+              tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("no_auto_barriers", True),)))),
         ("mosaic_packed_dq_static_consumers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dq_static_consumers=True))),
     ]
@@ -380,6 +383,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, fused bwd, dq lag": (ours_fused_with(dq_lag=True), (q, k, v)),
         "ours, fused bwd, dq behind dk": (ours_fused_with(dq_behind_dk=True), (q, k, v)),
         "ours, fused bwd, dq atomic": (ours_fused_with(dq_atomic=True), (q, k, v)),
+        "ours, fused bwd, no auto barriers": (ours_fused_with(no_auto_barriers=True), (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

@@ -11,7 +11,8 @@
 #                                             # red.global.add, no staging tile); kernels alone, GPU checks, ptxas spills
 #   bash benchmarks/run_session19.sh rows     # (not run yet) the dk/dv and fused kernels with rows_early (lse / delta
 #                                             # rows loaded before S^T) or static_slots (two steps a loop iteration, slot
-#                                             # descriptors constants) against without, kernels alone
+#                                             # descriptors constants), the fused one without Pallas' auto barriers around
+#                                             # its shared-memory stores, against without, kernels alone
 #   bash benchmarks/run_session19.sh e2e      # GPU checks, then fwd+bwd at 8k / 16k / 32k against cuDNN
 #   bash benchmarks/run_session19.sh profile  # ncu PC sampling of the fused backward at 8k (device_helpers.sh)
 . "$(dirname "$0")/device_helpers.sh"  # environment, OUT; ab, fused_profile
@@ -20,12 +21,12 @@ case ${1:-kernels} in
     ab diagonal 300 --kernel bwd --no-rope --kwargs '[{"fused": false, "own_diagonal": false}, {"fused": false}, {"fused": true, "own_diagonal": false}, {"fused": true}]'
     ab dq_static 200 --kernel dq --no-rope --kwargs '[{}, {"static_consumers": true}]' ;;
   rows)  # (not run in session 19: no machine lent after call 2)
-    ab rows 420 --kernel bwd --no-rope --kwargs '[{"fused": false}, {"fused": false, "rows_early": true}, {"fused": false, "static_slots": true}, {"fused": true}, {"fused": true, "rows_early": true}, {"fused": true, "static_slots": true}]' ;;
+    ab rows 480 --kernel bwd --no-rope --kwargs '[{"fused": false}, {"fused": false, "rows_early": true}, {"fused": false, "static_slots": true}, {"fused": true}, {"fused": true, "rows_early": true}, {"fused": true, "static_slots": true}, {"fused": true, "no_auto_barriers": true}]' ;;
   lag)  # (not run in session 19)
     ab lag 450 --kernel bwd --no-rope --kwargs '[{"fused": true}, {"fused": true, "dq_lag": true}, {"fused": true, "dq_behind_dk": true}, {"fused": true, "dq_lag": true, "dq_behind_dk": true}, {"fused": true, "dq_atomic": true}, {"fused": true, "dq_atomic": true, "dq_lag": true}, {"fused": true, "dq_atomic": true, "stages": 3}]' ;;
   e2e)
-    timeout 480 python3 benchmarks/bench_attention.py --timing-only --checks mosaic_causal,fused,rows_early,static_slots \
-      --seqs 8192,16384,32768 --impls "ours;ours, separate bwd;ours, dk/dv rows early;ours, dk/dv static slots;ours, fused bwd;ours, fused bwd, rows early;ours, fused bwd, dq lag;ours, fused bwd, dq behind dk;ours, fused bwd, dq atomic;cudnn + XLA RoPE" \
+    timeout 480 python3 benchmarks/bench_attention.py --timing-only --checks mosaic_causal,fused,rows_early,static_slots,auto_barriers \
+      --seqs 8192,16384,32768 --impls "ours;ours, separate bwd;ours, dk/dv rows early;ours, dk/dv static slots;ours, fused bwd;ours, fused bwd, rows early;ours, fused bwd, dq lag;ours, fused bwd, dq behind dk;ours, fused bwd, dq atomic;ours, fused bwd, no auto barriers;cudnn + XLA RoPE" \
       > "$OUT/e2e.log" 2>&1
     echo "== e2e rc=$?"; grep -E "FAIL|PASS|correctness|Error" "$OUT/e2e.log" | head -20; grep -A24 summary "$OUT/e2e.log" ;;
   profile) fused_profile ;;

@@ -60,7 +60,7 @@ TILE = 64      # key rows per consumer and query rows per step
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
                ds_under_dv=None, static_consumers=True, rows_early=False, dq_lag=False, dq_behind_dk=False,
-               dq_atomic=False, static_slots=False, pre_rotated=False, interpret=None):
+               dq_atomic=False, static_slots=False, no_auto_barriers=False, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -117,6 +117,16 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     8k still reloaded descriptors from spills: R2UR <- LDL.64 5.3% of its samples, session 19).
     Relies on every head starting at an even step: per_head = T/64 - 2 kb is even without
     segments. Not timed yet.
+
+    no_auto_barriers (applies without in-kernel rotation): Pallas' warpgroup barriers before and
+    after every shared-memory store (CompilerParams.unsafe_no_auto_barriers) left out. The fused
+    kernel stores two tiles a step (dS^T for dQ, the fp32 dQ staging tile): 7 warpgroup barriers a
+    step with them, 3 without (the stores' commits and the wait for the last reduce-add's read
+    keep theirs); ~6% of a consumer's stall samples sat on those stores (session 19). Safe here
+    because no thread reads shared memory another thread wrote except through wgmma / TMA after a
+    commit, and every overwrite of a buffer an async read used waits for it first (wgmma waits,
+    the meetings, wait_smem_to_gmem's own barrier); the in-kernel rotation reads and rewrites
+    tiles, so it keeps them. Not timed yet.
 
     pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query
@@ -574,7 +584,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     extra = ((cos, sin) if rope else ()) + ((seg, segment_ranges(seg)[1] if ranges is None else ranges) if segs else ())
     launch = functools.partial(
         launch_kernel, entry, grid=grid, grid_names=grid_names, num_threads=3,
-        thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
+        thread_name="wg", interpret=interpret,
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=no_auto_barriers and not rotate))
     if not with_dq:
         return launch(out_type)(q, k, v, do, lse, delta, *extra)
     if interp:  # per key block partials in a zeroed output (the interpreter has no reduce-add)

@@ -38,6 +38,7 @@ def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, se
     (False, None, True, dict(static_consumers=False)),  # one consumer code for both, the buffers by warpgroup index
     (False, None, True, dict(rows_early=True)), (False, None, False, dict(ds_under_dv=False, rows_early=True)),  # lse / delta first
     (False, None, False, dict(static_slots=True)), (True, None, False, dict(static_slots=True, rows_early=True)),  # slots constants
+    (False, None, False, dict(no_auto_barriers=True)), (True, None, False, dict(no_auto_barriers=True)),  # (rotation: kept)
 ])
 def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, settings):
     """The compiled paths (wgmma with transposed and register operands, WGMMA layouts) through
@@ -76,6 +77,7 @@ def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, 
     (None, False, dict(dq_atomic=True)), (None, True, dict(dq_lag=True, dq_behind_dk=True, dq_atomic=True)),  # red atomics
     (None, False, dict(static_slots=True)), (None, False, dict(static_slots=True, dq_behind_dk=True, rows_early=True)),
     (None, False, dict(static_slots=True, dq_lag=True, dq_atomic=True)),
+    (None, False, dict(no_auto_barriers=True)), (None, True, dict(no_auto_barriers=True, dq_lag=True)),  # no auto barriers
 ])
 def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, settings):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
