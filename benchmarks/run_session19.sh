@@ -21,9 +21,9 @@ case ${1:-kernels} in
     ab diagonal 300 --kernel bwd --no-rope --kwargs '[{"fused": false, "own_diagonal": false}, {"fused": false}, {"fused": true, "own_diagonal": false}, {"fused": true}]'
     ab dq_static 200 --kernel dq --no-rope --kwargs '[{}, {"static_consumers": true}]' ;;
   rows)  # (not run in session 19: no machine lent after call 2)
-    ab rows 480 --kernel bwd --no-rope --kwargs '[{"fused": false}, {"fused": false, "rows_early": true}, {"fused": false, "static_slots": true}, {"fused": true}, {"fused": true, "rows_early": true}, {"fused": true, "static_slots": true}, {"fused": true, "no_auto_barriers": true}]' ;;
+    ab rows 540 --kernel bwd --no-rope --kwargs '[{"fused": false}, {"fused": false, "rows_early": true}, {"fused": false, "static_slots": true}, {"fused": false, "rows_early": true, "static_slots": true}, {"fused": true}, {"fused": true, "rows_early": true}, {"fused": true, "static_slots": true}, {"fused": true, "no_auto_barriers": true}]' ;;
   lag)  # (not run in session 19)
-    ab lag 450 --kernel bwd --no-rope --kwargs '[{"fused": true}, {"fused": true, "dq_lag": true}, {"fused": true, "dq_behind_dk": true}, {"fused": true, "dq_lag": true, "dq_behind_dk": true}, {"fused": true, "dq_atomic": true}, {"fused": true, "dq_atomic": true, "dq_lag": true}, {"fused": true, "dq_atomic": true, "stages": 3}]' ;;
+    ab lag 540 --kernel bwd --no-rope --skip-2k --kwargs '[{"fused": true}, {"fused": true, "dq_lag": true}, {"fused": true, "dq_behind_dk": true}, {"fused": true, "dq_lag": true, "dq_behind_dk": true}, {"fused": true, "dq_atomic": true}, {"fused": true, "dq_atomic": true, "dq_lag": true}, {"fused": true, "dq_atomic": true, "stages": 3}, {"fused": true, "rows_early": true, "static_slots": true, "no_auto_barriers": true}, {"fused": true, "rows_early": true, "static_slots": true, "no_auto_barriers": true, "dq_lag": true, "dq_atomic": true}]' ;;
   e2e)
     timeout 480 python3 benchmarks/bench_attention.py --timing-only --checks mosaic_causal,fused,rows_early,static_slots,auto_barriers \
       --seqs 8192,16384,32768 --impls "ours;ours, separate bwd;ours, dk/dv rows early;ours, dk/dv static slots;ours, fused bwd;ours, fused bwd, rows early;ours, fused bwd, dq lag;ours, fused bwd, dq behind dk;ours, fused bwd, dq atomic;ours, fused bwd, no auto barriers;cudnn + XLA RoPE" \

@@ -55,6 +55,7 @@ def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, settings):
     (2, 384, 4, 2, False, True, True, False),    # each tile's dQ a step late (3 dS^T buffers, a barrier each)
     (1, 256, 2, 1, True, True, True, False),
     (1, 384, 4, 2, False, True, False, True),    # two steps at a time, slots and dS^T buffers constants
+    (1, 256, 4, 2, False, True, True, True),     # both
 ])
 def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, static_consumers, dq_lag,
                                                                  static_slots):
@@ -78,6 +79,7 @@ def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, 
     (None, False, dict(static_slots=True)), (None, False, dict(static_slots=True, dq_behind_dk=True, rows_early=True)),
     (None, False, dict(static_slots=True, dq_lag=True, dq_atomic=True)),
     (None, False, dict(no_auto_barriers=True)), (None, True, dict(no_auto_barriers=True, dq_lag=True)),  # no auto barriers
+    (None, False, dict(rows_early=True, static_slots=True, no_auto_barriers=True, dq_lag=True, dq_atomic=True)),
 ])
 def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, settings):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
