@@ -324,7 +324,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         per_head = i_end - i0          # query tiles per head (>= 2: each key sees itself)
         n_steps = G * per_head
 
-        def tile_of(j):  # step -> (query head, query tile)
+        def tile_of(j, g=None):  # step -> (query head, query tile); g: the step's head in the group, if known
+            if g is not None:  # no integer division
+                return kvh * G + g, i0 + (j - g * per_head)
             return kvh * G + lax.div(j, jnp.int32(per_head)), i0 + lax.rem(j, jnp.int32(per_head))
 
         def consumer(wg):  # wg: this consumer's index (0 or 1)
@@ -394,46 +396,48 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 else:
                     plgpu.copy_smem_to_gmem(stage, dq_ref.at[b, rows, h, cols], reduction_op="add")
 
-            def dq_of(j, parity=None):
+            def dq_of(j, parity=None, g=None):
                 """Tile j's dQ[:, my half of D] over both consumers' keys (their two dS^T tiles of
-                step j times K_rot's half), reduce-added."""
-                h, i = tile_of(j)
+                step j times K_rot's half), reduce-added. g: step j's head in the group, if known."""
+                h, i = tile_of(j, g)
                 ds_tiles = ps.at[ds_slot(j, parity)]
                 add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)]), i, h)
 
-            def dq_tile(j, parity=None):
-                """The dQ work of step j, once my dS^T of tile j is written: meet the other consumer
-                and do tile j's dQ; dq_lag: publish my tile j and do tile j - 1's."""
+            def dq_tile(j, parity=None, g=None):
+                """The dQ work of step j (of head g in the group, if known), once my dS^T of tile j
+                is written: meet the other consumer and do tile j's dQ; dq_lag: publish my tile j
+                and do tile j - 1's."""
                 if not dq_lag:  # writing step j's dS^T was safe: the other consumer arrived at step
                     plgpu.barrier_arrive(ds_ready)  # j - 1's meeting after reading step j - 2's tiles
                     plgpu.barrier_wait(ds_ready)
-                    return dq_of(j, parity)
+                    return dq_of(j, parity, g)
                 plgpu.barrier_arrive(ds_ready.at[ds_slot(j)])
 
                 @pl.when(j > 0)
                 def _():
                     plgpu.barrier_wait(ds_ready.at[ds_slot(j - 1)])
-                    dq_of(j - 1)
+                    g_prev = None if g is None else jnp.where(j - 1 < g * per_head, g - 1, g)
+                    dq_of(j - 1, g=g_prev)
 
             def last_dq():
                 """After the last step: (dq_lag) its dQ; then both consumers meet (each reads the
                 other's K, which finish overwrites)."""
                 if dq_lag:
                     plgpu.barrier_wait(ds_ready.at[ds_slot(n_steps - 1)])
-                    dq_of(n_steps - 1)
+                    dq_of(n_steps - 1, g=jnp.int32(G - 1))
                 meet = ds_ready.at[ds_slot(n_steps)] if dq_lag else ds_ready
                 plgpu.barrier_arrive(meet)
                 plgpu.barrier_wait(meet)
 
-            def step(accs, j, masked, parity=None):
+            def step(accs, j, masked, parity=None, g=None):
                 slot = mod(j, stages, parity)
-                _, i = tile_of(j)
+                _, i = tile_of(j, g)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
                 tile_math(accs, my_k, my_v, p_buf(j, parity), qh.at[slot], dos.at[slot], lses.at[slot],
                           deltas.at[slot], k0, i * t, masked, seg_of(slot))
                 if with_dq:
-                    dq_tile(j, parity)
+                    dq_tile(j, parity, g)
                 plgpu.barrier_arrive(consumed.at[slot])
 
             def skip(j, parity=None):  # a tile above this consumer's diagonal: keep the barriers' phases in step
@@ -447,41 +451,41 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                     j0 = g * per_head
                     p0, p1 = first_parities
                     if with_dq:  # both consumers take part in every dQ tile (the upper one's P = 0)
-                        step(accs, j0, masked=True, parity=p0)
-                        step(accs, j0 + 1, masked=True, parity=p1)
+                        step(accs, j0, masked=True, parity=p0, g=g)
+                        step(accs, j0 + 1, masked=True, parity=p1, g=g)
                     else:
                         @pl.when(wg == 0)
                         def _():
-                            step(accs, j0, masked=True, parity=p0)
-                            step(accs, j0 + 1, masked=False, parity=p1)
+                            step(accs, j0, masked=True, parity=p0, g=g)
+                            step(accs, j0 + 1, masked=False, parity=p1, g=g)
 
                         @pl.when(wg == 1)
                         def _():
                             skip(j0, p0)
-                            step(accs, j0 + 1, masked=True, parity=p1)
-                    rest_of_head(j0, lambda c, j, parity: step(accs, j, masked=False, parity=parity), None)
+                            step(accs, j0 + 1, masked=True, parity=p1, g=g)
+                    rest_of_head(j0, lambda c, j, parity: step(accs, j, masked=False, parity=parity, g=g), None)
                 lax.fori_loop(0, G, head, None)
 
-            def step_regs(accs, j, masked, parity=None):
+            def step_regs(accs, j, masked, parity=None, g=None):
                 slot = mod(j, stages, parity)
-                _, i = tile_of(j)
+                _, i = tile_of(j, g)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
-                behind = functools.partial(dq_tile, j, parity) if dq_behind_dk else None
+                behind = functools.partial(dq_tile, j, parity, g) if dq_behind_dk else None
                 accs = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
                                       k0, i * t, masked, seg_of(slot), ds_out=p_buf(j, parity) if with_dq else None,
                                       after_ds=behind)
                 if with_dq and not dq_behind_dk:
-                    dq_tile(j, parity)
+                    dq_tile(j, parity, g)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return accs
 
             def head_regs(g, accs):  # no pl.when with values: both consumers run the first two
                 j0 = g * per_head    # tiles masked (the upper one's first is all masked: P = 0)
                 p0, p1 = first_parities
-                accs = step_regs(accs, j0, masked=True, parity=p0)
-                accs = step_regs(accs, j0 + 1, masked=True, parity=p1)
-                return rest_of_head(j0, lambda c, j, parity: step_regs(c, j, masked=False, parity=parity), accs)
+                accs = step_regs(accs, j0, masked=True, parity=p0, g=g)
+                accs = step_regs(accs, j0 + 1, masked=True, parity=p1, g=g)
+                return rest_of_head(j0, lambda c, j, parity: step_regs(c, j, masked=False, parity=parity, g=g), accs)
 
             if p_regs:
                 wg_zeros = lambda n: plgpu.layout_cast(jnp.zeros((t, n), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
