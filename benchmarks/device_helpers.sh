@@ -10,12 +10,15 @@ ab() {  # name, seconds, bench_mosaic_bwd.py flags...: the timing lines, checks 
   echo "== $name rc=$?"; grep -E " ms |PASS|FAIL|Error|spill stores," "$OUT/$name.log" | sort | uniq -c | sort -k2 | head -40
   echo "wgmma serialized (ptxas C7512): $(grep -c serialized "$OUT/$name.log")"
 }
-fused_profile() {  # ncu PC sampling of the fused backward (8k, B = 2), hot spots; cuDNN's kernels in the same shape
+fused_profile() {  # [dk/dv kernel settings JSON]: ncu PC sampling of the fused backward (8k, B = 2), hot spots;
+                  # cuDNN's kernels in the same shape
+  local settings=${1:-"{}"}
   # launch order of one fwd+bwd: the forward, then the fused backward
   timeout 240 $NCU --clock-control none -k regex:mosaic --launch-skip 1 --launch-count 1 \
     --section SourceCounters --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_gmma.sum,lts__t_sectors_op_red.sum,lts__t_sectors_op_atom.sum \
-    -o "$OUT/fused" python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl ours-fused > "$OUT/ncu.log" 2>&1
+    -o "$OUT/fused" python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl ours-fused \
+    --dkv-kwargs "$settings" > "$OUT/ncu.log" 2>&1
   tail -3 "$OUT/ncu.log"
   $NCU -i "$OUT/fused.ncu-rep" --page source --csv --print-source sass > "$OUT/source.csv" 2> "$OUT/source.err"
   python3 benchmarks/ncu_hotspots.py "$OUT/source.csv" --top 40 --context 2 --feeders 12 | cut -c1-200

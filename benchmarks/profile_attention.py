@@ -7,8 +7,10 @@
 Impls: "ours" (the defaults: RoPE by XLA before the Mosaic kernels on sm_90), "ours-ropegrad"
 (Tuning(rope_grad_in_kernel=True): the backward kernels un-rotate dq / dk), "ours-norope",
 "ours-fused" (no RoPE, the fused backward at every length), "cudnn-rope" (XLA RoPE, then cuDNN), "cudnn" (pre-rotated inputs).
+--dkv-kwargs '{"rows_early": true}': launch settings for our dk/dv (or fused) kernel (Tuning.mosaic_dkv_kwargs).
 """
 import argparse
+import json
 
 import jax
 import jax.numpy as jnp
@@ -18,18 +20,19 @@ from pallas_kernels.attention import Tuning, apply_rope, flash_attention, rope_c
 IMPLS = ("ours", "ours-ropegrad", "ours-norope", "ours-fused", "cudnn-rope", "cudnn")
 
 
-def attention_fn(impl, inv_freq, positions):
+def attention_fn(impl, inv_freq, positions, dkv_kwargs=()):
     def rope(q, k):
         cos, sin = rope_cos_sin(positions, inv_freq)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def cudnn(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    return {"ours": lambda q, k, v: flash_attention(q, k, v, inv_freq=inv_freq),
-            "ours-ropegrad": lambda q, k, v: flash_attention(q, k, v, inv_freq=inv_freq,
-                                                             tuning=Tuning(rope_grad_in_kernel=True)),
-            "ours-norope": lambda q, k, v: flash_attention(q, k, v),
-            "ours-fused": lambda q, k, v: flash_attention(q, k, v, tuning=Tuning(mosaic_fused_bwd=True)),
+    def ours(q, k, v, inv_freq=None, **tuning):
+        return flash_attention(q, k, v, inv_freq=inv_freq, tuning=Tuning(mosaic_dkv_kwargs=dkv_kwargs, **tuning))
+    return {"ours": lambda q, k, v: ours(q, k, v, inv_freq),
+            "ours-ropegrad": lambda q, k, v: ours(q, k, v, inv_freq, rope_grad_in_kernel=True),
+            "ours-norope": lambda q, k, v: ours(q, k, v),
+            "ours-fused": lambda q, k, v: ours(q, k, v, mosaic_fused_bwd=True),
             "cudnn-rope": lambda q, k, v: cudnn(*rope(q, k), v),
             "cudnn": cudnn}[impl]
 
@@ -41,6 +44,7 @@ def main():
     p.add_argument("--impl", action="append", choices=IMPLS, help="repeatable; default: ours with and without RoPE")
     p.add_argument("--calls", type=int, default=1, help="forward+backward calls per impl")
     p.add_argument("--hlo", help="write each impl's optimized HLO to this prefix + impl + .txt")
+    p.add_argument("--dkv-kwargs", default="{}", help="JSON launch settings of our dk/dv (or fused) kernel")
     a = p.parse_args()
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (a.B, a.T, 32, 128), jnp.bfloat16)
@@ -49,7 +53,7 @@ def main():
     inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, 128, 2, dtype=jnp.float32) / 128))
     positions = jnp.broadcast_to(jnp.arange(a.T), (a.B, a.T))
     for impl in a.impl or ("ours", "ours-norope"):
-        f = attention_fn(impl, inv_freq, positions)
+        f = attention_fn(impl, inv_freq, positions, tuple(json.loads(a.dkv_kwargs).items()))
         step = jax.jit(lambda q, k, v, f=f: jax.vjp(f, q, k, v)[1](do))
         if a.hlo:
             with open(f"{a.hlo}{impl}.txt", "w") as fh:

@@ -14,7 +14,8 @@
 #                                             # descriptors constants), the fused one without Pallas' auto barriers around
 #                                             # its shared-memory stores, against without, kernels alone
 #   bash benchmarks/run_session19.sh e2e      # GPU checks, then fwd+bwd at 8k / 16k / 32k against cuDNN
-#   bash benchmarks/run_session19.sh profile  # ncu PC sampling of the fused backward at 8k (device_helpers.sh)
+#   bash benchmarks/run_session19.sh profile [SETTINGS]  # ncu PC sampling of the fused backward at 8k (device_helpers.sh),
+#                                             # SETTINGS: its dk/dv kernel keywords as JSON
 . "$(dirname "$0")/device_helpers.sh"  # environment, OUT; ab, fused_profile
 case ${1:-kernels} in
   kernels)
@@ -29,6 +30,6 @@ case ${1:-kernels} in
       --seqs 8192,16384,32768 --impls "ours;ours, separate bwd;ours, dk/dv rows early;ours, dk/dv static slots;ours, fused bwd;ours, fused bwd, rows early;ours, fused bwd, dq lag;ours, fused bwd, dq behind dk;ours, fused bwd, dq atomic;ours, fused bwd, no auto barriers;cudnn + XLA RoPE" \
       > "$OUT/e2e.log" 2>&1
     echo "== e2e rc=$?"; grep -E "FAIL|PASS|correctness|Error" "$OUT/e2e.log" | head -20; grep -A24 summary "$OUT/e2e.log" ;;
-  profile) fused_profile ;;
+  profile) fused_profile "${2:-}" ;;  # e.g. profile '{"rows_early": true, "no_auto_barriers": true}'
   *) echo "usage: $0 kernels|rows|lag|e2e|profile" >&2; exit 2 ;;
 esac
