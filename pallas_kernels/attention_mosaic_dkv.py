@@ -424,7 +424,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 other's K, which finish overwrites)."""
                 if dq_lag:
                     plgpu.barrier_wait(ds_ready.at[ds_slot(n_steps - 1)])
-                    dq_of(n_steps - 1, g=jnp.int32(G - 1))
+                    dq_of(n_steps - 1, g=n_steps * 0 + (G - 1))  # traced, as run_consumers does
                 meet = ds_ready.at[ds_slot(n_steps)] if dq_lag else ds_ready
                 plgpu.barrier_arrive(meet)
                 plgpu.barrier_wait(meet)
