@@ -63,7 +63,9 @@ def summarise(rows, top, context):
         print("columns:", head)
         return
     src, total, samples = found
-    reasons = [i for i, h in enumerate(low) if h.startswith("stall_") or "pcsamp_warps_issue_stalled" in h
+    # the all-samples column of each reason ("stall_wait"), not its not-issued subset ("stall_wait (not issued)")
+    reasons = [i for i, h in enumerate(low) if (h.startswith("stall_") and "not issued" not in h)
+               or "pcsamp_warps_issue_stalled" in h
                or (h.startswith("warp stall sampling") and i != total and "not-issued" not in h)]
     all_ = sum(samples) or 1.0
     print(f"{len(body)} instructions, {all_:.0f} samples; columns: {len(head)}")
@@ -95,6 +97,41 @@ def print_feeders(rows, n):
     pairs = feeders([r[src] for r in rows[1:]], samples)
     print("by (opcode <- writer of its sources):",
           ", ".join(f"{op} <- {w} {100 * v / all_:.1f}%" for (op, w), v in pairs.most_common(n)))
+
+
+def regions(executed, tolerance=0.2):
+    """[start, end) runs of consecutive instructions executed about equally often (within
+    `tolerance`; unexecuted ones join the run they sit in): a loop body, a per-head block, the
+    per-CTA prologue show up as separate runs."""
+    out, start, ref = [], 0, None
+    for i, n in enumerate(executed):
+        if n and ref and abs(n - ref) > tolerance * max(n, ref):
+            out.append((start, i))
+            start, ref = i, n
+        elif n and not ref:
+            ref = n
+    if executed:
+        out.append((start, len(executed)))
+    return out
+
+
+def print_regions(rows, min_share=0.004):
+    """Each run (`regions`) holding at least min_share of the samples: its rows (for --range), how
+    often its first executed instruction ran, its share, its first instruction."""
+    found = sampled_source(rows)
+    low = [h.lower() for h in rows[0]]
+    ex = next((i for i, h in enumerate(low) if h == "instructions executed"), None)
+    if found is None or ex is None:
+        return
+    src, _, samples = found
+    body = rows[1:]
+    all_ = sum(samples) or 1.0
+    executed = [number(r[ex]) if len(r) > ex else 0.0 for r in body]
+    for lo, hi in regions(executed):
+        share = sum(samples[lo:hi]) / all_
+        if share >= min_share:
+            runs = next((n for n in executed[lo:hi] if n), 0)
+            print(f"rows {lo}:{hi}  executed {runs:>10.0f}  {100 * share:5.1f}%  {body[lo][src].strip()[:60]}")
 
 
 def unpredicated(text):
@@ -142,12 +179,20 @@ def main():
     p.add_argument("--context", type=int, default=0, help="instructions shown before each top one")
     p.add_argument("--feeders", type=int, default=0, metavar="N",
                    help="also the N largest (opcode, writer of its sources) sample sums")
+    p.add_argument("--regions", action="store_true",
+                   help="also the runs of instructions executed about equally often (loops, per-CTA code) and their shares")
+    p.add_argument("--range", metavar="LO:HI", help="summarise only instruction rows LO..HI (from --regions)")
     a = p.parse_args()
     ts = tables(open(a.csv, errors="replace").read())
     if not ts:
         sys.exit(f"ncu_hotspots: no table in {a.csv}")
     for n, t in enumerate(ts):
         print(f"== kernel {n}")
+        if a.regions:
+            print_regions(t)
+        if a.range:
+            lo, hi = (int(x) for x in a.range.split(":"))
+            t = [t[0]] + t[1 + lo:1 + hi]
         summarise(t, a.top, a.context)
         if a.feeders:
             print_feeders(t, a.feeders)
