@@ -16,6 +16,7 @@ reloaded from a spill (session 18: 15.7% of the fused backward's samples).
 import argparse
 import collections
 import csv
+import gzip
 import io
 import re
 import sys
@@ -174,7 +175,7 @@ def feeders(instructions, samples, window=400):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csv")
+    p.add_argument("csv", help="the source page as CSV (ncu -i REP --page source --csv --print-source sass), or .csv.gz")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--context", type=int, default=0, help="instructions shown before each top one")
     p.add_argument("--feeders", type=int, default=0, metavar="N",
@@ -183,7 +184,9 @@ def main():
                    help="also the runs of instructions executed about equally often (loops, per-CTA code) and their shares")
     p.add_argument("--range", metavar="LO:HI", help="summarise only instruction rows LO..HI (from --regions)")
     a = p.parse_args()
-    ts = tables(open(a.csv, errors="replace").read())
+    opener = gzip.open if a.csv.endswith(".gz") else open  # reports kept in benchmarks/profiles/ are gzipped
+    with opener(a.csv, "rt", errors="replace") as fh:
+        ts = tables(fh.read())
     if not ts:
         sys.exit(f"ncu_hotspots: no table in {a.csv}")
     for n, t in enumerate(ts):

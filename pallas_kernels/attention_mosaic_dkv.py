@@ -97,7 +97,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     at 2k / 8k / 32k, fused 1.09x / 1.11x / 1.09x (its 32k backward 47.2 -> 42.1 ms).
 
     rows_early (p_regs): each step loads its lse and delta rows from shared memory before issuing
-    S^T, instead of right after the wgmma whose result they meet (in the fused kernel at 8k ~13% of
+    S^T, instead of right after the wgmma whose result they meet (in the fused kernel at 8k ~18% of
     a consumer's stall samples waited on those loads or on the lane index their addresses need,
     session 19); costs their registers across the S^T wgmmas. Not timed yet.
 
@@ -122,7 +122,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     after every shared-memory store (CompilerParams.unsafe_no_auto_barriers) left out. The fused
     kernel stores two tiles a step (dS^T for dQ, the fp32 dQ staging tile): 7 warpgroup barriers a
     step with them, 3 without (the stores' commits and the wait for the last reduce-add's read
-    keep theirs); ~6% of a consumer's stall samples sat on those stores (session 19). Safe here
+    keep theirs); ~7% of a consumer's stall samples sat on those stores (session 19). Safe here
     because no thread reads shared memory another thread wrote except through wgmma / TMA after a
     commit, and every overwrite of a buffer an async read used waits for it first (wgmma waits,
     the meetings, wait_smem_to_gmem's own barrier); the in-kernel rotation reads and rewrites
