@@ -11,7 +11,10 @@ Prints the sample share per opcode, per stall reason, and the top instructions w
 before them (a wait's cost shows on the instruction after the thing waited for). --feeders: the
 samples of each sampled instruction charged to the instruction that last wrote one of its source
 registers, summed by (opcode, writer's opcode): e.g. "R2UR <- LDL.64" is a wgmma descriptor
-reloaded from a spill (session 18: 15.7% of the fused backward's samples).
+reloaded from a spill (session 18: 15.7% of the fused backward's samples). --regions: the runs
+of instructions executed about equally often (each loop body, per-head and per-CTA code) with their
+shares; --range LO:HI then summarises one of them (session 19: a consumer's loop of the fused
+backward, from benchmarks/profiles/session19_fused_8k_source.csv.gz).
 """
 import argparse
 import collections
