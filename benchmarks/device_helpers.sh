@@ -1,5 +1,5 @@
 # What the run_session*.sh device scripts share (they source it first): the environment, OUT (default
-# /tmp/<script name>), and the helpers ab and fused_profile.
+# /tmp/<script name>), and the helpers ab, bwd_profile, cudnn_profile, fused_profile.
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
 OUT=${OUT:-/tmp/$(basename "$0" .sh)}; mkdir -p "$OUT"
@@ -10,19 +10,24 @@ ab() {  # name, seconds, bench_mosaic_bwd.py flags...: the timing lines, checks 
   echo "== $name rc=$?"; grep -E " ms |PASS|FAIL|Error|spill stores," "$OUT/$name.log" | sort | uniq -c | sort -k2 | head -40
   echo "wgmma serialized (ptxas C7512): $(grep -c serialized "$OUT/$name.log")"
 }
-fused_profile() {  # [dk/dv kernel settings JSON]: ncu PC sampling of the fused backward (8k, B = 2), hot spots;
-                  # cuDNN's kernels in the same shape
-  local settings=${1:-"{}"}
-  # launch order of one fwd+bwd: the forward, then the fused backward
-  timeout 240 $NCU --clock-control none -k regex:mosaic --launch-skip 1 --launch-count 1 \
+bwd_profile() {  # impl (ours-fused | ours-norope), kernels (1 | 2), [dk/dv kernel settings JSON]: ncu PC sampling of
+                # the backward kernel(s) after the forward (8k, B = 2): regions, hot spots, feeders, memory figures
+  local impl=$1 count=$2 settings=${3:-"{}"}
+  timeout 300 $NCU --clock-control none -k regex:mosaic --launch-skip 1 --launch-count "$count" \
     --section SourceCounters --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_gmma.sum,lts__t_sectors_op_red.sum,lts__t_sectors_op_atom.sum \
-    -o "$OUT/fused" python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl ours-fused \
-    --dkv-kwargs "$settings" > "$OUT/ncu.log" 2>&1
-  tail -3 "$OUT/ncu.log"
-  $NCU -i "$OUT/fused.ncu-rep" --page source --csv --print-source sass > "$OUT/source.csv" 2> "$OUT/source.err"
-  python3 benchmarks/ncu_hotspots.py "$OUT/source.csv" --top 40 --context 2 --feeders 12 | cut -c1-200
-  $NCU -i "$OUT/fused.ncu-rep" --page details --csv 2>&1 | grep -iE "gmma|Stall|Warp Cycles|Issued|Eligible|Duration|red|L2|Local" | cut -c1-200 | head -50
+    -o "$OUT/$impl" python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl "$impl" \
+    --dkv-kwargs "$settings" > "$OUT/ncu_$impl.log" 2>&1
+  tail -3 "$OUT/ncu_$impl.log"
+  $NCU -i "$OUT/$impl.ncu-rep" --page source --csv --print-source sass > "$OUT/source_$impl.csv" 2> "$OUT/source_$impl.err"
+  python3 benchmarks/ncu_hotspots.py "$OUT/source_$impl.csv" --regions --top 40 --context 2 --feeders 16 | cut -c1-200
+  $NCU -i "$OUT/$impl.ncu-rep" --page details --csv 2>&1 | grep -iE "gmma|Stall|Warp Cycles|Issued|Eligible|Duration|red|L2|Local" | cut -c1-200 | head -50
+}
+cudnn_profile() {  # cuDNN's kernels in the same shape (8k, B = 2): times and tensor-pipe use
   timeout 120 $NCU --clock-control none -k regex:"cudnn|sm90|flash|fmha" --metrics gpu__time_duration.sum,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
     python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl cudnn 2>&1 | grep -E "^  [a-z_]|gmma|duration" | tail -12
+}
+fused_profile() {  # [dk/dv kernel settings JSON]: the fused backward's profile, then cuDNN's kernels
+  bwd_profile ours-fused 1 "${1:-}"   # launch order of one fwd+bwd: the forward, then the fused backward
+  cudnn_profile
 }

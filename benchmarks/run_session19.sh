@@ -16,7 +16,8 @@
 #   bash benchmarks/run_session19.sh e2e      # GPU checks, then fwd+bwd at 8k / 16k / 32k against cuDNN
 #   bash benchmarks/run_session19.sh profile [SETTINGS]  # ncu PC sampling of the fused backward at 8k (device_helpers.sh),
 #                                             # SETTINGS: its dk/dv kernel keywords as JSON
-. "$(dirname "$0")/device_helpers.sh"  # environment, OUT; ab, fused_profile
+#   bash benchmarks/run_session19.sh profile_separate [SETTINGS]  # (not run) the same for the dq and dk/dv kernels
+. "$(dirname "$0")/device_helpers.sh"  # environment, OUT; ab, bwd_profile, fused_profile
 case ${1:-kernels} in
   kernels)
     ab diagonal 300 --kernel bwd --no-rope --kwargs '[{"fused": false, "own_diagonal": false}, {"fused": false}, {"fused": true, "own_diagonal": false}, {"fused": true}]'
@@ -31,5 +32,6 @@ case ${1:-kernels} in
       > "$OUT/e2e.log" 2>&1
     echo "== e2e rc=$?"; grep -E "FAIL|PASS|correctness|Error" "$OUT/e2e.log" | head -20; grep -A24 summary "$OUT/e2e.log" ;;
   profile) fused_profile "${2:-}" ;;  # e.g. profile '{"rows_early": true, "no_auto_barriers": true}'
-  *) echo "usage: $0 kernels|rows|lag|e2e|profile" >&2; exit 2 ;;
+  profile_separate) bwd_profile ours-norope 2 "${2:-}" ;;  # the dq and dk/dv kernels (8k's default path)
+  *) echo "usage: $0 kernels|rows|lag|e2e|profile|profile_separate" >&2; exit 2 ;;
 esac
