@@ -30,7 +30,7 @@ case ${1:-kernels} in
     timeout 480 python3 benchmarks/bench_attention.py --timing-only --checks mosaic_causal,fused,rows_early,static_slots,auto_barriers \
       --seqs 8192,16384,32768 --impls "ours;ours, separate bwd;ours, dk/dv rows early;ours, dk/dv static slots;ours, fused bwd;ours, fused bwd, rows early;ours, fused bwd, dq lag;ours, fused bwd, dq behind dk;ours, fused bwd, dq atomic;ours, fused bwd, no auto barriers;cudnn + XLA RoPE" \
       > "$OUT/e2e.log" 2>&1
-    echo "== e2e rc=$?"; grep -E "FAIL|PASS|correctness|Error" "$OUT/e2e.log" | head -20; grep -A24 summary "$OUT/e2e.log" ;;
+    echo "== e2e rc=$?"; grep -E "FAIL|PASS|correctness|Error" "$OUT/e2e.log" | head -20; grep -A40 summary "$OUT/e2e.log" ;;
   profile) fused_profile "${2:-}" ;;  # e.g. profile '{"rows_early": true, "no_auto_barriers": true}'
   profile_separate) bwd_profile ours-norope 2 "${2:-}" ;;  # the dq and dk/dv kernels (8k's default path)
   *) echo "usage: $0 kernels|rows|lag|e2e|profile|profile_separate" >&2; exit 2 ;;
