@@ -769,6 +769,11 @@ def _flash(cfg, q, k, v, aux):
     return _flash_fwd(cfg, q, k, v, aux)[0]
 
 
+def _dkv_settings(tuning):
+    """The Mosaic dk/dv kernel's launch settings from the tuning (separate or fused)."""
+    return dict(static_consumers=tuning.mosaic_dkv_static_consumers, **dict(tuning.mosaic_dkv_kwargs))
+
+
 def _flash_fwd(cfg, q, k, v, aux):
     if cfg.rope_outside:  # the residuals are the rotated q, k (as with the rotation outside)
         cos, sin = rope_cos_sin(aux["rope_pos"], aux["inv_freq"])
@@ -806,8 +811,7 @@ def _flash_bwd(cfg, res, dout):
     if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd:
         dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
                                                      longest_first=cfg.tuning.mosaic_longest_first, with_dq=True,
-                                                     static_consumers=cfg.tuning.mosaic_dkv_static_consumers,
-                                                     **dict(cfg.tuning.mosaic_dkv_kwargs))
+                                                     **_dkv_settings(cfg.tuning))
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,
@@ -818,8 +822,7 @@ def _flash_bwd(cfg, res, dout):
     if cfg.mosaic_dkv:
         dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
                                                  longest_first=cfg.tuning.mosaic_longest_first,
-                                                 static_consumers=cfg.tuning.mosaic_dkv_static_consumers,
-                                                 **dict(cfg.tuning.mosaic_dkv_kwargs), **un_rotate)
+                                                 **_dkv_settings(cfg.tuning), **un_rotate)
     else:
         dk, dv = _backward_dkv(cfg, *triton)
     return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)

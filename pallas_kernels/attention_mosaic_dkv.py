@@ -233,11 +233,14 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             if after_ds is not None:
                 after_ds()
 
+        def row_of(ref):  # the row vector: loaded here (rows_early) or where it is first used
+            if rows_early:
+                v = col_vec(ref)
+                return lambda: v
+            return lambda: col_vec(ref)
+
         dv, dk0, dk1 = accs
-        lse_of, delta_of = (lambda: col_vec(lse_t)), (lambda: col_vec(delta_t))
-        if rows_early:
-            lse_v, delta_v = lse_of(), delta_of()
-            lse_of, delta_of = (lambda: lse_v), (lambda: delta_v)
+        lse_of, delta_of = row_of(lse_t), row_of(delta_t)
         p_t = probs_t(my_k, q_parts, lse_of, k0, q0, masked, seg_t)
         zeros = plgpu.layout_cast(jnp.zeros((t, t), jnp.float32), plgpu.Layout.WGMMA)
         if ds_under_dv:  # one run_state: dV stays in flight while dS^T is computed
@@ -325,7 +328,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         n_steps = G * per_head
 
         def tile_of(j, g=None):  # step -> (query head, query tile); g: the step's head in the group, if known
-            if g is not None:  # no integer division
+            if g is not None:  # the consumers know it from their head loop: no integer division
                 return kvh * G + g, i0 + (j - g * per_head)
             return kvh * G + lax.div(j, jnp.int32(per_head)), i0 + lax.rem(j, jnp.int32(per_head))
 
@@ -396,15 +399,15 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 else:
                     plgpu.copy_smem_to_gmem(stage, dq_ref.at[b, rows, h, cols], reduction_op="add")
 
-            def dq_of(j, parity=None, g=None):
+            def dq_of(j, parity, g):
                 """Tile j's dQ[:, my half of D] over both consumers' keys (their two dS^T tiles of
                 step j times K_rot's half), reduce-added. g: step j's head in the group, if known."""
                 h, i = tile_of(j, g)
                 ds_tiles = ps.at[ds_slot(j, parity)]
                 add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)]), i, h)
 
-            def dq_tile(j, parity=None, g=None):
-                """The dQ work of step j (of head g in the group, if known), once my dS^T of tile j
+            def dq_tile(j, parity, g):
+                """The dQ work of step j (of head g in the group), once my dS^T of tile j
                 is written: meet the other consumer and do tile j's dQ; dq_lag: publish my tile j
                 and do tile j - 1's."""
                 if not dq_lag:  # writing step j's dS^T was safe: the other consumer arrived at step
@@ -416,20 +419,19 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 @pl.when(j > 0)
                 def _():
                     plgpu.barrier_wait(ds_ready.at[ds_slot(j - 1)])
-                    g_prev = None if g is None else jnp.where(j - 1 < g * per_head, g - 1, g)
-                    dq_of(j - 1, g=g_prev)
+                    dq_of(j - 1, None, jnp.where(j - 1 < g * per_head, g - 1, g))
 
             def last_dq():
                 """After the last step: (dq_lag) its dQ; then both consumers meet (each reads the
                 other's K, which finish overwrites)."""
                 if dq_lag:
                     plgpu.barrier_wait(ds_ready.at[ds_slot(n_steps - 1)])
-                    dq_of(n_steps - 1, g=n_steps * 0 + (G - 1))  # traced, as run_consumers does
+                    dq_of(n_steps - 1, None, n_steps * 0 + (G - 1))  # the last head, traced (run_consumers)
                 meet = ds_ready.at[ds_slot(n_steps)] if dq_lag else ds_ready
                 plgpu.barrier_arrive(meet)
                 plgpu.barrier_wait(meet)
 
-            def step(accs, j, masked, parity=None, g=None):
+            def step(accs, j, masked, parity, g):
                 slot = mod(j, stages, parity)
                 _, i = tile_of(j, g)
                 plgpu.barrier_wait(qready.at[slot])
@@ -440,7 +442,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                     dq_tile(j, parity, g)
                 plgpu.barrier_arrive(consumed.at[slot])
 
-            def skip(j, parity=None):  # a tile above this consumer's diagonal: keep the barriers' phases in step
+            def skip(j, parity):  # a tile above this consumer's diagonal: keep the barriers' phases in step
                 slot = mod(j, stages, parity)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
@@ -451,22 +453,22 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                     j0 = g * per_head
                     p0, p1 = first_parities
                     if with_dq:  # both consumers take part in every dQ tile (the upper one's P = 0)
-                        step(accs, j0, masked=True, parity=p0, g=g)
-                        step(accs, j0 + 1, masked=True, parity=p1, g=g)
+                        step(accs, j0, True, p0, g)
+                        step(accs, j0 + 1, True, p1, g)
                     else:
                         @pl.when(wg == 0)
                         def _():
-                            step(accs, j0, masked=True, parity=p0, g=g)
-                            step(accs, j0 + 1, masked=False, parity=p1, g=g)
+                            step(accs, j0, True, p0, g)
+                            step(accs, j0 + 1, False, p1, g)
 
                         @pl.when(wg == 1)
                         def _():
                             skip(j0, p0)
-                            step(accs, j0 + 1, masked=True, parity=p1, g=g)
-                    rest_of_head(j0, lambda c, j, parity: step(accs, j, masked=False, parity=parity, g=g), None)
+                            step(accs, j0 + 1, True, p1, g)
+                    rest_of_head(j0, lambda c, j, parity: step(accs, j, False, parity, g), None)
                 lax.fori_loop(0, G, head, None)
 
-            def step_regs(accs, j, masked, parity=None, g=None):
+            def step_regs(accs, j, masked, parity, g):
                 slot = mod(j, stages, parity)
                 _, i = tile_of(j, g)
                 plgpu.barrier_wait(qready.at[slot])
@@ -483,9 +485,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             def head_regs(g, accs):  # no pl.when with values: both consumers run the first two
                 j0 = g * per_head    # tiles masked (the upper one's first is all masked: P = 0)
                 p0, p1 = first_parities
-                accs = step_regs(accs, j0, masked=True, parity=p0, g=g)
-                accs = step_regs(accs, j0 + 1, masked=True, parity=p1, g=g)
-                return rest_of_head(j0, lambda c, j, parity: step_regs(c, j, masked=False, parity=parity, g=g), accs)
+                accs = step_regs(accs, j0, True, p0, g)
+                accs = step_regs(accs, j0 + 1, True, p1, g)
+                return rest_of_head(j0, lambda c, j, parity: step_regs(c, j, False, parity, g), accs)
 
             if p_regs:
                 wg_zeros = lambda n: plgpu.layout_cast(jnp.zeros((t, n), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
