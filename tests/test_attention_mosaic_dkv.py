@@ -97,16 +97,31 @@ def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, settings):
     assert "mosaic_gpu" in text and "output_operand_alias" in text, "the accumulator is not aliased in and out"
 
 
+# Who emits a warpgroup barrier the kernel asked for itself (commit_smem, waiting on a reduce-add's
+# smem reads); every other caller is one of Pallas' automatic ones around smem stores and loads.
+KERNEL_REQUESTED_BARRIERS = {"commit_shared", "await_async_copy"}
+
+
 @pytest.mark.parametrize("no_auto_barriers", [False, True])
 def test_no_auto_barriers_leaves_out_pallas_store_barriers(monkeypatch, no_auto_barriers):
     """no_auto_barriers reaches Pallas' lowering: the warpgroup barriers it puts around shared-memory
-    stores (57 sites in the fused kernel) are gone, while the ones the kernel asks for itself
-    (commit_smem, the reduce-add read-wait) are emitted by mosaic_gpu.utils, not counted here."""
-    from jax._src.pallas.mosaic_gpu import lowering
-    calls = []
-    real = lowering.mgpu.warpgroup_barrier
-    monkeypatch.setattr(lowering.mgpu, "warpgroup_barrier", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stores and copies (57 sites in the fused kernel, on JAX 0.10 from Pallas' store rule, on 0.11
+    from the Mosaic GPU dialect's lowering) are gone; the kernel's own (commit_smem, the reduce-add
+    read-wait) stay."""
+    import sys
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    callers = []
+    real = mgpu_utils.warpgroup_barrier
+
+    def counting_barrier(*a, **k):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return real(*a, **k)
+    monkeypatch.setattr(mgpu_utils, "warpgroup_barrier", counting_barrier)
+    monkeypatch.setattr(mgpu, "warpgroup_barrier", counting_barrier)
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=False, segments=False, seed=1)
     f = lambda *a: M.mosaic_dkv(*a, scale=scale, with_dq=True, no_auto_barriers=no_auto_barriers)  # noqa: E731
     jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
-    assert (len(calls) == 0) == no_auto_barriers, len(calls)
+    automatic = [c for c in callers if c not in KERNEL_REQUESTED_BARRIERS]
+    assert any(c in KERNEL_REQUESTED_BARRIERS for c in callers), callers
+    assert (len(automatic) == 0) == no_auto_barriers, sorted(set(automatic))
