@@ -11,6 +11,23 @@ from pallas_kernels.attention import apply_rope, flash_attention_reference, rope
 HEAD_DIM = 128
 
 
+def interpret_params():
+    """How the tests run a Mosaic GPU kernel on the CPU: JAX's interpreter with its happens-before
+    race detector on (a thread per warpgroup, vector clocks through barriers and async copies; no
+    measurable cost at these sizes), so a missing or misplaced barrier between warpgroups fails a
+    test instead of waiting for a GPU run. Races inside one warpgroup (Pallas' automatic barriers)
+    are out of its view: it runs a warpgroup as one thread."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams(detect_races=True)
+
+
+def races_found():
+    """Whether the race detector saw a race in the last kernel the interpreter ran (call after its
+    result is ready)."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    return gpu_callbacks.get_races().races_found
+
+
 def packed_segments(B, T, seed):
     """int32 [B, T]: random contiguous documents (some shorter than a 64-row tile, one spanning
     several tiles) and a padding segment 0 at the end of each row."""

@@ -8,20 +8,47 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mosaic_cases import inputs, packed_segments, reference_lse, rope_tables
+from mosaic_cases import inputs, interpret_params, packed_segments, races_found, reference_lse, rope_tables
 from pallas_kernels import attention as attn
 from pallas_kernels import attention_mosaic as M
 from pallas_kernels.attention import flash_attention_reference
 
 
-def _interpret_params():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams()
-
-
 def _inputs(B, T, Hq, Hkv, seed):
     q, k, v, _, inv_freq = inputs(B, T, Hq, Hkv, seed)
     return q, k, v, inv_freq
+
+
+@pytest.mark.parametrize("synchronized", [True, False])
+def test_interpreter_race_detector_sees_an_unsynchronized_handoff(synchronized):
+    """The race check of every interpreter test here can fail: one warpgroup writes shared memory,
+    another copies it out, with or without the barrier between them."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def body(x_ref, o_ref, buf, ready):
+        wg = jax.lax.axis_index("wg")
+
+        @pl.when(wg == 0)
+        def _():
+            buf[...] = x_ref[...] * 2.0
+            if synchronized:
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ready)
+
+        @pl.when(wg == 1)
+        def _():
+            if synchronized:
+                plgpu.barrier_wait(ready)
+            o_ref[...] = buf[...]
+
+    def entry(x_ref, o_ref):
+        pl.run_scoped(lambda *scratch: body(x_ref, o_ref, *scratch), plgpu.SMEM((64, 128), jnp.float32),
+                      plgpu.Barrier(num_arrivals=1), collective_axes="wg")
+    f = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((64, 128), jnp.float32), num_threads=2,
+                     thread_name="wg", interpret=interpret_params())
+    jax.block_until_ready(f(jnp.ones((64, 128), jnp.float32)))
+    assert races_found() == (not synchronized)
 
 
 def test_segment_block_ranges_match_a_brute_force_count():
@@ -71,10 +98,11 @@ def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope
     stages = 3 if rope and early_qk else 2  # (early_qk with tables needs 3)
     o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=stages, longest_first=longest_first,
                               ctas=ctas, key_block=key_block, pingpong=pingpong, fold_scale=fold_scale,
-                              early_qk=early_qk, interpret=_interpret_params())
+                              early_qk=early_qk, interpret=interpret_params())
     ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg)
     err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
     assert o.shape == q.shape and o.dtype == q.dtype
+    assert not races_found()
     assert err < 2e-2
     np.testing.assert_allclose(np.asarray(lse), np.asarray(reference_lse(q, k, inv_freq, scale, seg)), atol=3e-2)
 
@@ -173,7 +201,7 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
     def interpreted(f):
         def run(*a, **kw):
             pre_rotated.append(kw.get("pre_rotated", False))
-            return f(*a, **kw, interpret=_interpret_params())
+            return f(*a, **kw, interpret=interpret_params())
         return run
     for mod, name in ((M, "mosaic_forward"), (attention_mosaic_dq, "mosaic_dq"), (attention_mosaic_dkv, "mosaic_dkv")):
         monkeypatch.setattr(mod, name, interpreted(getattr(mod, name)))

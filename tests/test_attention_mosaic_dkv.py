@@ -4,13 +4,8 @@ CUDA on the CPU (no GPU needed; catches layout errors the interpreter does not s
 import jax
 import pytest
 
-from mosaic_cases import backward_case, rel_err
+from mosaic_cases import backward_case, interpret_params, races_found, rel_err
 from pallas_kernels import attention_mosaic_dkv as M
-
-
-def _interpret_params():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams()
 
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,static_consumers,static_slots", [
@@ -23,8 +18,9 @@ def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, se
                                                          static_slots):
     args, seg, scale, (_, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
     dk, dv = M.mosaic_dkv(*args, seg=seg, scale=scale, static_consumers=static_consumers,
-                          static_slots=static_slots, interpret=_interpret_params())
+                          static_slots=static_slots, interpret=interpret_params())
     assert dk.shape == dk_ref.shape and dk.dtype == args[1].dtype and dv.shape == dv_ref.shape
+    assert not races_found()
     assert rel_err(dv, dv_ref) < 2e-2, rel_err(dv, dv_ref)
     assert rel_err(dk, dk_ref) < 2e-2, rel_err(dk, dk_ref)
 
@@ -64,8 +60,9 @@ def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, 
     args, seg, scale, (dq_ref, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=False, segments=segments,
                                                                seed=T + Hq + 7)
     dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, static_consumers=static_consumers,
-                              dq_lag=dq_lag, static_slots=static_slots, interpret=_interpret_params())
+                              dq_lag=dq_lag, static_slots=static_slots, interpret=interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
+    assert not races_found()
     for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         assert rel_err(got, want) < 2e-2, rel_err(got, want)
 

@@ -4,13 +4,8 @@ CUDA on the CPU (no GPU needed; catches layout errors the interpreter does not s
 import jax
 import pytest
 
-from mosaic_cases import backward_case, rel_err
+from mosaic_cases import backward_case, interpret_params, races_found, rel_err
 from pallas_kernels import attention_mosaic_dq as M
-
-
-def _interpret_params():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams()
 
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,ctas,key_block,static_consumers", [
@@ -22,8 +17,9 @@ def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, seg
                                                         static_consumers):
     args, seg, scale, (dq_ref, _, _) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
     dq = M.mosaic_dq(*args, seg=seg, scale=scale, ctas=ctas, key_block=key_block, static_consumers=static_consumers,
-                     interpret=_interpret_params())
+                     interpret=interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
+    assert not races_found()
     assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
 
 
