@@ -120,5 +120,6 @@ def test_no_auto_barriers_leaves_out_pallas_store_barriers(monkeypatch, no_auto_
     f = lambda *a: M.mosaic_dkv(*a, scale=scale, with_dq=True, no_auto_barriers=no_auto_barriers)  # noqa: E731
     jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
     automatic = [c for c in callers if c not in KERNEL_REQUESTED_BARRIERS]
+    print(f"AUTO_BARRIERS no_auto_barriers={no_auto_barriers} {len(automatic)} jax {jax.__version__}")  # pytest -s
     assert any(c in KERNEL_REQUESTED_BARRIERS for c in callers), callers
     assert (len(automatic) == 0) == no_auto_barriers, sorted(set(automatic))
