@@ -190,7 +190,7 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
     kernels (the default there; with rope_grad_in_kernel the backward kernels un-rotate dq / dk)
     or by the kernels from their tables, segment ids, T padded to a multiple of 128, the
     custom_vjp): with sm_90 pretended and the three Mosaic kernels run by the interpreter, output
-    and dq/dk/dv match the jnp reference."""
+    and dq/dk/dv match the jnp reference, and the race detector sees no race in any of the three."""
     import functools
 
     from pallas_kernels import attention_mosaic_dkv, attention_mosaic_dq
@@ -198,10 +198,14 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     pre_rotated = []  # which backward kernels were told that q / k come rotated
 
+    raced = []  # per kernel run: whether the race detector saw a race (its state covers one kernel)
+
     def interpreted(f):
         def run(*a, **kw):
             pre_rotated.append(kw.get("pre_rotated", False))
-            return f(*a, **kw, interpret=interpret_params())
+            out = jax.block_until_ready(f(*a, **kw, interpret=interpret_params()))  # eager under jax.vjp
+            raced.append(races_found())
+            return out
         return run
     for mod, name in ((M, "mosaic_forward"), (attention_mosaic_dq, "mosaic_dq"), (attention_mosaic_dkv, "mosaic_dkv")):
         monkeypatch.setattr(mod, name, interpreted(getattr(mod, name)))
@@ -220,6 +224,7 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
         err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))) / jnp.max(jnp.abs(w.astype(jnp.float32))))
         assert err < 2e-2, (name, err)
     assert pre_rotated == [False] + 2 * [tuning.get("rope_grad_in_kernel", False)]  # forward, dq, dk/dv
+    assert raced == [False] * 3, raced
 
 
 @pytest.mark.parametrize("rope,segments,ctas,key_block", [(False, False, 5, 64), (False, True, "sms", 64),
