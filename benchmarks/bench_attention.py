@@ -394,9 +394,11 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "jax mosaic gpu (pre-rot, fwd only)": "jax_mosaic",
         "tokamax mosaic (pre-rotated)": "tokamax",
     }
-    for name, spec in table.items():
-        if impls is not None and name not in impls:
-            continue
+    unknown = [name for name in impls or () if name not in table]
+    if unknown:
+        raise SystemExit(f"--impls: no implementation named {unknown}; known: {list(table)}")
+    for name in impls or table:  # in the order asked for, so a time budget cuts the least wanted
+        spec = table[name]
         if time.time() - T0 > ARGS.budget:
             log(f"  (budget reached, skipping {name} T={T})")
             continue
