@@ -190,6 +190,12 @@ class Tuning:
     # The same for the Mosaic dq kernel (its Q / dO buffers by consumer index). On the H200
     # (session 19) 1.03x / 1.00x / 0.96x at 2k / 8k / 32k: off.
     mosaic_dq_static_consumers: bool = False
+    # The Mosaic dk/dv kernel loading each step's lse / delta rows before its S^T wgmmas
+    # (attention_mosaic_dkv rows_early). None: in the separate dk/dv kernel, not in the fused one.
+    # Fwd+bwd on the H100 (2026-12-07, attention_NOTES.md session 22): separate dk/dv 2-6% faster
+    # at 8k (three timings against two of the default), 2.7% at 32k; fused 13% / 3.5% / 4% slower
+    # at 8k / 16k / 32k.
+    mosaic_dkv_rows_early: bool | None = None
     # Extra launch settings of the Mosaic dk/dv kernel, separate or fused (attention_mosaic_dkv.
     # mosaic_dkv keywords as (name, value) pairs, e.g. (("rows_early", True),); the fused-only ones
     # such as dq_lag fail where the backward is not fused), for A/B runs of variants not yet default.
@@ -769,9 +775,11 @@ def _flash(cfg, q, k, v, aux):
     return _flash_fwd(cfg, q, k, v, aux)[0]
 
 
-def _dkv_settings(tuning):
+def _dkv_settings(tuning, fused):
     """The Mosaic dk/dv kernel's launch settings from the tuning (separate or fused)."""
-    return dict(static_consumers=tuning.mosaic_dkv_static_consumers, **dict(tuning.mosaic_dkv_kwargs))
+    rows_early = (not fused) if tuning.mosaic_dkv_rows_early is None else tuning.mosaic_dkv_rows_early
+    return {"static_consumers": tuning.mosaic_dkv_static_consumers, "rows_early": rows_early,
+            **dict(tuning.mosaic_dkv_kwargs)}
 
 
 def _flash_fwd(cfg, q, k, v, aux):
@@ -811,7 +819,7 @@ def _flash_bwd(cfg, res, dout):
     if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd:
         dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
                                                      longest_first=cfg.tuning.mosaic_longest_first, with_dq=True,
-                                                     **_dkv_settings(cfg.tuning))
+                                                     **_dkv_settings(cfg.tuning, fused=True))
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,
@@ -822,7 +830,7 @@ def _flash_bwd(cfg, res, dout):
     if cfg.mosaic_dkv:
         dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
                                                  longest_first=cfg.tuning.mosaic_longest_first,
-                                                 **_dkv_settings(cfg.tuning), **un_rotate)
+                                                 **_dkv_settings(cfg.tuning, fused=False), **un_rotate)
     else:
         dk, dv = _backward_dkv(cfg, *triton)
     return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)

@@ -99,7 +99,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     rows_early (p_regs): each step loads its lse and delta rows from shared memory before issuing
     S^T, instead of right after the wgmma whose result they meet (in the fused kernel at 8k ~18% of
     a consumer's stall samples waited on those loads or on the lane index their addresses need,
-    session 19); costs their registers across the S^T wgmmas. Not timed yet.
+    session 19); costs their registers across the S^T wgmmas. Fwd+bwd on the H100 (session 22):
+    the separate kernel 2-6% faster at 8k, the fused one 4-13% slower (flash_attention's default
+    follows: Tuning.mosaic_dkv_rows_early).
 
     dq_lag (with_dq): each step's dQ is computed one step later, after the next step's dS^T is
     written, so the consumers meet on a dS^T tile a step after it was written (one barrier per

@@ -197,12 +197,14 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     pre_rotated = []  # which backward kernels were told that q / k come rotated
+    rows_early = []  # and which were asked to load lse / delta rows early (the separate dk/dv kernel's default)
 
     raced = []  # per kernel run: whether the race detector saw a race (its state covers one kernel)
 
     def interpreted(f):
         def run(*a, **kw):
             pre_rotated.append(kw.get("pre_rotated", False))
+            rows_early.append(kw.get("rows_early"))
             out = jax.block_until_ready(f(*a, **kw, interpret=interpret_params()))  # eager under jax.vjp
             raced.append(races_found())
             return out
@@ -225,6 +227,7 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
         assert err < 2e-2, (name, err)
     assert pre_rotated == [False] + 2 * [tuning.get("rope_grad_in_kernel", False)]  # forward, dq, dk/dv
     assert raced == [False] * 3, raced
+    assert rows_early == [None, None, True], rows_early  # forward, dq, dk/dv
 
 
 @pytest.mark.parametrize("rope,segments,ctas,key_block", [(False, False, 5, 64), (False, True, "sms", 64),

@@ -34,6 +34,7 @@ def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, se
     (False, None, True, dict(static_consumers=False)),  # one consumer code for both, the buffers by warpgroup index
     (False, None, True, dict(rows_early=True)), (False, None, False, dict(ds_under_dv=False, rows_early=True)),  # lse / delta first
     (False, None, False, dict(static_slots=True)), (True, None, False, dict(static_slots=True, rows_early=True)),  # slots constants
+    (True, None, True, dict(pre_rotated=True, rows_early=True)),  # the separate kernel's default with rope_grad_in_kernel
     (False, None, False, dict(no_auto_barriers=True)), (True, None, False, dict(no_auto_barriers=True)),  # (rotation: kept)
 ])
 def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, settings):
