@@ -193,7 +193,7 @@ class Tuning:
     # The Mosaic dk/dv kernel loading each step's lse / delta rows before its S^T wgmmas
     # (attention_mosaic_dkv rows_early). None: in the separate dk/dv kernel, not in the fused one.
     # Fwd+bwd on the H100 (2026-12-07, attention_NOTES.md session 22): separate dk/dv 2-6% faster
-    # at 8k (three timings against two of the default), 2.7% at 32k; fused 13% / 3.5% / 4% slower
+    # at 8k (three timings against three of the default), 2.7% at 32k; fused 13% / 3-5% / 3.5% slower
     # at 8k / 16k / 32k.
     mosaic_dkv_rows_early: bool | None = None
     # Extra launch settings of the Mosaic dk/dv kernel, separate or fused (attention_mosaic_dkv.

@@ -100,7 +100,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     S^T, instead of right after the wgmma whose result they meet (in the fused kernel at 8k ~18% of
     a consumer's stall samples waited on those loads or on the lane index their addresses need,
     session 19); costs their registers across the S^T wgmmas. Fwd+bwd on the H100 (session 22):
-    the separate kernel 2-6% faster at 8k, the fused one 4-13% slower (flash_attention's default
+    the separate kernel 2-6% faster at 8k, the fused one 3-13% slower (flash_attention's default
     follows: Tuning.mosaic_dkv_rows_early).
 
     dq_lag (with_dq): each step's dQ is computed one step later, after the next step's dS^T is

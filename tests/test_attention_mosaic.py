@@ -198,7 +198,6 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     pre_rotated = []  # which backward kernels were told that q / k come rotated
     rows_early = []  # and which were asked to load lse / delta rows early (the separate dk/dv kernel's default)
-
     raced = []  # per kernel run: whether the race detector saw a race (its state covers one kernel)
 
     def interpreted(f):
