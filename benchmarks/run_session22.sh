@@ -6,6 +6,7 @@
 #                                          # auto barriers), then 8k and 32k (the impls in the order given: cuDNN second)
 #   bash benchmarks/run_session22.sh rows  # (not run) the rows_early default against the order before it (rows late)
 #                                          # and cuDNN, 8k and 32k, each timed twice: the A/B behind the new default
+#                                          # (at 32k both are the fused default: a same-config noise check)
 . "$(dirname "$0")/device_helpers.sh"
 case ${1:-e2e} in
   e2e)
