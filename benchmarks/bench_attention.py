@@ -152,6 +152,14 @@ def check_correctness(only=None):
         ("mosaic_packed_fused_no_auto_barriers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True,
               tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("no_auto_barriers", True),)))),
+        # session 23: dS^T from the 16-bit P^T (fewer live registers), separate and fused
+        ("mosaic_packed_ds_rounded_p_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
+         dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dkv_kwargs=(("ds_from_rounded_p", True),)))),
+        ("mosaic_fused_ds_rounded_p_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("ds_from_rounded_p", True),)))),
+        ("mosaic_packed_fused_ds_rounded_p_no_auto_barriers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
+         dict(rope=True, segments=True, positions=True, tuning=Tuning(
+             mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("ds_from_rounded_p", True), ("no_auto_barriers", True))))),
         ("mosaic_packed_dq_static_consumers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dq_static_consumers=True))),
     ]
@@ -189,15 +197,24 @@ def check_correctness(only=None):
 
 # ------------------------------------------------------------------ timing
 
-def timeit(fn, *args, reps=10):
+def warm_up(fn, *args):
     jax.block_until_ready(fn(*args))  # compile
     jax.block_until_ready(fn(*args))  # warm
+
+
+def sample_ms(fn, *args, reps=10):
+    """Wall-clock ms of reps calls, one each."""
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def timeit(fn, *args, reps=10):
+    warm_up(fn, *args)
+    return statistics.median(sample_ms(fn, *args, reps=reps))
 
 
 def packed_documents(B, T, seed=0, min_len=64, max_len=1024):
@@ -237,6 +254,49 @@ def bench_packed(T, B, Hq=32, Hkv=8, D=128):
 
 def causal_fwd_flops(B, T, Hq, D):
     return 2 * 2 * B * Hq * T * T * D / 2
+
+
+def compile_impls(table, names, T, builders, do):
+    """[(name, jitted forward, jitted fwd+bwd or None, args)] in the order asked for, each compiled and
+    warmed (its ptxas lines follow its 'compiling' line in the log); a budget cuts the least wanted."""
+    ready = []
+    for name in dict.fromkeys(names):  # a name given twice is timed once (rounds repeat it)
+        if time.time() - T0 > ARGS.budget:
+            log(f"  (budget reached, skipping {name} T={T})")
+            continue
+        log(f"  compiling {name} T={T}")
+        spec = table[name]
+        try:
+            fn, args = builders[spec]() if isinstance(spec, str) else spec
+            fwd = jax.jit(fn)
+            warm_up(fwd, *args)
+        except Exception as e:
+            record_error(f"time_{name}_T{T}", e)
+            continue
+        fb = fwd_bwd(fn)
+        try:
+            warm_up(fb, *args, do)
+        except Exception as e:  # a forward-only baseline
+            record_error(f"time_bwd_{name}_T{T}", e)
+            fb = None
+        ready.append((name, fwd, fb, (*args, do)))
+    return ready
+
+
+def interleaved_samples(ready, T):
+    """{name: (forward rounds, fwd+bwd rounds)} of wall-clock ms: --rounds rounds, each timing every
+    implementation in turn (--reps calls each), so a clock drift during the run spreads over all
+    of them instead of biasing whichever ran then. Rounds after the first stop at the budget."""
+    samples = {name: ([], []) for name, *_ in ready}
+    for r in range(ARGS.rounds):
+        if r and time.time() - T0 > ARGS.budget:
+            log(f"  (budget reached after {r} rounds at T={T})")
+            break
+        for name, fwd, fb, args in ready:
+            samples[name][0].append(sample_ms(fwd, *args[:-1], reps=ARGS.reps))
+            if fb is not None:
+                samples[name][1].append(sample_ms(fb, *args, reps=ARGS.reps))
+    return samples
 
 
 def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
@@ -388,6 +448,11 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, fused bwd, rows early, no auto barriers": (ours_fused_with(rows_early=True, no_auto_barriers=True), (q, k, v)),
         "ours, fused bwd, all but dq atomic": (ours_fused_with(rows_early=True, static_slots=True, no_auto_barriers=True,
                                                                dq_lag=True), (q, k, v)),
+        "ours, ds from rounded P": (ours_dkv_with(ds_from_rounded_p=True), (q, k, v)),  # whichever backward T picks
+        "ours, separate bwd, ds from rounded P": (ours_dkv_with(fused=False, ds_from_rounded_p=True), (q, k, v)),
+        "ours, fused bwd, ds from rounded P": (ours_fused_with(ds_from_rounded_p=True), (q, k, v)),
+        "ours, fused bwd, ds from rounded P, no auto barriers": (
+            ours_fused_with(ds_from_rounded_p=True, no_auto_barriers=True), (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),
@@ -398,27 +463,23 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     unknown = [name for name in impls or () if name not in table]
     if unknown:
         raise SystemExit(f"--impls: no implementation named {unknown}; known: {list(table)}")
-    for name in impls or table:  # in the order asked for, so a time budget cuts the least wanted
-        spec = table[name]
-        if time.time() - T0 > ARGS.budget:
-            log(f"  (budget reached, skipping {name} T={T})")
-            continue
-        try:
-            fn, args = {"jax_mha": jax_mha, "jax_mosaic": jax_mosaic, "tokamax": tokamax_mosaic}[spec]() if isinstance(spec, str) else spec
-            f_ms = timeit(jax.jit(fn), *args)
-        except Exception as e:
-            record_error(f"time_{name}_T{T}", e)
-            continue
-        try:
-            fb_ms = timeit(fwd_bwd(fn), *args, do)
-        except Exception as e:  # a forward-only baseline
-            record_error(f"time_bwd_{name}_T{T}", e)
-            fb_ms = float("nan")
+    ready = compile_impls(table, impls or list(table), T, {"jax_mha": jax_mha, "jax_mosaic": jax_mosaic,
+                                                         "tokamax": tokamax_mosaic}, do)
+    samples = interleaved_samples(ready, T)
+    base = samples.get("cudnn + XLA RoPE")
+    for name, (fwd, fb) in samples.items():
+        f_ms, fb_ms = statistics.median(sum(fwd, [])), statistics.median(sum(fb, [])) if fb else float("nan")
         row = dict(impl=name, T=T, B=B, D=D, Hq=Hq, Hkv=Hkv, fwd_ms=f_ms, fwdbwd_ms=fb_ms,
-                   fwd_tflops=fl / f_ms / 1e9, fwdbwd_tflops=3.5 * fl / fb_ms / 1e9)
+                   fwd_tflops=fl / f_ms / 1e9, fwdbwd_tflops=3.5 * fl / fb_ms / 1e9,
+                   fwdbwd_round_ms=[statistics.median(r) for r in fb])
+        vs = ""
+        if base and base[1] and fb and name != "cudnn + XLA RoPE":  # per round: the drift between rounds cancels
+            ratios = [statistics.median(a) / statistics.median(c) for a, c in zip(fb, base[1])]
+            row["fwdbwd_x_cudnn_rounds"] = ratios
+            vs = f" | x cuDNN+RoPE {statistics.median(ratios):.3f} (rounds {' '.join(f'{r:.3f}' for r in ratios)})"
         rows.append(row)
         log(f"  T={T:6d} B={B} D={D} {name:40s} fwd {f_ms:8.3f} ms {row['fwd_tflops']:6.0f} TF/s | "
-            f"fwd+bwd {fb_ms:8.3f} ms {row['fwdbwd_tflops']:6.0f} TF/s")
+            f"fwd+bwd {fb_ms:8.3f} ms {row['fwdbwd_tflops']:6.0f} TF/s{vs}")
     RESULTS.setdefault("timing", []).extend(rows)
     return rows
 
@@ -535,6 +596,9 @@ if __name__ == "__main__":
                    "whose name contains this, or one of these comma-separated parts ('' = all)")
     p.add_argument("--impls", default="", help="';'-separated implementation names for the D=128 2k/8k timings")
     p.add_argument("--seqs", default="2048,8192", help="with --timing-only: the sequence lengths (B = 16k / T)")
+    p.add_argument("--rounds", type=int, default=1, help="timing rounds, each over every implementation in "
+                   "turn (ratios to cuDNN + XLA RoPE taken per round)")
+    p.add_argument("--reps", type=int, default=10, help="timed calls per implementation per round")
     p.add_argument("--d256", action="store_true", help="with --timing-only: also D=256 (Hq/Hkv 16/8) at T=8k")
     ARGS = p.parse_args()
     main()

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Session 23 device calls (attention_NOTES.md "Session 23"): dS^T from the 16-bit P^T (ds_from_rounded_p,
+# fewer live registers in the dk/dv and fused kernels) and no_auto_barriers re-timed, fwd+bwd against
+# cuDNN + XLA RoPE (B*T = 16k, Hq/Hkv 32/8, D 128, causal), in interleaved rounds (bench_attention --rounds:
+# every impl in turn each round, the ratio to cuDNN taken per round). Each impl's ptxas spill lines
+# follow its "compiling" line in the logs.
+#   bash benchmarks/run_session23.sh e2e   # GPU checks of the new switch, then 2k / 8k, 16k, 32k
+. "$(dirname "$0")/device_helpers.sh"
+e2e_group() {  # name, seconds, seqs, impls
+  timeout "$2" python3 benchmarks/bench_attention.py --timing-only --budget $(($2 - 40)) --rounds 4 --reps 5 \
+    --seqs "$3" --impls "$4" ${CHECKS:+--checks "$CHECKS"} > "$OUT/$1.log" 2>&1
+  echo "== $1 rc=$?"; grep -E "FAIL|PASS|correctness|Error|budget" "$OUT/$1.log" | cut -c1-170 | head -20
+  grep -E "compiling|spill stores" "$OUT/$1.log" | sed -E 's/.*function .entry_mosaic_gpu_kernel., //' | cut -c1-90
+  grep -E "^  T=" "$OUT/$1.log" | cut -c1-230
+}
+case ${1:-e2e} in
+  e2e)
+    CHECKS=ds_rounded,mosaic_fused_bwd_rope_gqa4,mosaic_packed_rows_early e2e_group short 200 2048,8192 \
+      "ours;cudnn + XLA RoPE;ours, ds from rounded P;ours, fused bwd;ours, fused bwd, ds from rounded P"
+    e2e_group mid 160 16384 \
+      "ours;cudnn + XLA RoPE;ours, ds from rounded P;ours, separate bwd;ours, separate bwd, ds from rounded P;ours, fused bwd, no auto barriers;ours, fused bwd, ds from rounded P, no auto barriers"
+    e2e_group long 120 32768 \
+      "ours;cudnn + XLA RoPE;ours, ds from rounded P;ours, fused bwd, no auto barriers;ours, fused bwd, ds from rounded P, no auto barriers" ;;
+  *) echo "usage: $0 e2e" >&2; exit 2 ;;
+esac
