@@ -152,14 +152,10 @@ def check_correctness(only=None):
         ("mosaic_packed_fused_no_auto_barriers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True,
               tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("no_auto_barriers", True),)))),
-        # session 23: dS^T from the 16-bit P^T (fewer live registers), separate and fused
-        ("mosaic_packed_ds_rounded_p_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
-         dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dkv_kwargs=(("ds_from_rounded_p", True),)))),
-        ("mosaic_fused_ds_rounded_p_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
-         dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("ds_from_rounded_p", True),)))),
-        ("mosaic_packed_fused_ds_rounded_p_no_auto_barriers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
-         dict(rope=True, segments=True, positions=True, tuning=Tuning(
-             mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("ds_from_rounded_p", True), ("no_auto_barriers", True))))),
+        # the fused kernel's slots as constants without its auto barriers (session 23)
+        ("mosaic_fused_static_slots_no_auto_barriers_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True,
+                                       mosaic_dkv_kwargs=(("static_slots", True), ("no_auto_barriers", True))))),
         ("mosaic_packed_dq_static_consumers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dq_static_consumers=True))),
     ]
@@ -448,11 +444,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, fused bwd, rows early, no auto barriers": (ours_fused_with(rows_early=True, no_auto_barriers=True), (q, k, v)),
         "ours, fused bwd, all but dq atomic": (ours_fused_with(rows_early=True, static_slots=True, no_auto_barriers=True,
                                                                dq_lag=True), (q, k, v)),
-        "ours, ds from rounded P": (ours_dkv_with(ds_from_rounded_p=True), (q, k, v)),  # whichever backward T picks
-        "ours, separate bwd, ds from rounded P": (ours_dkv_with(fused=False, ds_from_rounded_p=True), (q, k, v)),
-        "ours, fused bwd, ds from rounded P": (ours_fused_with(ds_from_rounded_p=True), (q, k, v)),
-        "ours, fused bwd, ds from rounded P, no auto barriers": (
-            ours_fused_with(ds_from_rounded_p=True, no_auto_barriers=True), (q, k, v)),
+        "ours, fused bwd, static slots": (ours_fused_with(static_slots=True), (q, k, v)),
+        "ours, fused bwd, static slots, no auto barriers": (ours_fused_with(static_slots=True, no_auto_barriers=True),
+                                                            (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

@@ -4,10 +4,14 @@
 # cuDNN + XLA RoPE (B*T = 16k, Hq/Hkv 32/8, D 128, causal), in interleaved rounds (bench_attention --rounds:
 # every impl in turn each round, the ratio to cuDNN taken per round). Each impl's ptxas spill lines
 # follow its "compiling" line in the logs.
-#   bash benchmarks/run_session23.sh e2e   # GPU checks of the new switch, then 2k / 8k, 16k, 32k
+#   bash benchmarks/run_session23.sh e2e    # GPU checks of ds_from_rounded_p, then 2k / 8k, 16k, 32k (ran: 3-13%
+#                                           # slower; the switch is at d5e3a2b, removed after)
+#   bash benchmarks/run_session23.sh slots  # the fused kernel's static_slots (never timed alone) with and without
+#                                           # its auto barriers, 8k and 32k, 10 rounds of 2 calls; 2k and the
+#                                           # separate kernel's static slots at 8k beside
 . "$(dirname "$0")/device_helpers.sh"
 e2e_group() {  # name, seconds, seqs, impls
-  timeout "$2" python3 benchmarks/bench_attention.py --timing-only --budget $(($2 - 40)) --rounds 4 --reps 5 \
+  timeout "$2" python3 benchmarks/bench_attention.py --timing-only --budget $(($2 - 40)) --rounds ${ROUNDS:-4} --reps ${REPS:-5} \
     --seqs "$3" --impls "$4" ${CHECKS:+--checks "$CHECKS"} > "$OUT/$1.log" 2>&1
   echo "== $1 rc=$?"; grep -E "FAIL|PASS|correctness|Error|budget" "$OUT/$1.log" | cut -c1-170 | head -20
   grep -E "compiling|spill stores" "$OUT/$1.log" | sed -E 's/.*function .entry_mosaic_gpu_kernel., //' | cut -c1-90
@@ -21,5 +25,11 @@ case ${1:-e2e} in
       "ours;cudnn + XLA RoPE;ours, ds from rounded P;ours, separate bwd;ours, separate bwd, ds from rounded P;ours, fused bwd, no auto barriers;ours, fused bwd, ds from rounded P, no auto barriers"
     e2e_group long 120 32768 \
       "ours;cudnn + XLA RoPE;ours, ds from rounded P;ours, fused bwd, no auto barriers;ours, fused bwd, ds from rounded P, no auto barriers" ;;
-  *) echo "usage: $0 e2e" >&2; exit 2 ;;
+  slots)
+    ROUNDS=10 REPS=2 CHECKS=fused_static_slots e2e_group slots8k 160 8192 \
+      "ours;cudnn + XLA RoPE;ours, fused bwd;ours, fused bwd, static slots;ours, dk/dv static slots"
+    ROUNDS=10 REPS=2 e2e_group slots32k 150 32768 \
+      "ours;cudnn + XLA RoPE;ours, fused bwd, static slots;ours, fused bwd, no auto barriers;ours, fused bwd, static slots, no auto barriers"
+    ROUNDS=10 REPS=2 e2e_group two_k 60 2048 "ours;cudnn + XLA RoPE" ;;
+  *) echo "usage: $0 e2e|slots" >&2; exit 2 ;;
 esac

@@ -60,8 +60,7 @@ TILE = 64      # key rows per consumer and query rows per step
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
                ds_under_dv=None, static_consumers=True, rows_early=False, dq_lag=False, dq_behind_dk=False,
-               dq_atomic=False, static_slots=False, no_auto_barriers=False, pre_rotated=False, ds_from_rounded_p=False,
-               interpret=None):
+               dq_atomic=False, static_slots=False, no_auto_barriers=False, pre_rotated=False, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -130,13 +129,6 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     commit, and every overwrite of a buffer an async read used waits for it first (wgmma waits,
     the meetings, wait_smem_to_gmem's own barrier); the in-kernel rotation reads and rewrites
     tiles, so it keeps them. Not timed yet.
-
-    ds_from_rounded_p: dS^T = P^T (dP^T - delta) from the 16-bit P^T that the dV wgmma reads instead
-    of the float32 one, so the float32 P^T (32 registers a thread) dies before dP^T's accumulator
-    is live: the fused kernel spills ~1.1 KB a thread at its default and every switch that kept
-    more values live made it slower (session 22). Rounding P^T to 16 bits is what dV already
-    uses (and every flash backward: P in [0, 1], 2^-9 relative in bf16); dS^T is rounded to 16 bits
-    right after for its own wgmmas. Not timed yet (attention_NOTES.md session 23).
 
     pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query
@@ -209,10 +201,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         completed."""
         dv_acc, dk_accs = accs
         p_t = probs_t(my_k, q_parts, lambda: col_vec(lse_t), k0, q0, masked, seg_t)
-        p_lo = p_t.astype(my_p.dtype)
-        my_p[...] = p_lo
-        if ds_from_rounded_p:
-            p_t = p_lo.astype(jnp.float32)
+        my_p[...] = p_t.astype(my_p.dtype)
         plgpu.commit_smem()  # generic-proxy writes of P^T -> visible to wgmma
         plgpu.wgmma(dv_acc, my_p, do_t)
         if interp:
@@ -255,15 +244,12 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         dv, dk0, dk1 = accs
         lse_of, delta_of = row_of(lse_t), row_of(delta_t)
         p_t = probs_t(my_k, q_parts, lse_of, k0, q0, masked, seg_t)
-        p_lo = p_t.astype(q.dtype)  # the dV wgmma's A operand
-        if ds_from_rounded_p:
-            p_t = p_lo.astype(jnp.float32)
         zeros = plgpu.layout_cast(jnp.zeros((t, t), jnp.float32), plgpu.Layout.WGMMA)
         if ds_under_dv:  # one run_state: dV stays in flight while dS^T is computed
             def step(refs):
                 dv_ref, dp_ref, dk_refs = refs
                 plgpu.wgmma(dp_ref, my_v, plgpu.transpose_ref(do_t, (1, 0)))
-                plgpu.wgmma(dv_ref, p_lo, do_t)
+                plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
                 dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dP^T done, dV may run on
                 ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta_of(), (t, t), [1]))).astype(q.dtype)
                 for p in range(2):
@@ -275,7 +261,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
 
         def dv_dp(refs):
             dv_ref, dp_ref = refs
-            plgpu.wgmma(dv_ref, p_lo, do_t)
+            plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
             plgpu.wgmma(dp_ref, my_v, plgpu.transpose_ref(do_t, (1, 0)))
         dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
         ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta_of(), (t, t), [1]))).astype(q.dtype)

@@ -8,18 +8,17 @@ from mosaic_cases import backward_case, interpret_params, races_found, rel_err
 from pallas_kernels import attention_mosaic_dkv as M
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,static_consumers,static_slots,settings", [
-    (1, 128, 4, 2, True, False, True, False, {}),     # producer + 2 consumers, 4 steps through 2 slots
-    (1, 256, 2, 1, True, True, True, False, {}),      # packed documents (two key blocks)
-    (1, 256, 2, 1, True, True, False, False, {}),     # one consumer code for both, the buffers by warpgroup index
-    (1, 384, 4, 2, False, False, True, True, {}),     # two steps at a time, their slots constants
-    (1, 256, 2, 1, False, True, True, False, dict(ds_from_rounded_p=True)),  # dS^T from the 16-bit P^T
+@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,static_consumers,static_slots", [
+    (1, 128, 4, 2, True, False, True, False),     # producer + 2 consumers, 4 steps through 2 slots
+    (1, 256, 2, 1, True, True, True, False),      # packed documents (two key blocks)
+    (1, 256, 2, 1, True, True, False, False),     # one consumer code for both, the buffers by warpgroup index
+    (1, 384, 4, 2, False, False, True, True),     # two steps at a time, their slots constants
 ])
 def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, static_consumers,
-                                                         static_slots, settings):
+                                                         static_slots):
     args, seg, scale, (_, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
     dk, dv = M.mosaic_dkv(*args, seg=seg, scale=scale, static_consumers=static_consumers,
-                          static_slots=static_slots, interpret=interpret_params(), **settings)
+                          static_slots=static_slots, interpret=interpret_params())
     assert dk.shape == dk_ref.shape and dk.dtype == args[1].dtype and dv.shape == dv_ref.shape
     assert not races_found()
     assert rel_err(dv, dv_ref) < 2e-2, rel_err(dv, dv_ref)
@@ -37,8 +36,6 @@ def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, se
     (False, None, False, dict(static_slots=True)), (True, None, False, dict(static_slots=True, rows_early=True)),  # slots constants
     (True, None, True, dict(pre_rotated=True, rows_early=True)),  # the separate kernel's default with rope_grad_in_kernel
     (False, None, False, dict(no_auto_barriers=True)), (True, None, False, dict(no_auto_barriers=True)),  # (rotation: kept)
-    (False, None, True, dict(ds_from_rounded_p=True)), (False, None, False, dict(ds_under_dv=False, ds_from_rounded_p=True)),
-    (False, False, False, dict(ds_under_dv=False, ds_from_rounded_p=True)),  # dS^T from the 16-bit P^T
 ])
 def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, settings):
     """The compiled paths (wgmma with transposed and register operands, WGMMA layouts) through
@@ -48,24 +45,23 @@ def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, settings):
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments,static_consumers,dq_lag,static_slots,settings", [
-    (1, 256, 4, 2, False, True, False, False, {}),   # two key blocks adding into the same query tiles, GQA 2
-    (1, 256, 2, 1, True, True, False, False, {}),    # packed documents (key blocks stop at their last shared segment)
-    (1, 256, 4, 2, False, False, False, False, {}),  # one consumer code for both, the buffers by warpgroup index
-    (2, 384, 4, 2, False, True, True, False, {}),    # each tile's dQ a step late (3 dS^T buffers, a barrier each)
-    (1, 256, 2, 1, True, True, True, False, {}),
-    (1, 384, 4, 2, False, True, False, True, {}),    # two steps at a time, slots and dS^T buffers constants
-    (1, 256, 4, 2, False, True, True, True, {}),     # both
-    (1, 256, 4, 2, False, True, False, False, dict(ds_from_rounded_p=True)),  # dS^T from the 16-bit P^T
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,static_consumers,dq_lag,static_slots", [
+    (1, 256, 4, 2, False, True, False, False),   # two key blocks adding into the same query tiles, GQA 2
+    (1, 256, 2, 1, True, True, False, False),    # packed documents (key blocks stop at their last shared segment)
+    (1, 256, 4, 2, False, False, False, False),  # one consumer code for both, the buffers by warpgroup index
+    (2, 384, 4, 2, False, True, True, False),    # each tile's dQ a step late (3 dS^T buffers, a barrier each)
+    (1, 256, 2, 1, True, True, True, False),
+    (1, 384, 4, 2, False, True, False, True),    # two steps at a time, slots and dS^T buffers constants
+    (1, 256, 4, 2, False, True, True, True),     # both
 ])
 def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, static_consumers, dq_lag,
-                                                                 static_slots, settings):
+                                                                 static_slots):
     """The fused backward: dq from the dk/dv kernel's dS^T tiles (in the interpreter each key block
     stores its dQ partial, summed by XLA, where the GPU reduce-adds), dk/dv unchanged by it."""
     args, seg, scale, (dq_ref, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=False, segments=segments,
                                                                seed=T + Hq + 7)
     dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, static_consumers=static_consumers,
-                              dq_lag=dq_lag, static_slots=static_slots, interpret=interpret_params(), **settings)
+                              dq_lag=dq_lag, static_slots=static_slots, interpret=interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
     assert not races_found()
     for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
@@ -82,7 +78,7 @@ def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, 
     (None, False, dict(static_slots=True, dq_lag=True, dq_atomic=True)),
     (None, False, dict(no_auto_barriers=True)), (None, True, dict(no_auto_barriers=True, dq_lag=True)),  # no auto barriers
     (None, False, dict(rows_early=True, static_slots=True, no_auto_barriers=True, dq_lag=True, dq_atomic=True)),
-    (None, False, dict(ds_from_rounded_p=True)), (None, True, dict(ds_from_rounded_p=True, no_auto_barriers=True)),
+    (None, False, dict(static_slots=True, no_auto_barriers=True)),
 ])
 def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, settings):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
