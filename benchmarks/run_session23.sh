@@ -30,6 +30,11 @@ case ${1:-e2e} in
       "ours;cudnn + XLA RoPE;ours, fused bwd;ours, fused bwd, static slots;ours, dk/dv static slots"
     ROUNDS=10 REPS=2 e2e_group slots32k 150 32768 \
       "ours;cudnn + XLA RoPE;ours, fused bwd, static slots;ours, fused bwd, no auto barriers;ours, fused bwd, static slots, no auto barriers"
-    ROUNDS=10 REPS=2 e2e_group two_k 60 2048 "ours;cudnn + XLA RoPE" ;;
+    ROUNDS=10 REPS=2 e2e_group two_k 60 2048 "ours;cudnn + XLA RoPE"
+    for kw in '{"with_dq": true}' '{"with_dq": true, "static_slots": true}'; do  # where the fused kernel spills
+      rm -rf "$OUT/sass"; MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO=$OUT/sass timeout 60 \
+        python3 benchmarks/compile_mosaic_kernel.py --kernel dkv --kwargs "$kw" > /dev/null 2>&1
+      echo "== sass $kw"; timeout 30 python3 benchmarks/sass_spills.py "$OUT/sass" | head -40 | cut -c1-160
+    done ;;
   *) echo "usage: $0 e2e|slots" >&2; exit 2 ;;
 esac
