@@ -444,6 +444,8 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, fused bwd, rows early, no auto barriers": (ours_fused_with(rows_early=True, no_auto_barriers=True), (q, k, v)),
         "ours, fused bwd, all but dq atomic": (ours_fused_with(rows_early=True, static_slots=True, no_auto_barriers=True,
                                                                dq_lag=True), (q, k, v)),
+        "ours, auto barriers": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(
+            mosaic_fused_no_auto_barriers=False)), (q, k, v)),  # from 16k the default before session 23
         "ours, fused bwd, static slots": (ours_fused_with(static_slots=True), (q, k, v)),
         "ours, fused bwd, static slots, no auto barriers": (ours_fused_with(static_slots=True, no_auto_barriers=True),
                                                             (q, k, v)),

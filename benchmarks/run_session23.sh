@@ -8,7 +8,9 @@
 #                                           # slower; the switch is at d5e3a2b, removed after)
 #   bash benchmarks/run_session23.sh slots  # the fused kernel's static_slots (never timed alone) with and without
 #                                           # its auto barriers, 8k and 32k, 10 rounds of 2 calls; 2k and the
-#                                           # separate kernel's static slots at 8k beside
+#                                           # separate kernel's static slots at 8k beside (ran: static slots
+#                                           # 1.3-1.9x slower; no_auto_barriers made the fused default after)
+#   bash benchmarks/run_session23.sh default  # that default checked and against the one before; dq_behind_dk
 . "$(dirname "$0")/device_helpers.sh"
 e2e_group() {  # name, seconds, seqs, impls
   timeout "$2" python3 benchmarks/bench_attention.py --timing-only --budget $(($2 - 40)) --rounds ${ROUNDS:-4} --reps ${REPS:-5} \
@@ -36,5 +38,9 @@ case ${1:-e2e} in
         python3 benchmarks/compile_mosaic_kernel.py --kernel dkv --kwargs "$kw" > /dev/null 2>&1
       echo "== sass $kw"; timeout 30 python3 benchmarks/sass_spills.py "$OUT/sass" | head -40 | cut -c1-160
     done ;;
-  *) echo "usage: $0 e2e|slots" >&2; exit 2 ;;
+  default)  # the fused kernel without auto barriers made default (16k on): checks, against the default before it,
+             # and dq_behind_dk (never timed) on top of it
+    ROUNDS=10 REPS=2 CHECKS=mosaic_fused_bwd_rope_gqa4,mosaic_packed_fused_bwd_rope,dq_behind_dk e2e_group default 300 16384,32768 \
+      "ours;cudnn + XLA RoPE;ours, auto barriers;ours, fused bwd, dq behind dk" ;;
+  *) echo "usage: $0 e2e|slots|default" >&2; exit 2 ;;
 esac

@@ -196,6 +196,12 @@ class Tuning:
     # at 8k (three timings against three of the default), 2.7% at 32k; fused 13% / 3-5% / 3.5% slower
     # at 8k / 16k / 32k.
     mosaic_dkv_rows_early: bool | None = None
+    # The fused backward without Pallas' warpgroup barriers around its shared-memory stores
+    # (attention_mosaic_dkv no_auto_barriers; why that is safe there: its docstring). Fwd+bwd on the
+    # H100 in paired rounds (2026-12-07, attention_NOTES.md session 23): 1.025x against 1.051x
+    # cuDNN's time at 16k (faster in 11 of 12 rounds), 1.015x against 1.048x at 32k (8 of 10), as
+    # in sessions 22 / 23's shorter runs at 32k (2.1%, 1.7%).
+    mosaic_fused_no_auto_barriers: bool = True
     # Extra launch settings of the Mosaic dk/dv kernel, separate or fused (attention_mosaic_dkv.
     # mosaic_dkv keywords as (name, value) pairs, e.g. (("rows_early", True),); the fused-only ones
     # such as dq_lag fail where the backward is not fused), for A/B runs of variants not yet default.
@@ -778,7 +784,8 @@ def _flash(cfg, q, k, v, aux):
 def _dkv_settings(tuning, fused):
     """The Mosaic dk/dv kernel's launch settings from the tuning (separate or fused)."""
     rows_early = (not fused) if tuning.mosaic_dkv_rows_early is None else tuning.mosaic_dkv_rows_early
-    return {"static_consumers": tuning.mosaic_dkv_static_consumers, "rows_early": rows_early,
+    fused_only = {"no_auto_barriers": tuning.mosaic_fused_no_auto_barriers} if fused else {}
+    return {"static_consumers": tuning.mosaic_dkv_static_consumers, "rows_early": rows_early, **fused_only,
             **dict(tuning.mosaic_dkv_kwargs)}
 
 

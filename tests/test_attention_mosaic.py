@@ -149,10 +149,19 @@ def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, m
 def test_flash_attention_fuses_the_mosaic_backward_from_a_length_on(monkeypatch, T, fused):
     """Tuning.mosaic_fused_bwd=None: dq comes from the dk/dv kernel (its fp32 accumulator aliased
     in and out, no dq kernel) from FUSED_BWD_MIN_T positions on (lowered for CUDA on the CPU, the
-    threshold lowered to 256 to keep the shapes small)."""
+    threshold lowered to 256 to keep the shapes small); the fused kernel without Pallas' automatic
+    barriers (Tuning.mosaic_fused_no_auto_barriers), the separate one with them."""
+    from pallas_kernels import attention_mosaic_dkv
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     monkeypatch.setattr(attn, "FUSED_BWD_MIN_T", 256)
+    no_auto_barriers = []
+    real = attention_mosaic_dkv.mosaic_dkv
+
+    def recording(*a, **kw):
+        no_auto_barriers.append(kw.get("no_auto_barriers", False))
+        return real(*a, **kw)
+    monkeypatch.setattr(attention_mosaic_dkv, "mosaic_dkv", recording)
     q, k, v, inv_freq = _inputs(1, T, 4, 2, seed=3)
 
     def fwd_bwd(q, k, v):
@@ -161,6 +170,7 @@ def test_flash_attention_fuses_the_mosaic_backward_from_a_length_on(monkeypatch,
 
     text = jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
     assert ("output_operand_alias" in text) == fused
+    assert no_auto_barriers == [fused], no_auto_barriers
 
 
 @pytest.mark.parametrize("kwargs,atomic", [((), False), ((("dq_atomic", True), ("dq_lag", True)), True)])
