@@ -136,26 +136,10 @@ def check_correctness(only=None):
         # dk/dv variants (session 19): the lse / delta rows loaded first
         ("mosaic_packed_rows_early_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dkv_kwargs=(("rows_early", True),)))),
-        ("mosaic_static_slots_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
-         dict(rope=True, tuning=Tuning(mosaic_dkv_kwargs=(("static_slots", True),)))),
-        ("mosaic_fused_static_slots_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
-         dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("static_slots", True),)))),
-        # fused backward variants (session 19): dQ a step late, behind dK, added from registers
-        ("mosaic_fused_dq_lag_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
-         dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("dq_lag", True),)))),
-        ("mosaic_packed_fused_dq_behind_dk_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
-         dict(rope=True, segments=True, positions=True,
-              tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("dq_behind_dk", True),)))),
-        ("mosaic_packed_fused_dq_atomic_lag_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
-         dict(rope=True, segments=True, positions=True,
-              tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("dq_atomic", True), ("dq_lag", True))))),
+        # the fused backward's default since session 23, packed (Pallas' auto barriers left out)
         ("mosaic_packed_fused_no_auto_barriers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True,
               tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("no_auto_barriers", True),)))),
-        # the fused kernel's slots as constants without its auto barriers (session 23)
-        ("mosaic_fused_static_slots_no_auto_barriers_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
-         dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True,
-                                       mosaic_dkv_kwargs=(("static_slots", True), ("no_auto_barriers", True))))),
         ("mosaic_packed_dq_static_consumers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dq_static_consumers=True))),
     ]
@@ -374,7 +358,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         tuning = Tuning(mosaic_fused_bwd=fused, mosaic_dkv_kwargs=tuple(kw.items()))
         return lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuning)
 
-    def ours_fused_with(**kw):  # the fused backward with such settings (dq_lag, ...)
+    def ours_fused_with(**kw):  # the fused backward with such settings (rows_early, ...)
         return ours_dkv_with(fused=True, **kw)
 
     def ours_triton_dkv(q, k, v):  # the Mosaic forward and dq, the Triton dk/dv
@@ -436,19 +420,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, dk/dv rows early": (ours_dkv_with(rows_early=True), (q, k, v)),  # below 16k the default since session 22
         "ours, dk/dv rows late": (ours_dkv_with(rows_early=False), (q, k, v)),  # the default before session 22
         "ours, fused bwd, rows early": (ours_fused_with(rows_early=True), (q, k, v)),
-        "ours, dk/dv static slots": (ours_dkv_with(static_slots=True), (q, k, v)),
-        "ours, fused bwd, dq lag": (ours_fused_with(dq_lag=True), (q, k, v)),
-        "ours, fused bwd, dq behind dk": (ours_fused_with(dq_behind_dk=True), (q, k, v)),
-        "ours, fused bwd, dq atomic": (ours_fused_with(dq_atomic=True), (q, k, v)),
-        "ours, fused bwd, no auto barriers": (ours_fused_with(no_auto_barriers=True), (q, k, v)),
-        "ours, fused bwd, rows early, no auto barriers": (ours_fused_with(rows_early=True, no_auto_barriers=True), (q, k, v)),
-        "ours, fused bwd, all but dq atomic": (ours_fused_with(rows_early=True, static_slots=True, no_auto_barriers=True,
-                                                               dq_lag=True), (q, k, v)),
+        "ours, fused bwd, no auto barriers": (ours_fused_with(no_auto_barriers=True), (q, k, v)),  # = fused default now
         "ours, auto barriers": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(
             mosaic_fused_no_auto_barriers=False)), (q, k, v)),  # from 16k the default before session 23
-        "ours, fused bwd, static slots": (ours_fused_with(static_slots=True), (q, k, v)),
-        "ours, fused bwd, static slots, no auto barriers": (ours_fused_with(static_slots=True, no_auto_barriers=True),
-                                                            (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

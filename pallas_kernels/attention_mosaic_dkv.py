@@ -59,8 +59,8 @@ TILE = 64      # key rows per consumer and query rows per step
 
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
-               ds_under_dv=None, static_consumers=True, rows_early=False, dq_lag=False, dq_behind_dk=False,
-               dq_atomic=False, static_slots=False, no_auto_barriers=False, pre_rotated=False, interpret=None):
+               ds_under_dv=None, static_consumers=True, rows_early=False, no_auto_barriers=False, pre_rotated=False,
+               interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -103,22 +103,10 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     the separate kernel 2-6% faster at 8k, the fused one 3-13% slower (flash_attention's default
     follows: Tuning.mosaic_dkv_rows_early).
 
-    dq_lag (with_dq): each step's dQ is computed one step later, after the next step's dS^T is
-    written, so the consumers meet on a dS^T tile a step after it was written (one barrier per
-    buffer, stages + 1 buffers) instead of every step right after writing it; they need not run in
-    step. dq_behind_dk (with_dq, p_regs): the dQ wgmmas are issued right behind the step's dK ones
-    (inside their run_state, one wait for both) instead of after the dK / dV wgmmas completed.
-    dq_atomic (with_dq, compiled only): each consumer adds its dQ tile into the accumulator straight
-    from its registers (fp32 `red.global.add`, 32 a thread per step) instead of staging it in
-    shared memory for a TMA reduce-add (no staging tile, fence, warpgroup barrier or wait for the
-    last copy's read). None of the three timed yet (attention_NOTES.md session 19).
-
-    static_slots (applies where stages = 2 and there are no segment ids): the step loop runs two
-    steps at a time, so each step's slot (and dS^T buffer, unless dq_lag) is a constant to the
-    compiler and the wgmma descriptors of the Q / dO slots become immediates (the fused kernel at
-    8k still reloaded descriptors from spills: R2UR <- LDL.64 5.3% of its samples, session 19).
-    Relies on every head starting at an even step: per_head = T/64 - 2 kb is even without
-    segments. Not timed yet.
+    Tried and removed in session 23 (code at 7d53fe3; attention_NOTES.md sessions 19-23): dq_lag (each
+    tile's dQ a step late, 1.16x slower), dq_behind_dk (the dQ wgmmas inside the dK run_state, level),
+    dq_atomic (dQ added from registers by `red`, 2x slower), static_slots (two steps a loop iteration,
+    slots as constants, 1.3-1.9x slower).
 
     no_auto_barriers (applies without in-kernel rotation): Pallas' warpgroup barriers before and
     after every shared-memory store (CompilerParams.unsafe_no_auto_barriers) left out. The fused
@@ -157,14 +145,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     if ds_under_dv is None:
         ds_under_dv = p_regs and not rotate
     assert not ds_under_dv or p_regs, "ds_under_dv: p_regs"
-    assert not (dq_lag or dq_behind_dk) or with_dq, "dq_lag / dq_behind_dk: with_dq"
-    assert not dq_behind_dk or p_regs, "dq_behind_dk: p_regs"
-    assert not dq_atomic or (with_dq and not interp), "dq_atomic: with_dq, compiled (the interpreter has no atomics)"
-    static_slots = static_slots and stages == 2 and seg is None  # every head starts at an even step
     # dS^T buffers per consumer (with_dq: the consumers read each other's), by step: two (the
-    # other consumer may still read step j - 1's); dq_lag: a consumer may be `stages` steps
-    # ahead of the other one's reads
-    ds_bufs = (stages + 1 if dq_lag else 2) if with_dq else 1
+    # other consumer may still read step j - 1's)
+    ds_bufs = 2 if with_dq else 1
     n_kb = T // BLOCK_K
     val = Values(interp)
     vec = val.vec  # dim 0: along the keys (rows), 1: the queries (columns) of a [keys, queries] tile
@@ -221,19 +204,15 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             plgpu.wgmma(dk_accs[p], my_p, q_parts.at[p])
         plgpu.wgmma_wait(0)
 
-    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, ds_out=None,
-                       after_ds=None):
+    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, ds_out=None):
         """tile_math with P^T and dS^T as register A operands and the accumulators as values
         (compiled path only: the interpreter has no register A operand nor run_state); dS^T also
-        into the shared-memory tile ds_out if given (the fused backward's dQ reads it), then
-        after_ds() (if given) with the dK wgmmas still in flight."""
+        into the shared-memory tile ds_out if given (the fused backward's dQ reads it)."""
 
         def store_ds(ds_t):
             if ds_out is not None:
                 ds_out[...] = ds_t
                 plgpu.commit_smem()
-            if after_ds is not None:
-                after_ds()
 
         def row_of(ref):  # the row vector: loaded here (rows_early) or where it is first used
             if rows_early:
@@ -343,31 +322,18 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                    seg_ref, segk.at[wg] if segs else None, table_bar=tbar.at[wg] if tbar is not None else None)
             key_ids = vec(segk.at[wg], 0) if segs else None
 
-            def mod(j, n, parity):
-                """j % n; a constant to the compiler where j's parity is known (static_slots) and n
-                divides 2."""
-                if parity is not None and 2 % n == 0:
-                    return j * 0 + parity % n
-                return lax.rem(j, jnp.int32(n))
+            def slot_of(j):  # step j's query-tile slot
+                return lax.rem(j, jnp.int32(stages))
 
-            def ds_slot(j, parity=None):  # with_dq: by step (the other consumer may still read step j - 1's)
-                return mod(j, ds_bufs, parity)
+            def ds_slot(j):  # with_dq: by step (the other consumer may still read step j - 1's)
+                return lax.rem(j, jnp.int32(ds_bufs))
 
-            def p_buf(j, parity=None):
-                return ps.at[ds_slot(j, parity), wg]
+            def p_buf(j):
+                return ps.at[ds_slot(j), wg]
 
             def rest_of_head(j0, run, carry):
-                """run(carry, j, parity) over steps j0 + 2 .. j0 + per_head - 1 of a head; static_slots:
-                two at a time, their parities known (j0 and per_head are even)."""
-                if not static_slots:
-                    return lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: run(c, j, None), carry)
-
-                def pair(m, c):
-                    j = j0 + 2 + 2 * m
-                    return run(run(c, j, 0), j + 1, 1)
-                return lax.fori_loop(0, lax.div(per_head - 2, jnp.int32(2)), pair, carry)
-
-            first_parities = (0, 1) if static_slots else (None, None)  # of a head's first two steps
+                """run(carry, j) over steps j0 + 2 .. j0 + per_head - 1 of a head."""
+                return lax.fori_loop(j0 + 2, j0 + per_head, lambda j, c: run(c, j), carry)
 
             def seg_of(slot):
                 return (key_ids, segq.at[slot]) if segs else None
@@ -387,11 +353,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
 
             def add_dq(acc, i, h):
                 """Reduce-add acc into dQ[rows of tile i, head h, my half of D] through my staging
-                tile (once the last reduce-add from it read it), or (dq_atomic) from registers;
-                interpreted: into this key block's partials slice."""
+                tile (once the last reduce-add from it read it); interpreted: into this key block's
+                partials slice."""
                 rows, cols = pl.ds(i * t, t), pl.ds(wg * half, half)
-                if dq_atomic:
-                    return plgpu.atomic_add(dq_ref.at[b, rows, h, cols], acc)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 stage = dqs.at[wg]
                 stage[...] = acc
@@ -401,51 +365,37 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 else:
                     plgpu.copy_smem_to_gmem(stage, dq_ref.at[b, rows, h, cols], reduction_op="add")
 
-            def dq_of(j, parity, g):
-                """Tile j's dQ[:, my half of D] over both consumers' keys (their two dS^T tiles of
-                step j times K_rot's half), reduce-added. g: step j's head in the group, if known."""
+            def dq_tile(j, g):
+                """The dQ work of step j (of head g in the group), once my dS^T of tile j is written:
+                meet the other consumer, then tile j's dQ[:, my half of D] over both consumers' keys
+                (their two dS^T tiles of step j times K_rot's half), reduce-added. Writing step j's
+                dS^T was safe: the other consumer arrived at step j - 1's meeting after reading step
+                j - 2's tiles."""
+                plgpu.barrier_arrive(ds_ready)
+                plgpu.barrier_wait(ds_ready)
                 h, i = tile_of(j, g)
-                ds_tiles = ps.at[ds_slot(j, parity)]
+                ds_tiles = ps.at[ds_slot(j)]
                 add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)]), i, h)
 
-            def dq_tile(j, parity, g):
-                """The dQ work of step j (of head g in the group), once my dS^T of tile j
-                is written: meet the other consumer and do tile j's dQ; dq_lag: publish my tile j
-                and do tile j - 1's."""
-                if not dq_lag:  # writing step j's dS^T was safe: the other consumer arrived at step
-                    plgpu.barrier_arrive(ds_ready)  # j - 1's meeting after reading step j - 2's tiles
-                    plgpu.barrier_wait(ds_ready)
-                    return dq_of(j, parity, g)
-                plgpu.barrier_arrive(ds_ready.at[ds_slot(j)])
-
-                @pl.when(j > 0)
-                def _():
-                    plgpu.barrier_wait(ds_ready.at[ds_slot(j - 1)])
-                    dq_of(j - 1, None, jnp.where(j - 1 < g * per_head, g - 1, g))
-
             def last_dq():
-                """After the last step: (dq_lag) its dQ; then both consumers meet (each reads the
-                other's K, which finish overwrites)."""
-                if dq_lag:
-                    plgpu.barrier_wait(ds_ready.at[ds_slot(n_steps - 1)])
-                    dq_of(n_steps - 1, None, n_steps * 0 + (G - 1))  # the last head, traced (run_consumers)
-                meet = ds_ready.at[ds_slot(n_steps)] if dq_lag else ds_ready
-                plgpu.barrier_arrive(meet)
-                plgpu.barrier_wait(meet)
+                """After the last step both consumers meet (each reads the other's K, which finish
+                overwrites)."""
+                plgpu.barrier_arrive(ds_ready)
+                plgpu.barrier_wait(ds_ready)
 
-            def step(accs, j, masked, parity, g):
-                slot = mod(j, stages, parity)
+            def step(accs, j, masked, g):
+                slot = slot_of(j)
                 _, i = tile_of(j, g)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
-                tile_math(accs, my_k, my_v, p_buf(j, parity), qh.at[slot], dos.at[slot], lses.at[slot],
+                tile_math(accs, my_k, my_v, p_buf(j), qh.at[slot], dos.at[slot], lses.at[slot],
                           deltas.at[slot], k0, i * t, masked, seg_of(slot))
                 if with_dq:
-                    dq_tile(j, parity, g)
+                    dq_tile(j, g)
                 plgpu.barrier_arrive(consumed.at[slot])
 
-            def skip(j, parity):  # a tile above this consumer's diagonal: keep the barriers' phases in step
-                slot = mod(j, stages, parity)
+            def skip(j):  # a tile above this consumer's diagonal: keep the barriers' phases in step
+                slot = slot_of(j)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
                 plgpu.barrier_arrive(consumed.at[slot])
@@ -453,43 +403,39 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             def loop(accs):
                 def head(g, _):
                     j0 = g * per_head
-                    p0, p1 = first_parities
                     if with_dq:  # both consumers take part in every dQ tile (the upper one's P = 0)
-                        step(accs, j0, True, p0, g)
-                        step(accs, j0 + 1, True, p1, g)
+                        step(accs, j0, True, g)
+                        step(accs, j0 + 1, True, g)
                     else:
                         @pl.when(wg == 0)
                         def _():
-                            step(accs, j0, True, p0, g)
-                            step(accs, j0 + 1, False, p1, g)
+                            step(accs, j0, True, g)
+                            step(accs, j0 + 1, False, g)
 
                         @pl.when(wg == 1)
                         def _():
-                            skip(j0, p0)
-                            step(accs, j0 + 1, True, p1, g)
-                    rest_of_head(j0, lambda c, j, parity: step(accs, j, False, parity, g), None)
+                            skip(j0)
+                            step(accs, j0 + 1, True, g)
+                    rest_of_head(j0, lambda c, j: step(accs, j, False, g), None)
                 lax.fori_loop(0, G, head, None)
 
-            def step_regs(accs, j, masked, parity, g):
-                slot = mod(j, stages, parity)
+            def step_regs(accs, j, masked, g):
+                slot = slot_of(j)
                 _, i = tile_of(j, g)
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
-                behind = functools.partial(dq_tile, j, parity, g) if dq_behind_dk else None
                 accs = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
-                                      k0, i * t, masked, seg_of(slot), ds_out=p_buf(j, parity) if with_dq else None,
-                                      after_ds=behind)
-                if with_dq and not dq_behind_dk:
-                    dq_tile(j, parity, g)
+                                      k0, i * t, masked, seg_of(slot), ds_out=p_buf(j) if with_dq else None)
+                if with_dq:
+                    dq_tile(j, g)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return accs
 
             def head_regs(g, accs):  # no pl.when with values: both consumers run the first two
                 j0 = g * per_head    # tiles masked (the upper one's first is all masked: P = 0)
-                p0, p1 = first_parities
-                accs = step_regs(accs, j0, True, p0, g)
-                accs = step_regs(accs, j0 + 1, True, p1, g)
-                return rest_of_head(j0, lambda c, j, parity: step_regs(c, j, False, parity, g), accs)
+                accs = step_regs(accs, j0, True, g)
+                accs = step_regs(accs, j0 + 1, True, g)
+                return rest_of_head(j0, lambda c, j: step_regs(c, j, False, g), accs)
 
             if p_regs:
                 wg_zeros = lambda n: plgpu.layout_cast(jnp.zeros((t, n), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
@@ -574,14 +520,13 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                    plgpu.SMEM((stages, t), jnp.float32), *kv_bufs, table(2), table(2), p_buf,
                    plgpu.SMEM((2, t), jnp.int32) if segs else None,
                    plgpu.SMEM((stages, t), jnp.int32) if segs else None,
-                   dq_stage if with_dq and not dq_atomic else None)
+                   dq_stage if with_dq else None)
         barriers = (plgpu.Barrier(num_arrivals=2 + (2 if rotate else 0), num_barriers=stages),
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=3 + (1 if segs else 0), num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=k_loads, num_barriers=2),
-                    # both consumers' dS^T (dq_lag: one barrier per buffer)
-                    plgpu.Barrier(num_arrivals=2, num_barriers=ds_bufs if dq_lag else 1) if with_dq else None,
+                    plgpu.Barrier(num_arrivals=2, num_barriers=1) if with_dq else None,  # both consumers' dS^T
                     plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope and not rotate else None)  # keys' tables
         pl.run_scoped(lambda *scr: pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
                                         seg_ref, rng_ref, dk_ref, dv_ref, dq_ref, scr),

@@ -90,3 +90,30 @@ def backward_case(B, T, Hq, Hkv, *, rope, segments, seed):
 def rel_err(x, ref):
     x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
     return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
+
+
+# Who emits a warpgroup barrier a Mosaic kernel asked for itself (commit_smem, waiting on a
+# reduce-add's smem reads); every other caller is one of Pallas' automatic ones around smem stores.
+KERNEL_REQUESTED_BARRIERS = {"commit_shared", "await_async_copy"}
+
+
+def barrier_callers(lower):
+    """(kernel-requested, automatic) warpgroup-barrier emitters, by function name, while lower()
+    lowers something for CUDA (on JAX 0.10 Pallas' store and copy rules emit the automatic ones,
+    on 0.11 the Mosaic GPU dialect's lowering)."""
+    import sys
+    import jax.experimental.mosaic.gpu as mgpu
+    import pytest
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    callers = []
+    real = mgpu_utils.warpgroup_barrier
+
+    def counting_barrier(*a, **k):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return real(*a, **k)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mgpu_utils, "warpgroup_barrier", counting_barrier)
+        mp.setattr(mgpu, "warpgroup_barrier", counting_barrier)
+        lower()
+    return ([c for c in callers if c in KERNEL_REQUESTED_BARRIERS],
+            [c for c in callers if c not in KERNEL_REQUESTED_BARRIERS])

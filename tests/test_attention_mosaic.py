@@ -1,14 +1,13 @@
 """The Mosaic GPU attention forward (pallas_kernels/attention_mosaic.py) under JAX's Mosaic GPU
 interpreter on the CPU, against the jnp reference; and its wiring into flash_attention, checked by
 lowering for CUDA on the CPU (no GPU needed)."""
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mosaic_cases import inputs, interpret_params, packed_segments, races_found, reference_lse, rope_tables
+from mosaic_cases import barrier_callers, inputs, interpret_params, packed_segments, races_found, reference_lse, rope_tables
 from pallas_kernels import attention as attn
 from pallas_kernels import attention_mosaic as M
 from pallas_kernels.attention import flash_attention_reference
@@ -173,23 +172,27 @@ def test_flash_attention_fuses_the_mosaic_backward_from_a_length_on(monkeypatch,
     assert no_auto_barriers == [fused], no_auto_barriers
 
 
-@pytest.mark.parametrize("kwargs,atomic", [((), False), ((("dq_atomic", True), ("dq_lag", True)), True)])
-def test_flash_attention_passes_fused_backward_settings_to_the_kernel(monkeypatch, kwargs, atomic):
-    """Tuning.mosaic_dkv_kwargs reaches the fused kernel: with dq_atomic its dQ is added by
-    `red` atomics from registers, otherwise by a TMA reduce-add (lowered for CUDA on the CPU)."""
+def test_flash_attention_passes_fused_backward_settings_to_the_kernel(monkeypatch):
+    """Tuning.mosaic_dkv_kwargs reaches the fused kernel, over its defaults: the fused backward has
+    none of Pallas' automatic warpgroup barriers by default (Tuning.mosaic_fused_no_auto_barriers),
+    and with (("no_auto_barriers", False),) they are back (the forward kernel keeps its own in
+    both; lowered for CUDA on the CPU)."""
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     q, k, v, inv_freq = _inputs(1, 256, 4, 2, seed=3)
-    tuning = attn.Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=kwargs)
 
-    def fwd_bwd(q, k, v):
-        out, vjp = jax.vjp(lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, tuning=tuning), q, k, v)
-        return vjp(jnp.ones_like(out))
+    def automatic_barriers(kwargs):
+        tuning = attn.Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=kwargs)
 
-    text = jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
-    # JAX 0.10 spells the atomic red.relaxed.gpu.add.f32, 0.11 red.global.relaxed.gpu.add.f32
-    red_add = re.search(r"red\.[a-z.]*relaxed\.gpu\.add\.f32", text) is not None
-    assert (red_add, "cp.reduce" in text) == (atomic, not atomic)
+        def fwd_bwd(q, k, v):
+            out, vjp = jax.vjp(lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, tuning=tuning), q, k, v)
+            return vjp(jnp.ones_like(out))
+        requested, automatic = barrier_callers(
+            lambda: jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)))
+        assert requested
+        return len(automatic)
+    forward_only = automatic_barriers(())
+    assert automatic_barriers((("no_auto_barriers", False),)) > forward_only
 
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,segments,tuning", [

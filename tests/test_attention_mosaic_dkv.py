@@ -4,21 +4,20 @@ CUDA on the CPU (no GPU needed; catches layout errors the interpreter does not s
 import jax
 import pytest
 
-from mosaic_cases import backward_case, interpret_params, races_found, rel_err
+from mosaic_cases import backward_case, barrier_callers, interpret_params, races_found, rel_err
 from pallas_kernels import attention_mosaic_dkv as M
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,static_consumers,static_slots", [
-    (1, 128, 4, 2, True, False, True, False),     # producer + 2 consumers, 4 steps through 2 slots
-    (1, 256, 2, 1, True, True, True, False),      # packed documents (two key blocks)
-    (1, 256, 2, 1, True, True, False, False),     # one consumer code for both, the buffers by warpgroup index
-    (1, 384, 4, 2, False, False, True, True),     # two steps at a time, their slots constants
+@pytest.mark.parametrize("B,T,Hq,Hkv,rope,segments,static_consumers", [
+    (1, 128, 4, 2, True, False, True),     # producer + 2 consumers, 4 steps through 2 slots
+    (1, 256, 2, 1, True, True, True),      # packed documents (two key blocks)
+    (1, 256, 2, 1, True, True, False),     # one consumer code for both, the buffers by warpgroup index
+    (1, 384, 4, 2, False, False, True),    # no tables, 18 steps a head through 2 slots
 ])
-def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, static_consumers,
-                                                         static_slots):
+def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, static_consumers):
     args, seg, scale, (_, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
     dk, dv = M.mosaic_dkv(*args, seg=seg, scale=scale, static_consumers=static_consumers,
-                          static_slots=static_slots, interpret=interpret_params())
+                          interpret=interpret_params())
     assert dk.shape == dk_ref.shape and dk.dtype == args[1].dtype and dv.shape == dv_ref.shape
     assert not races_found()
     assert rel_err(dv, dv_ref) < 2e-2, rel_err(dv, dv_ref)
@@ -33,7 +32,7 @@ def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, se
     (True, None, False, dict(pre_rotated=True)), (True, None, True, dict(pre_rotated=True)),  # tables to un-rotate dK only
     (False, None, True, dict(static_consumers=False)),  # one consumer code for both, the buffers by warpgroup index
     (False, None, True, dict(rows_early=True)), (False, None, False, dict(ds_under_dv=False, rows_early=True)),  # lse / delta first
-    (False, None, False, dict(static_slots=True)), (True, None, False, dict(static_slots=True, rows_early=True)),  # slots constants
+    (True, None, False, dict(rows_early=True)),
     (True, None, True, dict(pre_rotated=True, rows_early=True)),  # the separate kernel's default with rope_grad_in_kernel
     (False, None, False, dict(no_auto_barriers=True)), (True, None, False, dict(no_auto_barriers=True)),  # (rotation: kept)
 ])
@@ -45,23 +44,19 @@ def test_mosaic_dkv_lowers_for_cuda(rope, p_regs, segments, settings):
     assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments,static_consumers,dq_lag,static_slots", [
-    (1, 256, 4, 2, False, True, False, False),   # two key blocks adding into the same query tiles, GQA 2
-    (1, 256, 2, 1, True, True, False, False),    # packed documents (key blocks stop at their last shared segment)
-    (1, 256, 4, 2, False, False, False, False),  # one consumer code for both, the buffers by warpgroup index
-    (2, 384, 4, 2, False, True, True, False),    # each tile's dQ a step late (3 dS^T buffers, a barrier each)
-    (1, 256, 2, 1, True, True, True, False),
-    (1, 384, 4, 2, False, True, False, True),    # two steps at a time, slots and dS^T buffers constants
-    (1, 256, 4, 2, False, True, True, True),     # both
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,static_consumers", [
+    (1, 256, 4, 2, False, True),   # two key blocks adding into the same query tiles, GQA 2
+    (1, 256, 2, 1, True, True),    # packed documents (key blocks stop at their last shared segment)
+    (1, 256, 4, 2, False, False),  # one consumer code for both, the buffers by warpgroup index
+    (2, 384, 4, 2, False, True),   # two rows, three key blocks
 ])
-def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, static_consumers, dq_lag,
-                                                                 static_slots):
+def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, static_consumers):
     """The fused backward: dq from the dk/dv kernel's dS^T tiles (in the interpreter each key block
     stores its dQ partial, summed by XLA, where the GPU reduce-adds), dk/dv unchanged by it."""
     args, seg, scale, (dq_ref, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=False, segments=segments,
                                                                seed=T + Hq + 7)
     dk, dv, dq = M.mosaic_dkv(*args, seg=seg, scale=scale, with_dq=True, static_consumers=static_consumers,
-                              dq_lag=dq_lag, static_slots=static_slots, interpret=interpret_params())
+                              interpret=interpret_params())
     assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
     assert not races_found()
     for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
@@ -71,14 +66,9 @@ def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, 
 @pytest.mark.parametrize("p_regs,segments,settings", [
     (None, False, {}), (False, False, {}), (None, True, {}), (None, True, dict(ds_under_dv=False)),
     (None, False, dict(ds_under_dv=False)), (None, True, dict(static_consumers=False)),
-    (None, False, dict(dq_lag=True)), (None, True, dict(dq_lag=True, dq_behind_dk=True)),  # dQ a step late / behind dK
-    (None, False, dict(dq_behind_dk=True)), (False, True, dict(dq_lag=True)),
-    (None, False, dict(dq_atomic=True)), (None, True, dict(dq_lag=True, dq_behind_dk=True, dq_atomic=True)),  # red atomics
-    (None, False, dict(static_slots=True)), (None, False, dict(static_slots=True, dq_behind_dk=True, rows_early=True)),
-    (None, False, dict(static_slots=True, dq_lag=True, dq_atomic=True)),
-    (None, False, dict(no_auto_barriers=True)), (None, True, dict(no_auto_barriers=True, dq_lag=True)),  # no auto barriers
-    (None, False, dict(rows_early=True, static_slots=True, no_auto_barriers=True, dq_lag=True, dq_atomic=True)),
-    (None, False, dict(static_slots=True, no_auto_barriers=True)),
+    (None, False, dict(rows_early=True)), (None, False, dict(no_auto_barriers=True)),  # no auto barriers (the default)
+    (None, True, dict(no_auto_barriers=True)), (False, True, dict(no_auto_barriers=True)),
+    (None, False, dict(rows_early=True, no_auto_barriers=True)),
 ])
 def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, settings):
     """The compiled fused backward (transposed dS^T A operand, fp32 TMA reduce-add into a jax.new_ref
@@ -96,32 +86,15 @@ def test_mosaic_dkv_with_dq_lowers_for_cuda(p_regs, segments, settings):
     assert "mosaic_gpu" in text and "output_operand_alias" in text, "the accumulator is not aliased in and out"
 
 
-# Who emits a warpgroup barrier the kernel asked for itself (commit_smem, waiting on a reduce-add's
-# smem reads); every other caller is one of Pallas' automatic ones around smem stores and loads.
-KERNEL_REQUESTED_BARRIERS = {"commit_shared", "await_async_copy"}
-
-
 @pytest.mark.parametrize("no_auto_barriers", [False, True])
-def test_no_auto_barriers_leaves_out_pallas_store_barriers(monkeypatch, no_auto_barriers):
+def test_no_auto_barriers_leaves_out_pallas_store_barriers(no_auto_barriers):
     """no_auto_barriers reaches Pallas' lowering: the warpgroup barriers it puts around shared-memory
     stores and copies (on JAX 0.10 from Pallas' store and copy rules, on 0.11 from the Mosaic GPU
     dialect's lowering; 57 in the fused kernel in both when session 20 counted) are gone; the
     kernel's own (commit_smem, the reduce-add read-wait) stay."""
-    import sys
-    import jax.experimental.mosaic.gpu as mgpu
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-    callers = []
-    real = mgpu_utils.warpgroup_barrier
-
-    def counting_barrier(*a, **k):
-        callers.append(sys._getframe(1).f_code.co_name)
-        return real(*a, **k)
-    monkeypatch.setattr(mgpu_utils, "warpgroup_barrier", counting_barrier)
-    monkeypatch.setattr(mgpu, "warpgroup_barrier", counting_barrier)
     args, seg, scale, _ = backward_case(1, 256, 4, 2, rope=False, segments=False, seed=1)
     f = lambda *a: M.mosaic_dkv(*a, scale=scale, with_dq=True, no_auto_barriers=no_auto_barriers)  # noqa: E731
-    jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
-    automatic = [c for c in callers if c not in KERNEL_REQUESTED_BARRIERS]
+    requested, automatic = barrier_callers(lambda: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)))
     print(f"AUTO_BARRIERS no_auto_barriers={no_auto_barriers} {len(automatic)} jax {jax.__version__}")  # pytest -s
-    assert any(c in KERNEL_REQUESTED_BARRIERS for c in callers), callers
+    assert requested
     assert (len(automatic) == 0) == no_auto_barriers, sorted(set(automatic))
