@@ -203,8 +203,8 @@ class Tuning:
     # in sessions 22 / 23's shorter runs at 32k (2.1%, 1.7%).
     mosaic_fused_no_auto_barriers: bool = True
     # Extra launch settings of the Mosaic dk/dv kernel, separate or fused (attention_mosaic_dkv.
-    # mosaic_dkv keywords as (name, value) pairs, e.g. (("rows_early", True),); the fused-only ones
-    # such as dq_lag fail where the backward is not fused), for A/B runs of variants not yet default.
+    # mosaic_dkv keywords as (name, value) pairs, e.g. (("rows_early", True),), over the settings
+    # above), for A/B runs of variants not yet default.
     mosaic_dkv_kwargs: tuple = ()
     # The Mosaic forward as a persistent kernel (one CTA per SM looping over query tiles, the next
     # tile's K/V and Q loaded under the last one's epilogue; attention_mosaic.QTiles) where it runs

@@ -116,7 +116,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     because no thread reads shared memory another thread wrote except through wgmma / TMA after a
     commit, and every overwrite of a buffer an async read used waits for it first (wgmma waits,
     the meetings, wait_smem_to_gmem's own barrier); the in-kernel rotation reads and rewrites
-    tiles, so it keeps them. Not timed yet.
+    tiles, so it keeps them. Fused, fwd+bwd on the H100 (session 23): 16k 1.010x against 1.043x
+    cuDNN's time, 32k 1.013x against 1.040x (flash_attention's fused default:
+    Tuning.mosaic_fused_no_auto_barriers).
 
     pre_rotated: q and k come rotated (by XLA); cos/sin then only un-rotate dK on its
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query
