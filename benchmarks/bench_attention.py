@@ -136,10 +136,6 @@ def check_correctness(only=None):
         # dk/dv variants (session 19): the lse / delta rows loaded first
         ("mosaic_packed_rows_early_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dkv_kwargs=(("rows_early", True),)))),
-        # the fused backward's default since session 23, packed (Pallas' auto barriers left out)
-        ("mosaic_packed_fused_no_auto_barriers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
-         dict(rope=True, segments=True, positions=True,
-              tuning=Tuning(mosaic_fused_bwd=True, mosaic_dkv_kwargs=(("no_auto_barriers", True),)))),
         ("mosaic_packed_dq_static_consumers_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dq_static_consumers=True))),
     ]
@@ -236,9 +232,10 @@ def causal_fwd_flops(B, T, Hq, D):
     return 2 * 2 * B * Hq * T * T * D / 2
 
 
-def compile_impls(table, names, T, builders, do):
+def compile_impls(table, names, T, do):
     """[(name, jitted forward, jitted fwd+bwd or None, args)] in the order asked for, each compiled and
-    warmed (its ptxas lines follow its 'compiling' line in the log); a budget cuts the least wanted."""
+    warmed (its ptxas lines follow its 'compiling' line in the log); a budget cuts the least wanted.
+    table: name -> (fn, args), or a function building them (baselines that need imports or set-up)."""
     ready = []
     for name in dict.fromkeys(names):  # a name given twice is timed once (rounds repeat it)
         if time.time() - T0 > ARGS.budget:
@@ -247,7 +244,7 @@ def compile_impls(table, names, T, builders, do):
         log(f"  compiling {name} T={T}")
         spec = table[name]
         try:
-            fn, args = builders[spec]() if isinstance(spec, str) else spec
+            fn, args = spec() if callable(spec) else spec
             fwd = jax.jit(fn)
             warm_up(fwd, *args)
         except Exception as e:
@@ -420,21 +417,19 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, dk/dv rows early": (ours_dkv_with(rows_early=True), (q, k, v)),  # below 16k the default since session 22
         "ours, dk/dv rows late": (ours_dkv_with(rows_early=False), (q, k, v)),  # the default before session 22
         "ours, fused bwd, rows early": (ours_fused_with(rows_early=True), (q, k, v)),
-        "ours, fused bwd, no auto barriers": (ours_fused_with(no_auto_barriers=True), (q, k, v)),  # = fused default now
         "ours, auto barriers": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(
             mosaic_fused_no_auto_barriers=False)), (q, k, v)),  # from 16k the default before session 23
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),
-        "jax pallas mha (pre-rot, K/V repeated)": "jax_mha",
-        "jax mosaic gpu (pre-rot, fwd only)": "jax_mosaic",
-        "tokamax mosaic (pre-rotated)": "tokamax",
+        "jax pallas mha (pre-rot, K/V repeated)": jax_mha,
+        "jax mosaic gpu (pre-rot, fwd only)": jax_mosaic,
+        "tokamax mosaic (pre-rotated)": tokamax_mosaic,
     }
     unknown = [name for name in impls or () if name not in table]
     if unknown:
         raise SystemExit(f"--impls: no implementation named {unknown}; known: {list(table)}")
-    ready = compile_impls(table, impls or list(table), T, {"jax_mha": jax_mha, "jax_mosaic": jax_mosaic,
-                                                         "tokamax": tokamax_mosaic}, do)
+    ready = compile_impls(table, impls or list(table), T, do)
     samples = interleaved_samples(ready, T)
     base = samples.get("cudnn + XLA RoPE")
     for name, (fwd, fb) in samples.items():

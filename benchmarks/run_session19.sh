@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # (Session 23 removed dq_lag, dq_behind_dk, dq_atomic, static_slots and their impls / checks after timing them; the
-# modes that name them are refused now: run them at 7d53fe3, where they still exist.)
+# modes that name them, or "ours, fused bwd, no auto barriers" (now "ours, fused bwd"), are refused: run them at 7d53fe3.)
 # Session 19 device calls (attention_NOTES.md "Session 19").
 #   bash benchmarks/run_session19.sh kernels  # kernels alone, one process each: the dk/dv and fused backward with
 #                                             # own_diagonal (each consumer masks only its own diagonal tile, the

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # (Session 23 removed dq_lag, dq_behind_dk, dq_atomic, static_slots and their impls / checks after timing them; the
-# modes that name them are refused now: run them at 7d53fe3, where they still exist.)
+# modes that name them, or "ours, fused bwd, no auto barriers" (now "ours, fused bwd"), are refused: run them at 7d53fe3.)
 # Session 22 device calls (attention_NOTES.md "Sessions 21-22"): with little device time, session 19's
 # variants end to end first (the issue's own figure: fwd+bwd against cuDNN + XLA RoPE, B*T = 16k),
 # fewer of them than run_session19.sh e2e, and a time budget so the summary prints before the limit.

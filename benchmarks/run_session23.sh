@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # (Session 23 removed dq_lag, dq_behind_dk, dq_atomic, static_slots and their impls / checks after timing them; the
-# modes that name them are refused now: run them at 7d53fe3, where they still exist.)
+# modes that name them, or "ours, fused bwd, no auto barriers" (now "ours, fused bwd"), are refused: run them at 7d53fe3.)
 # Session 23 device calls (attention_NOTES.md "Session 23"): dS^T from the 16-bit P^T (ds_from_rounded_p,
 # fewer live registers in the dk/dv and fused kernels) and no_auto_barriers re-timed, fwd+bwd against
 # cuDNN + XLA RoPE (B*T = 16k, Hq/Hkv 32/8, D 128, causal), in interleaved rounds (bench_attention --rounds:

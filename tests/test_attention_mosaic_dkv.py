@@ -12,7 +12,7 @@ from pallas_kernels import attention_mosaic_dkv as M
     (1, 128, 4, 2, True, False, True),     # producer + 2 consumers, 4 steps through 2 slots
     (1, 256, 2, 1, True, True, True),      # packed documents (two key blocks)
     (1, 256, 2, 1, True, True, False),     # one consumer code for both, the buffers by warpgroup index
-    (1, 384, 4, 2, False, False, True),    # no tables, 18 steps a head through 2 slots
+    (1, 384, 4, 2, False, False, True),    # no tables, three key blocks (6, 4, 2 steps a head)
 ])
 def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, static_consumers):
     args, seg, scale, (_, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=rope, segments=segments, seed=T + Hq)
@@ -66,7 +66,7 @@ def test_mosaic_dkv_with_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, 
 @pytest.mark.parametrize("p_regs,segments,settings", [
     (None, False, {}), (False, False, {}), (None, True, {}), (None, True, dict(ds_under_dv=False)),
     (None, False, dict(ds_under_dv=False)), (None, True, dict(static_consumers=False)),
-    (None, False, dict(rows_early=True)), (None, False, dict(no_auto_barriers=True)),  # no auto barriers (the default)
+    (None, False, dict(rows_early=True)), (None, False, dict(no_auto_barriers=True)),  # flash_attention's fused default
     (None, True, dict(no_auto_barriers=True)), (False, True, dict(no_auto_barriers=True)),
     (None, False, dict(rows_early=True, no_auto_barriers=True)),
 ])
