@@ -1,5 +1,5 @@
 # What the run_session*.sh device scripts share (they source it first): the environment, OUT (default
-# /tmp/<script name>), and the helpers ab, bwd_profile, cudnn_profile, fused_profile.
+# /tmp/<script name>), and the helpers ab, e2e_group, bwd_profile, cudnn_profile, fused_profile.
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
 OUT=${OUT:-/tmp/$(basename "$0" .sh)}; mkdir -p "$OUT"
@@ -30,4 +30,13 @@ cudnn_profile() {  # cuDNN's kernels in the same shape (8k, B = 2): times and te
 fused_profile() {  # [dk/dv kernel settings JSON]: the fused backward's profile, then cuDNN's kernels
   bwd_profile ours-fused 1 "${1:-}"   # launch order of one fwd+bwd: the forward, then the fused backward
   cudnn_profile
+}
+# end to end against cuDNN + XLA RoPE (bench_attention.py --timing-only in interleaved rounds; ROUNDS, REPS, CHECKS
+# from the environment): checks, each impl's ptxas spill lines after its "compiling" line, the timing lines
+e2e_group() {  # name, seconds, seqs, impls
+  timeout "$2" python3 benchmarks/bench_attention.py --timing-only --budget $(($2 - 40)) --rounds ${ROUNDS:-4} --reps ${REPS:-5} \
+    --seqs "$3" --impls "$4" ${CHECKS:+--checks "$CHECKS"} > "$OUT/$1.log" 2>&1
+  echo "== $1 rc=$?"; grep -E "FAIL|PASS|correctness|Error|budget" "$OUT/$1.log" | cut -c1-170 | head -20
+  grep -E "compiling|spill stores" "$OUT/$1.log" | sed -E 's/.*function .entry_mosaic_gpu_kernel., //' | cut -c1-90
+  grep -E "^  T=" "$OUT/$1.log" | cut -c1-230
 }

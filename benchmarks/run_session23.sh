@@ -17,13 +17,6 @@
 #   bash benchmarks/run_session23.sh repro    # what still runs of the above at the current code (the impls the other
 #                                             # modes name were removed after them)
 . "$(dirname "$0")/device_helpers.sh"
-e2e_group() {  # name, seconds, seqs, impls
-  timeout "$2" python3 benchmarks/bench_attention.py --timing-only --budget $(($2 - 40)) --rounds ${ROUNDS:-4} --reps ${REPS:-5} \
-    --seqs "$3" --impls "$4" ${CHECKS:+--checks "$CHECKS"} > "$OUT/$1.log" 2>&1
-  echo "== $1 rc=$?"; grep -E "FAIL|PASS|correctness|Error|budget" "$OUT/$1.log" | cut -c1-170 | head -20
-  grep -E "compiling|spill stores" "$OUT/$1.log" | sed -E 's/.*function .entry_mosaic_gpu_kernel., //' | cut -c1-90
-  grep -E "^  T=" "$OUT/$1.log" | cut -c1-230
-}
 case ${1:-e2e} in
   e2e)
     CHECKS=ds_rounded,mosaic_fused_bwd_rope_gqa4,mosaic_packed_rows_early e2e_group short 200 2048,8192 \
