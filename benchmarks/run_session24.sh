@@ -11,7 +11,7 @@ case ${1:-first} in
     bash "$HERE/run_session23.sh" spills
     for tb in 8192x2; do
       echo "== breakdown $tb"
-      timeout 110 python3 benchmarks/ncu_kernel_times.py --attention $tb --impls ours,cudnn-rope 2>&1 | grep -v "^W1\|^I1" | tail -40 | cut -c1-200
+      timeout 110 python3 benchmarks/ncu_kernel_times.py --attention $tb --impls ours,cudnn-rope 2>&1 | grep -v "^W1\|^I1" | tail -6
     done
     ROUNDS=10 REPS=2 CHECKS=mosaic_causal_rope_gqa4,mosaic_fused_bwd_rope_gqa4,mosaic_packed_fused_bwd,mosaic_packed_rows_early \
       e2e_group repro_short 180 2048,8192 "ours;cudnn + XLA RoPE"
