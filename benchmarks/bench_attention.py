@@ -130,6 +130,9 @@ def check_correctness(only=None):
          dict(rope=True, tuning=Tuning(mosaic_fused_bwd=True))),
         ("mosaic_packed_fused_bwd_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_fused_bwd=True))),
+        # the persistent forward's tiles by chunks of 8 heads (Tuning(mosaic_fwd_head_chunk=8))
+        ("mosaic_fwd_heads_by_8_rope_gqa4_d128_bf16", (2, 512, 16, 4, 128, jnp.bfloat16),
+         dict(rope=True, tuning=Tuning(mosaic_fwd_head_chunk=8))),
         # one dk/dv consumer code for both warpgroups (Tuning(mosaic_dkv_static_consumers=False))
         ("mosaic_consumers_by_index_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_dkv_static_consumers=False))),
@@ -358,6 +361,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_fused_with(**kw):  # the fused backward with such settings (rows_early, ...)
         return ours_dkv_with(fused=True, **kw)
 
+    def ours_fwd_head_chunk(heads):  # the persistent forward's tiles longest first within chunks of heads
+        return lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd_head_chunk=heads))
+
     def ours_triton_dkv(q, k, v):  # the Mosaic forward and dq, the Triton dk/dv
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv=False))
 
@@ -419,6 +425,8 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, fused bwd, rows early": (ours_fused_with(rows_early=True), (q, k, v)),
         "ours, auto barriers": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(
             mosaic_fused_no_auto_barriers=False)), (q, k, v)),  # from 16k the default before session 23
+        "ours, fwd heads by 8": (ours_fwd_head_chunk(8), (q, k, v)),  # 2 K/V heads at a time
+        "ours, fwd heads by 16": (ours_fwd_head_chunk(16), (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),
@@ -440,8 +448,10 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         vs = ""
         if base and base[1] and fb and name != "cudnn + XLA RoPE":  # per round: the drift between rounds cancels
             ratios = [statistics.median(a) / statistics.median(c) for a, c in zip(fb, base[1])]
-            row["fwdbwd_x_cudnn_rounds"] = ratios
-            vs = f" | x cuDNN+RoPE {statistics.median(ratios):.3f} (rounds {' '.join(f'{r:.3f}' for r in ratios)})"
+            fwd_ratios = [statistics.median(a) / statistics.median(c) for a, c in zip(fwd, base[0])]
+            row["fwdbwd_x_cudnn_rounds"], row["fwd_x_cudnn_rounds"] = ratios, fwd_ratios
+            vs = (f" | x cuDNN+RoPE {statistics.median(ratios):.3f} (rounds {' '.join(f'{r:.3f}' for r in ratios)})"
+                  f" fwd {statistics.median(fwd_ratios):.3f}")
         rows.append(row)
         log(f"  T={T:6d} B={B} D={D} {name:40s} fwd {f_ms:8.3f} ms {row['fwd_tflops']:6.0f} TF/s | "
             f"fwd+bwd {fb_ms:8.3f} ms {row['fwdbwd_tflops']:6.0f} TF/s{vs}")

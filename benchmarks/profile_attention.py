@@ -5,7 +5,8 @@
     python3 benchmarks/ncu_kernel_times.py --attention 2048x8   (every kernel of one call, per impl)
 
 Impls: "ours" (the defaults: RoPE by XLA before the Mosaic kernels on sm_90), "ours-ropegrad"
-(Tuning(rope_grad_in_kernel=True): the backward kernels un-rotate dq / dk), "ours-norope",
+(Tuning(rope_grad_in_kernel=True): the backward kernels un-rotate dq / dk), "ours-heads8" (the forward's
+tiles by chunks of 8 heads), "ours-norope",
 "ours-fused" (no RoPE, the fused backward at every length), "cudnn-rope" (XLA RoPE, then cuDNN), "cudnn" (pre-rotated inputs).
 --dkv-kwargs '{"rows_early": true}': launch settings for our dk/dv (or fused) kernel (Tuning.mosaic_dkv_kwargs).
 """
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.attention import Tuning, apply_rope, flash_attention, rope_cos_sin
 
-IMPLS = ("ours", "ours-ropegrad", "ours-norope", "ours-fused", "cudnn-rope", "cudnn")
+IMPLS = ("ours", "ours-heads8", "ours-ropegrad", "ours-norope", "ours-fused", "cudnn-rope", "cudnn")
 
 
 def attention_fn(impl, inv_freq, positions, dkv_kwargs=()):
@@ -30,6 +31,7 @@ def attention_fn(impl, inv_freq, positions, dkv_kwargs=()):
     def ours(q, k, v, inv_freq=None, **tuning):
         return flash_attention(q, k, v, inv_freq=inv_freq, tuning=Tuning(mosaic_dkv_kwargs=dkv_kwargs, **tuning))
     return {"ours": lambda q, k, v: ours(q, k, v, inv_freq),
+            "ours-heads8": lambda q, k, v: ours(q, k, v, inv_freq, mosaic_fwd_head_chunk=8),
             "ours-ropegrad": lambda q, k, v: ours(q, k, v, inv_freq, rope_grad_in_kernel=True),
             "ours-norope": lambda q, k, v: ours(q, k, v),
             "ours-fused": lambda q, k, v: ours(q, k, v, mosaic_fused_bwd=True),

@@ -231,6 +231,11 @@ class Tuning:
     # 32k; the forward end to end 16.73 -> 15.59 ms at 32k. With RoPE tables (64-key steps) it ran
     # 0.80-0.88x, so not there (attention_NOTES.md session 17).
     mosaic_fwd_early_qk: bool = True
+    # The persistent Mosaic forward's tile order: None, longest first over every (batch row, head);
+    # an int, longest first within chunks of that many query heads of one batch row, chunk by
+    # chunk (attention_mosaic.QTiles head_chunk), so that the K/V the CTAs read at once stay in L2.
+    # Rounded down to whole GQA groups dividing the heads.
+    mosaic_fwd_head_chunk: int | None = None
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -803,11 +808,20 @@ def _flash_fwd(cfg, q, k, v, aux):
             scale=cfg.scale, longest_first=tn.mosaic_longest_first,
             ctas="sms" if tn.mosaic_persistent_fwd and not cfg.rope else None,
             key_block=key_block, pingpong=pingpong, fold_scale=tn.mosaic_fwd_fold_scale,
-            early_qk=tn.mosaic_fwd_early_qk and key_block == 128 and not pingpong)
+            early_qk=tn.mosaic_fwd_early_qk and key_block == 128 and not pingpong,
+            head_chunk=_head_chunk(tn.mosaic_fwd_head_chunk, q.shape[2], cfg.num_groups)
+            if tn.mosaic_persistent_fwd and not cfg.rope else None)
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)
     return out, (q, k, v, aux, out, lse)
+
+
+def _head_chunk(wanted, heads, group):
+    """The largest chunk of whole GQA groups dividing `heads` and at most `wanted` (None: None)."""
+    if wanted is None:
+        return None
+    return max(c for c in range(group, heads + 1, group) if heads % c == 0 and c <= max(wanted, group))
 
 
 def _flash_bwd(cfg, res, dout):

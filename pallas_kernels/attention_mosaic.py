@@ -219,10 +219,17 @@ class QTiles:
     kernel of that many CTAs (one per SM), each looping over tiles in longest-first order, round
     by round, snaking (CTA c takes the c-th tile of even rounds and the c-th from the end of odd
     ones) so that the CTAs get about equal work. Persistence is for the per-CTA fixed cost: the
-    producer streams the next tile's K/V while the consumers finish the last one."""
+    producer streams the next tile's K/V while the consumers finish the last one.
 
-    def __init__(self, batch, heads, blocks, ctas, longest_first):
+    head_chunk (persistent only): None, longest first across every (batch row, head), so the CTAs
+    running at once read the K/V of every head; an int (a multiple of the GQA group dividing heads),
+    longest first within chunks of that many heads of one batch row, chunk after chunk, so that
+    they read the K/V of head_chunk / group heads (an L2-sized working set at long T)."""
+
+    def __init__(self, batch, heads, blocks, ctas, longest_first, head_chunk=None):
         self.batch, self.heads, self.blocks, self.longest_first = batch, heads, blocks, longest_first
+        assert head_chunk is None or (ctas is not None and heads % head_chunk == 0), (heads, head_chunk, ctas)
+        self.head_chunk = head_chunk
         self.tiles = batch * heads * blocks
         self.ctas = None if ctas is None else max(1, min(int(ctas), self.tiles))
         if self.ctas is None:
@@ -246,10 +253,16 @@ class QTiles:
             return qi, lax.axis_index("b"), lax.axis_index("h")
         c = lax.axis_index("cta")
         t = i * self.ctas + jnp.where(lax.rem(i, 2) == 0, c, self.ctas - 1 - c)
-        per_block = self.batch * self.heads  # the heads of a GQA group side by side (same K/V)
-        qi = self.blocks - 1 - lax.div(t, jnp.int32(per_block))
-        r = lax.rem(t, jnp.int32(per_block))
-        return qi, lax.div(r, jnp.int32(self.heads)), lax.rem(r, jnp.int32(self.heads))
+        if self.head_chunk is None:
+            per_block = self.batch * self.heads  # the heads of a GQA group side by side (same K/V)
+            qi = self.blocks - 1 - lax.div(t, jnp.int32(per_block))
+            r = lax.rem(t, jnp.int32(per_block))
+            return qi, lax.div(r, jnp.int32(self.heads)), lax.rem(r, jnp.int32(self.heads))
+        hc = self.head_chunk
+        u, w = lax.div(t, jnp.int32(self.blocks * hc)), lax.rem(t, jnp.int32(self.blocks * hc))
+        chunks = self.heads // hc  # u: (batch row, chunk) in row-major order
+        h = lax.rem(u, jnp.int32(chunks)) * hc + lax.rem(w, jnp.int32(hc))
+        return self.blocks - 1 - lax.div(w, jnp.int32(hc)), lax.div(u, jnp.int32(chunks)), h
 
 
 def for_each_tile(tiles, kv_range, body):
@@ -400,7 +413,7 @@ def sm_count():
 
 def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=(200, 104),
                    longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, fold_scale=True,
-                   early_qk=False, interpret=None):
+                   early_qk=False, head_chunk=None, interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
     if already computed). Returns o [B, T, Hq, D] and lse
@@ -421,6 +434,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
       early_qk: each step issues the next step's QK^T right behind its PV and waits once for both,
       so a consumer no longer waits for its PV before the next QK^T starts (the forward's warps sat
       9.7% of their samples on that wait, attention_NOTES.md session 16). Not with pingpong.
+      head_chunk (persistent): the tile order's heads per chunk (`QTiles`); None: all heads.
       interpret: InterpretGPUParams to run on the CPU.
     Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest).
     Without RoPE tables the output leaves through its own buffer, so a consumer loads its next Q
@@ -431,6 +445,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, key_block
     assert D == HEAD_DIM and T % cta_q == 0, (q.shape, "see supported()")
     assert bk in (64, 128), key_block
+    assert head_chunk is None or head_chunk % G == 0, ("head_chunk: whole GQA groups", head_chunk, G)
     assert not pingpong or bk == 128, "pingpong: key_block=128 (both consumers then run the same steps)"
     assert not (pingpong and early_qk), "early_qk issues QK^T outside the ping-pong turns"
     if bk != BLOCK_K and cos is not None:
@@ -453,7 +468,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
 
     val = Values(interp)
     cast, vec = val.cast, val.vec
-    tiles = QTiles(B, Hq, T // cta_q, sm_count() if ctas == "sms" else ctas, longest_first)
+    tiles = QTiles(B, Hq, T // cta_q, sm_count() if ctas == "sms" else ctas, longest_first, head_chunk)
 
     def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref, lse_ref, scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments

@@ -84,11 +84,12 @@ def test_segment_block_ranges_match_a_brute_force_count():
     # lower rows' consumer one step short); RoPE tables
     (2, 256, 2, 1, False, True, True, (3, 128, False, True, True)),
     (1, 256, 2, 2, False, False, False, (None, 64, False, True, True)),
-    (1, 128, 4, 2, True, False, True, (3, 64, False, True, True))])
+    (1, 128, 4, 2, True, False, True, (3, 64, False, True, True)),
+    (2, 256, 4, 2, False, False, True, (3, 128, False, True, True, 2))])  # the tile order by chunks of 2 heads
 def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, longest_first, ctas):
-    defaults = (None, M.BLOCK_K, False, True, False)
+    defaults = (None, M.BLOCK_K, False, True, False, None)
     ctas = ctas + defaults[len(ctas):] if isinstance(ctas, tuple) else (ctas, *defaults[1:])
-    ctas, key_block, pingpong, fold_scale, early_qk = ctas
+    ctas, key_block, pingpong, fold_scale, early_qk, head_chunk = ctas
     q, k, v, inv_freq = _inputs(B, T, Hq, Hkv, seed=T + Hq)
     seg = packed_segments(B, T, seed=T) if segments else None
     inv_freq = inv_freq if rope else None
@@ -97,13 +98,41 @@ def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope
     stages = 3 if rope and early_qk else 2  # (early_qk with tables needs 3)
     o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=stages, longest_first=longest_first,
                               ctas=ctas, key_block=key_block, pingpong=pingpong, fold_scale=fold_scale,
-                              early_qk=early_qk, interpret=interpret_params())
+                              early_qk=early_qk, head_chunk=head_chunk, interpret=interpret_params())
     ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg)
     err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
     assert o.shape == q.shape and o.dtype == q.dtype
     assert not races_found()
     assert err < 2e-2
     np.testing.assert_allclose(np.asarray(lse), np.asarray(reference_lse(q, k, inv_freq, scale, seg)), atol=3e-2)
+
+
+@pytest.mark.parametrize("batch,heads,blocks,ctas,head_chunk", [
+    (2, 8, 5, 7, None), (2, 8, 5, 7, 4), (1, 8, 3, 4, 8), (3, 4, 2, 5, 2)])
+def test_persistent_tiles_cover_every_tile_once_in_order(batch, heads, blocks, ctas, head_chunk):
+    """QTiles: each (query block, batch row, head) goes to exactly one CTA; in the global order
+    (round by round) the query blocks run longest first, within each chunk of heads if chunked."""
+    tiles = M.QTiles(batch, heads, blocks, ctas, True, head_chunk)
+    rounds = -(-batch * heads * blocks // ctas)
+
+    def per_cta(_):
+        n = tiles.count()
+        return n, jnp.stack([jnp.stack(tiles.coords(jnp.int32(i))) for i in range(rounds)])
+    counts, coords = jax.vmap(per_cta, axis_name="cta")(jnp.arange(ctas))
+    counts, coords = np.asarray(counts), np.asarray(coords)  # [ctas], [ctas, rounds, (qi, b, h)]
+    got = [tuple(coords[c, i]) for c in range(ctas) for i in range(counts[c])]
+    want = [(qi, b, h) for qi in range(blocks) for b in range(batch) for h in range(heads)]
+    assert sorted(got) == sorted(want)
+    order = [tuple(coords[c if i % 2 == 0 else ctas - 1 - c, i]) for i in range(rounds) for c in range(ctas)
+             if i < counts[c if i % 2 == 0 else ctas - 1 - c]]  # tile t = i * ctas + (snaked) c
+    chunk = heads if head_chunk is None else head_chunk
+    keys = [((b, h // chunk) if head_chunk else (), -qi) for qi, b, h in order]
+    assert keys == sorted(keys)
+
+
+def test_head_chunk_is_whole_gqa_groups_dividing_the_heads():
+    assert [attn._head_chunk(w, 32, 4) for w in (None, 8, 6, 2, 64, 12)] == [None, 8, 4, 4, 32, 8]
+    assert attn._head_chunk(8, 12, 4) == 4  # 8 does not divide 12
 
 
 def test_supported_covers_only_what_the_kernel_computes():
