@@ -4,6 +4,7 @@
 #                                            # (Nsight: time, L2 hit rate, DRAM bytes; ours, cuDNN + XLA RoPE);
 #                                            # GPU checks of session 23's cleanup, the standing figures (its
 #                                            # `repro`) and the forward's tile order by chunks of heads
+#   bash benchmarks/run_session24.sh short   # its checks, the tile-order A/B at 8k / 32k and L2 figures (~6 min)
 . "$(dirname "$0")/device_helpers.sh"
 HERE=$(dirname "$0")
 case ${1:-first} in
@@ -14,19 +15,18 @@ case ${1:-first} in
     timeout 120 $NCU --clock-control none --csv --metrics \
       gpu__time_duration.sum,lts__t_sector_hit_rate.pct,dram__bytes_read.sum,dram__bytes_write.sum \
       python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl ours --impl ours-heads8 --impl cudnn-rope > "$OUT/l2.csv" 2> "$OUT/l2.err"
-    echo "rc=$?"; python3 - "$OUT/l2.csv" <<'PY' 2>&1 | tail -60
-import csv, sys
-rows = list(csv.reader(open(sys.argv[1])))
-rows = rows[next(i for i, r in enumerate(rows) if r and r[0] == "ID"):]
-h = rows[0]; n, m, u, v = (h.index(c) for c in ("Kernel Name", "Metric Name", "Metric Unit", "Metric Value"))
-per = {}
-for r in rows[1:]:
-    per.setdefault((int(r[0]), r[n][:44]), {})[r[m]] = (r[v], r[u])
-for (i, name), ms in sorted(per.items()):
-    print(i, f"{name:44s}", " ".join(f"{k.split('__')[1][:22]}={v}{un}" for k, (v, un) in ms.items()))
-PY
+    echo "rc=$?"; python3 "$HERE/ncu_csv_table.py" "$OUT/l2.csv" | tail -60
     ROUNDS=10 REPS=2 CHECKS=mosaic_causal_rope_gqa4,mosaic_fused_bwd_rope_gqa4,mosaic_packed_fused_bwd,mosaic_packed_rows_early,heads_by_8 \
       e2e_group repro_short 180 2048,8192 "ours;cudnn + XLA RoPE;ours, fwd heads by 8;ours, fwd heads by 16"
     ROUNDS=10 REPS=2 e2e_group repro_long 190 16384,32768 "ours;cudnn + XLA RoPE;ours, auto barriers;ours, fwd heads by 8" ;;
-  *) echo "usage: $0 first" >&2; exit 2 ;;
+  short)  # the same in less device time: checks, the head-chunk A/B at 8k and 32k, the attention kernels' L2 figures
+    ROUNDS=8 REPS=2 CHECKS=mosaic_causal_rope_gqa4,mosaic_fused_bwd_rope_gqa4,mosaic_packed_fused_bwd,heads_by_8 \
+      e2e_group short8k 160 8192 "ours;cudnn + XLA RoPE;ours, fwd heads by 8;ours, fwd heads by 16"
+    ROUNDS=6 REPS=2 e2e_group short32k 120 32768 "ours;cudnn + XLA RoPE;ours, fwd heads by 8"
+    echo "== attention kernels of one fwd+bwd, 8k, B = 2: time, L2 hit rate, DRAM bytes (ours, ours heads by 8, cuDNN)"
+    timeout 80 $NCU --clock-control none --csv -k regex:"mosaic|cudnn|sm90|fmha" --metrics \
+      gpu__time_duration.sum,lts__t_sector_hit_rate.pct,dram__bytes_read.sum \
+      python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl ours --impl ours-heads8 --impl cudnn-rope > "$OUT/l2.csv" 2> "$OUT/l2.err"
+    echo "rc=$?"; python3 "$HERE/ncu_csv_table.py" "$OUT/l2.csv" | tail -30 ;;
+  *) echo "usage: $0 first|short" >&2; exit 2 ;;
 esac
