@@ -234,7 +234,8 @@ class Tuning:
     # The persistent Mosaic forward's tile order: None, longest first over every (batch row, head);
     # an int, longest first within chunks of that many query heads of one batch row, chunk by
     # chunk (attention_mosaic.QTiles head_chunk), so that the K/V the CTAs read at once stay in L2.
-    # Rounded down to whole GQA groups dividing the heads.
+    # Rounded down to whole GQA groups that divide the heads (one group at least). Opt-in, not yet timed
+    # (attention_NOTES.md session 24).
     mosaic_fwd_head_chunk: int | None = None
 
 
