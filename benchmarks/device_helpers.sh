@@ -1,5 +1,5 @@
 # What the run_session*.sh device scripts share (they source it first): the environment, OUT (default
-# /tmp/<script name>), and the helpers ab, e2e_group, bwd_profile, cudnn_profile, fused_profile.
+# /tmp/<script name>), and the helpers ab, e2e_group, sass_spill_map, bwd_profile, cudnn_profile, fused_profile.
 set -u
 export PYTHONPATH=$PWD MOSAIC_GPU_DUMP_PTXAS=1
 OUT=${OUT:-/tmp/$(basename "$0" .sh)}; mkdir -p "$OUT"
@@ -39,4 +39,12 @@ e2e_group() {  # name, seconds, seqs, impls
   echo "== $1 rc=$?"; grep -E "FAIL|PASS|correctness|Error|budget" "$OUT/$1.log" | cut -c1-170 | head -20
   grep -E "compiling|spill stores" "$OUT/$1.log" | sed -E 's/.*function .entry_mosaic_gpu_kernel., //' | cut -c1-90
   grep -E "^  T=" "$OUT/$1.log" | cut -c1-230
+}
+sass_spill_map() {  # dk/dv kernel settings JSON, context lines, lines shown: where that kernel spills (SASS dump
+                    # of compile_mosaic_kernel.py read by sass_spills.py)
+  rm -rf "$OUT/sass"; mkdir -p "$OUT/sass"  # Mosaic does not create the dump directory
+  MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO=$OUT/sass timeout 60 python3 benchmarks/compile_mosaic_kernel.py \
+    --kernel dkv --kwargs "$1" > "$OUT/sass_compile.log" 2>&1
+  echo "== sass $1 rc=$?"; tail -2 "$OUT/sass_compile.log"
+  timeout 30 python3 benchmarks/sass_spills.py "$OUT/sass" --context "$2" | head -"$3" | cut -c1-160
 }

@@ -14,8 +14,7 @@
 #                                           # 1.3-1.9x slower; no_auto_barriers made the fused default after)
 #   bash benchmarks/run_session23.sh default  # that default checked and against the one before; dq_behind_dk
 #   bash benchmarks/run_session23.sh spills   # where the fused default spills (SASS; not run)
-#   bash benchmarks/run_session23.sh repro    # what still runs of the above at the current code (the impls the other
-#                                             # modes name were removed after them)
+#   (the session's standing figures at the current code, with GPU checks: `run_session24.sh first`)
 . "$(dirname "$0")/device_helpers.sh"
 case ${1:-e2e} in
   e2e)
@@ -32,23 +31,13 @@ case ${1:-e2e} in
       "ours;cudnn + XLA RoPE;ours, fused bwd, static slots;ours, fused bwd, no auto barriers;ours, fused bwd, static slots, no auto barriers"
     ROUNDS=10 REPS=2 e2e_group two_k 60 2048 "ours;cudnn + XLA RoPE"
     for kw in '{"with_dq": true}' '{"with_dq": true, "static_slots": true}'; do  # where the fused kernel spills
-      rm -rf "$OUT/sass"; mkdir -p "$OUT/sass"  # Mosaic does not create the dump directory (the first run printed nothing)
-      MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO=$OUT/sass timeout 60 \
-        python3 benchmarks/compile_mosaic_kernel.py --kernel dkv --kwargs "$kw" > "$OUT/sass_compile.log" 2>&1
-      echo "== sass $kw"; timeout 30 python3 benchmarks/sass_spills.py "$OUT/sass" | head -40 | cut -c1-160
+      sass_spill_map "$kw" 4 40
     done ;;
   default)  # the fused kernel without auto barriers made default (16k on): checks, against the default before it,
              # and dq_behind_dk (never timed) on top of it
     ROUNDS=10 REPS=2 CHECKS=mosaic_fused_bwd_rope_gqa4,mosaic_packed_fused_bwd_rope,dq_behind_dk e2e_group default 300 16384,32768 \
       "ours;cudnn + XLA RoPE;ours, auto barriers;ours, fused bwd, dq behind dk" ;;
   spills)  # (not run) where the fused kernel spills at the current default (SASS dump + sass_spills.py)
-    rm -rf "$OUT/sass"; mkdir -p "$OUT/sass"
-    MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO=$OUT/sass timeout 60 python3 benchmarks/compile_mosaic_kernel.py \
-      --kernel dkv --kwargs '{"with_dq": true, "no_auto_barriers": true}' > "$OUT/sass_compile.log" 2>&1
-    echo "== sass rc=$?"; tail -2 "$OUT/sass_compile.log"; timeout 30 python3 benchmarks/sass_spills.py "$OUT/sass" --context 3 | head -60 | cut -c1-160 ;;
-  repro)  # (not run as such) the session's standing figures at the current code: the defaults against cuDNN at
-           # 2k-32k, and at 16k / 32k against the fused kernel with its auto barriers (the default before)
-    ROUNDS=10 REPS=2 e2e_group repro_short 150 2048,8192 "ours;cudnn + XLA RoPE"
-    ROUNDS=10 REPS=2 e2e_group repro_long 200 16384,32768 "ours;cudnn + XLA RoPE;ours, auto barriers" ;;
-  *) echo "usage: $0 e2e|slots|default|spills|repro" >&2; exit 2 ;;
+    sass_spill_map '{"with_dq": true, "no_auto_barriers": true}' 3 60 ;;
+  *) echo "usage: $0 e2e|slots|default|spills" >&2; exit 2 ;;
 esac

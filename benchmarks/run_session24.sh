@@ -2,8 +2,9 @@
 # Session 24 device calls (attention_NOTES.md "Session 24").
 #   bash benchmarks/run_session24.sh first   # the fused default's SASS spill map; every kernel of one fwd+bwd at 8k
 #                                            # (Nsight: time, L2 hit rate, DRAM bytes; ours, cuDNN + XLA RoPE);
-#                                            # GPU checks of session 23's cleanup, the standing figures (its
-#                                            # `repro`) and the forward's tile order by chunks of heads
+#                                            # GPU checks of session 23's cleanup, its standing figures at 2k-32k
+#                                            # (16k / 32k also against "ours, auto barriers") and the forward's
+#                                            # tile order by chunks of heads
 #   bash benchmarks/run_session24.sh short   # its checks, the tile-order A/B at 8k / 32k and L2 figures (~6 min)
 . "$(dirname "$0")/device_helpers.sh"
 HERE=$(dirname "$0")

@@ -373,15 +373,14 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 (their two dS^T tiles of step j times K_rot's half), reduce-added. Writing step j's
                 dS^T was safe: the other consumer arrived at step j - 1's meeting after reading step
                 j - 2's tiles."""
-                plgpu.barrier_arrive(ds_ready)
-                plgpu.barrier_wait(ds_ready)
+                meet_other_consumer()
                 h, i = tile_of(j, g)
                 ds_tiles = ps.at[ds_slot(j)]
                 add_dq(ds_times_k([(ds_tiles.at[w], kh.at[w, wg]) for w in range(2)]), i, h)
 
-            def last_dq():
-                """After the last step both consumers meet (each reads the other's K, which finish
-                overwrites)."""
+            def meet_other_consumer():
+                """with_dq: both consumers meet, after each step's dS^T (each reads the other's) and
+                after the last step (each reads the other's K, which finish overwrites)."""
                 plgpu.barrier_arrive(ds_ready)
                 plgpu.barrier_wait(ds_ready)
 
@@ -445,7 +444,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             else:
                 dv, dk0, dk1 = accumulate(loop)
             if with_dq:  # the other consumer is done with my K (finish reuses the buffer)
-                last_dq()
+                meet_other_consumer()
             def keys_tables():  # pre-rotated: they came on their own barrier, waited for only here
                 if tbar is not None:
                     plgpu.barrier_wait(tbar.at[wg])
