@@ -1,7 +1,9 @@
 """How much a launch order loses to the tail, by list scheduling (no GPU): 132 SMs, one CTA per SM
 (shared memory allows one), each CTA costing its key (query) tiles + 3 for prologue/epilogue, CTAs
 taken in launch order by the first free SM. Compares the Mosaic attention kernels' old order (head,
-block, batch; Mosaic launches the last grid axis fastest) with longest-first (attention_mosaic.cta_grid).
+block, batch; Mosaic launches the last grid axis fastest) with longest-first (attention_mosaic.cta_grid),
+and the persistent forward's static snake (attention_mosaic.QTiles: tile t of round i to CTA t or its
+mirror) by chunks of heads against the same order taken dynamically (first free CTA).
 
   python3 benchmarks/launch_order_model.py
 """
@@ -26,6 +28,37 @@ def main():
             ideal = sum(w + 3 for w in old) / 132
             print(f"T={T} B={B} {name:7s} time / ideal: old order {makespan(old) / ideal:.3f}, "
                   f"longest first {makespan(new) / ideal:.3f}")
+    persistent()
+
+
+def snake_makespan(jobs, ctas=132, overhead=0.3):
+    """QTiles' static assignment: round i's tiles to CTAs 0..C-1, odd rounds mirrored."""
+    load = [0.0] * ctas
+    for t, work in enumerate(jobs):
+        i, r = divmod(t, ctas)
+        load[r if i % 2 == 0 else ctas - 1 - r] += work + overhead
+    return max(load)
+
+
+def chunked_order(B, heads, nq, chunk):
+    """Forward tiles' work (64-key tiles) longest first within chunks of `chunk` heads of a batch row
+    (chunk None: QTiles' default, longest first across every (batch row, head))."""
+    if chunk is None:
+        return [2 * (qi + 1) for qi in reversed(range(nq)) for _ in range(B * heads)]
+    return [2 * (qi + 1) for _ in range(B) for _ in range(heads // chunk)
+            for qi in reversed(range(nq)) for _ in range(chunk)]
+
+
+def persistent(heads=32, ctas=132):
+    # overhead 0.3 steps per tile: the producer streams the next tile's K/V under the last one.
+    for T, B in ((2048, 8), (8192, 2), (16384, 1), (32768, 1)):
+        row = []
+        for chunk in (None, 16, 8):
+            jobs = chunked_order(B, heads, T // 128, chunk)
+            ideal = sum(w + 0.3 for w in jobs) / ctas
+            row.append(f"{'default' if chunk is None else f'heads by {chunk}'}: snake {snake_makespan(jobs, ctas) / ideal:.3f} "
+                       f"dynamic {makespan(jobs, ctas, 0.3) / ideal:.3f}")
+        print(f"T={T} B={B} persistent fwd time / ideal: " + "; ".join(row))
 
 
 if __name__ == "__main__":
