@@ -133,6 +133,11 @@ def check_correctness(only=None):
         # the persistent forward's tiles by chunks of 8 heads (Tuning(mosaic_fwd_head_chunk=8))
         ("mosaic_fwd_heads_by_8_rope_gqa4_d128_bf16", (2, 512, 16, 4, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_fwd_head_chunk=8))),
+        # ... and as a list schedule read from a table (Tuning(mosaic_fwd_schedule="list")), packed too
+        ("mosaic_fwd_list_heads_by_8_rope_gqa4_d128_bf16", (2, 512, 16, 4, 128, jnp.bfloat16),
+         dict(rope=True, tuning=Tuning(mosaic_fwd_head_chunk=8, mosaic_fwd_schedule="list"))),
+        ("mosaic_fwd_list_packed_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, segments=True, tuning=Tuning(mosaic_fwd_schedule="list"))),
         # one dk/dv consumer code for both warpgroups (Tuning(mosaic_dkv_static_consumers=False))
         ("mosaic_consumers_by_index_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_dkv_static_consumers=False))),
@@ -361,8 +366,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def ours_fused_with(**kw):  # the fused backward with such settings (rows_early, ...)
         return ours_dkv_with(fused=True, **kw)
 
-    def ours_fwd_head_chunk(heads):  # the persistent forward's tiles longest first within chunks of heads
-        return lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd_head_chunk=heads))
+    def ours_fwd_order(heads=None, schedule="snake"):  # the persistent forward's tile order and schedule
+        tuning = Tuning(mosaic_fwd_head_chunk=heads, mosaic_fwd_schedule=schedule)
+        return lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuning)
 
     def ours_triton_dkv(q, k, v):  # the Mosaic forward and dq, the Triton dk/dv
         return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv=False))
@@ -425,8 +431,10 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, fused bwd, rows early": (ours_fused_with(rows_early=True), (q, k, v)),
         "ours, auto barriers": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(
             mosaic_fused_no_auto_barriers=False)), (q, k, v)),  # from 16k the default before session 23
-        "ours, fwd heads by 8": (ours_fwd_head_chunk(8), (q, k, v)),  # 2 K/V heads at a time
-        "ours, fwd heads by 16": (ours_fwd_head_chunk(16), (q, k, v)),
+        "ours, fwd heads by 8": (ours_fwd_order(8), (q, k, v)),  # 2 K/V heads at a time
+        "ours, fwd heads by 16": (ours_fwd_order(16), (q, k, v)),
+        "ours, fwd list": (ours_fwd_order(schedule="list"), (q, k, v)),  # balanced by a table
+        "ours, fwd list heads by 8": (ours_fwd_order(8, "list"), (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

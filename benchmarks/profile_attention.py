@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.attention import Tuning, apply_rope, flash_attention, rope_cos_sin
 
-IMPLS = ("ours", "ours-heads8", "ours-ropegrad", "ours-norope", "ours-fused", "cudnn-rope", "cudnn")
+IMPLS = ("ours", "ours-heads8", "ours-list-heads8", "ours-ropegrad", "ours-norope", "ours-fused", "cudnn-rope", "cudnn")
 
 
 def attention_fn(impl, inv_freq, positions, dkv_kwargs=()):
@@ -32,6 +32,8 @@ def attention_fn(impl, inv_freq, positions, dkv_kwargs=()):
         return flash_attention(q, k, v, inv_freq=inv_freq, tuning=Tuning(mosaic_dkv_kwargs=dkv_kwargs, **tuning))
     return {"ours": lambda q, k, v: ours(q, k, v, inv_freq),
             "ours-heads8": lambda q, k, v: ours(q, k, v, inv_freq, mosaic_fwd_head_chunk=8),
+            "ours-list-heads8": lambda q, k, v: ours(q, k, v, inv_freq, mosaic_fwd_head_chunk=8,
+                                                     mosaic_fwd_schedule="list"),
             "ours-ropegrad": lambda q, k, v: ours(q, k, v, inv_freq, rope_grad_in_kernel=True),
             "ours-norope": lambda q, k, v: ours(q, k, v),
             "ours-fused": lambda q, k, v: ours(q, k, v, mosaic_fused_bwd=True),

@@ -237,6 +237,12 @@ class Tuning:
     # Rounded down to whole GQA groups that divide the heads (one group at least). Opt-in, not yet timed
     # (attention_NOTES.md session 24).
     mosaic_fwd_head_chunk: int | None = None
+    # How the persistent Mosaic forward hands its tiles (in the order above) to the CTAs: "snake",
+    # round by round (attention_mosaic.QTiles), or "list", a list schedule of each tile to the CTA
+    # whose modelled work ends first, read from a table (benchmarks/launch_order_model.py: the snake
+    # at 1.031x the ideal at 2k and 1.10-1.24x with chunks of 8 heads at 8k-16k, the list schedule at
+    # 1.001-1.009x). Opt-in, not yet timed (attention_NOTES.md session 25).
+    mosaic_fwd_schedule: str = "snake"
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -811,7 +817,8 @@ def _flash_fwd(cfg, q, k, v, aux):
             key_block=key_block, pingpong=pingpong, fold_scale=tn.mosaic_fwd_fold_scale,
             early_qk=tn.mosaic_fwd_early_qk and key_block == 128 and not pingpong,
             head_chunk=_head_chunk(tn.mosaic_fwd_head_chunk, q.shape[2], cfg.num_groups)
-            if tn.mosaic_persistent_fwd and not cfg.rope else None)
+            if tn.mosaic_persistent_fwd and not cfg.rope else None,
+            schedule=tn.mosaic_fwd_schedule if tn.mosaic_persistent_fwd and not cfg.rope else "snake")
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)

@@ -21,13 +21,16 @@ has no `layout_cast`, transposed wgmma operand or register A operand: under it P
 shared memory and QK^T is a jnp dot. The compiled path was checked on the H100 against the Triton
 kernels and the reference (benchmarks/run_mosaic_attention.py, attention_NOTES.md session 4).
 """
+import copy
 import dataclasses
 import functools
+import heapq
 import math
 import operator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -224,11 +227,21 @@ class QTiles:
     head_chunk (persistent only): None, longest first across every (batch row, head), so the CTAs
     running at once read the K/V of every head; an int (a multiple of the GQA group dividing heads),
     longest first within chunks of that many heads of one batch row, chunk after chunk, so that
-    they read the K/V of head_chunk / group heads (an L2-sized working set at long T)."""
+    they read the K/V of head_chunk / group heads (an L2-sized working set at long T).
 
-    def __init__(self, batch, heads, blocks, ctas, longest_first, head_chunk=None):
+    steps (persistent only): None, the snake above; else a function qi -> that query block's key
+    steps, and the tiles go, in the same global order, each to the CTA whose modelled work (its
+    steps + TILE_COST) ends first: a list schedule, computed here (`list_schedule`) and read by the
+    kernel from a table (`table`, then `bind`). The static snake balances chunked orders badly
+    (benchmarks/launch_order_model.py: heads by 8 at 1.235x the ideal at 8k, the default 1.031x at
+    2k; the list schedule 1.001-1.009x)."""
+
+    TILE_COST = 1.0  # a tile's fixed work (Q load, epilogue) in key steps, for the list schedule
+
+    def __init__(self, batch, heads, blocks, ctas, longest_first, head_chunk=None, steps=None):
         self.batch, self.heads, self.blocks, self.longest_first = batch, heads, blocks, longest_first
         assert head_chunk is None or (ctas is not None and heads % head_chunk == 0), (heads, head_chunk, ctas)
+        assert steps is None or ctas is not None, "steps: a persistent kernel's list schedule"
         self.head_chunk = head_chunk
         self.tiles = batch * heads * blocks
         self.ctas = None if ctas is None else max(1, min(int(ctas), self.tiles))
@@ -236,11 +249,42 @@ class QTiles:
             self.grid, self.grid_names = cta_grid(heads, blocks, batch, "q", longest_first)
         else:
             self.grid, self.grid_names = (self.ctas,), ("cta",)
+        self.table = None if steps is None else self._schedule_table(steps)
+        self.row = None  # this CTA's row of `table` (a ref or an array), once bound
+
+    def _schedule_table(self, steps):
+        """int32 [ctas, rows, 128]: per CTA its tile count, then the global positions of its tiles
+        in order (flattened, zero padded), as `list_schedule` assigns them."""
+        work = [steps(qi) + self.TILE_COST for qi in self._query_blocks_in_order()]
+        lists = list_schedule(work, self.ctas)
+        width = 128 * -(-(1 + max(map(len, lists))) // 128)  # TMA boxes: 128 int32 a row
+        table = np.zeros((self.ctas, width), np.int32)
+        for c, ts in enumerate(lists):
+            table[c, :1 + len(ts)] = [len(ts), *ts]
+        return table.reshape(self.ctas, width // 128, 128)
+
+    def _query_blocks_in_order(self):
+        """The query block qi of each global position t (host ints; as `coords` decodes t)."""
+        per_rank = self.batch * self.heads if self.head_chunk is None else self.head_chunk
+        span = self.tiles if self.head_chunk is None else self.blocks * self.head_chunk
+        return [self.blocks - 1 - (t % span) // per_rank for t in range(self.tiles)]
+
+    def bind(self, row):
+        """These tiles reading the list schedule from `row` (this CTA's row of `table`, [rows, 128])."""
+        bound = copy.copy(self)
+        bound.row = row
+        return bound
+
+    def _entry(self, i):
+        i = jnp.asarray(i, jnp.int32)
+        return self.row[lax.div(i, jnp.int32(128)), lax.rem(i, jnp.int32(128))]
 
     def count(self):
         """How many tiles this CTA runs (a Python int without persistence)."""
         if self.ctas is None:
             return 1
+        if self.table is not None:
+            return self._entry(0)
         rounds, rest = divmod(self.tiles, self.ctas)
         c = lax.axis_index("cta")
         in_last = (c < rest) if rounds % 2 == 0 else (c >= self.ctas - rest)  # the partial round
@@ -251,8 +295,11 @@ class QTiles:
         if self.ctas is None:
             qi = block_index("q", self.blocks, self.longest_first, heavy_last=True)
             return qi, lax.axis_index("b"), lax.axis_index("h")
-        c = lax.axis_index("cta")
-        t = i * self.ctas + jnp.where(lax.rem(i, 2) == 0, c, self.ctas - 1 - c)
+        if self.table is not None:
+            t = self._entry(i + 1)
+        else:
+            c = lax.axis_index("cta")
+            t = i * self.ctas + jnp.where(lax.rem(i, 2) == 0, c, self.ctas - 1 - c)
         if self.head_chunk is None:
             per_block = self.batch * self.heads  # the heads of a GQA group side by side (same K/V)
             qi = self.blocks - 1 - lax.div(t, jnp.int32(per_block))
@@ -263,6 +310,33 @@ class QTiles:
         chunks = self.heads // hc  # u: (batch row, chunk) in row-major order
         h = lax.rem(u, jnp.int32(chunks)) * hc + lax.rem(w, jnp.int32(hc))
         return self.blocks - 1 - lax.div(w, jnp.int32(hc)), lax.div(u, jnp.int32(chunks)), h
+
+
+def list_schedule(work, ctas):
+    """Each job of `work` (its cost), in order, to the CTA whose assigned work ends first (ties: the
+    lowest index): the positions of each CTA's jobs, in order. Greedy list scheduling, as a GPU's
+    block scheduler would run them, computed ahead so that the kernel reads it from a table."""
+    free = [(0.0, c) for c in range(ctas)]
+    lists = [[] for _ in range(ctas)]
+    for t, w in enumerate(work):
+        end, c = heapq.heappop(free)
+        lists[c].append(t)
+        heapq.heappush(free, (end + w, c))
+    return lists
+
+
+def load_schedule(tiles, table_ref, row, bar, wg, loader=2):
+    """`tiles` bound to this CTA's row of the list schedule (`QTiles.table`), copied into shared
+    memory `row` by warpgroup `loader` (one TMA on `bar`) and waited for by every warpgroup. No
+    table (no list schedule): `tiles` as they are."""
+    if tiles.table is None:
+        return tiles
+
+    @pl.when(wg == loader)
+    def _():
+        plgpu.copy_gmem_to_smem(table_ref.at[lax.axis_index("cta")], row, bar)
+    plgpu.barrier_wait(bar)
+    return tiles.bind(row)
 
 
 def for_each_tile(tiles, kv_range, body):
@@ -413,7 +487,7 @@ def sm_count():
 
 def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=(200, 104),
                    longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, fold_scale=True,
-                   early_qk=False, head_chunk=None, interpret=None):
+                   early_qk=False, head_chunk=None, schedule="snake", interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
     if already computed). Returns o [B, T, Hq, D] and lse
@@ -435,6 +509,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
       so a consumer no longer waits for its PV before the next QK^T starts (the forward's warps sat
       9.7% of their samples on that wait, attention_NOTES.md session 16). Not with pingpong.
       head_chunk (persistent): the tile order's heads per chunk (`QTiles`); None: all heads.
+      schedule (persistent): "snake", QTiles' static snake; "list", a list schedule of the same order
+      that balances the CTAs' modelled work, read from a table (QTiles steps).
       interpret: InterpretGPUParams to run on the CPU.
     Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest).
     Without RoPE tables the output leaves through its own buffer, so a consumer loads its next Q
@@ -468,12 +544,17 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
 
     val = Values(interp)
     cast, vec = val.cast, val.vec
-    tiles = QTiles(B, Hq, T // cta_q, sm_count() if ctas == "sms" else ctas, longest_first, head_chunk)
+    assert schedule in ("snake", "list"), schedule
+    plan = QTiles(B, Hq, T // cta_q, sm_count() if ctas == "sms" else ctas, longest_first, head_chunk,
+                  steps=(lambda qi: (qi * cta_q + cta_q + bk - 1) // bk) if schedule == "list" and ctas else None)
 
-    def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref, lse_ref, scratch):
-        # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
-        (qh, oh, cq, sq, kh, ck, sk, vs, ps, lses, segq, segk), (qbar, kraw, kready, vbar, consumed, turn) = scratch
+    def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, sched_ref, o_ref, lse_ref, scratch):
+        # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without
+        # segments, sched_ref (and its row, barrier) without a list schedule
+        ((qh, oh, cq, sq, kh, ck, sk, vs, ps, lses, segq, segk, sched),
+         (qbar, kraw, kready, vbar, consumed, turn, sched_bar)) = scratch
         wg = lax.axis_index("wg")
+        tiles = load_schedule(plan, sched_ref, sched, sched_bar, wg)
 
         def my_turn():  # pingpong: wait until the other consumer issued its wgmmas
             if pingpong:
@@ -630,6 +711,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
         refs = list(refs)
         cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
         seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
+        sched_ref = refs.pop(0) if plan.table is not None else None
         o_ref, lse_ref = refs
         smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
         table = (lambda shape: smem(shape, cos.dtype)) if rope else (lambda shape: None)
@@ -640,7 +722,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                    smem((2, bq, bk), q.dtype) if p_smem else None,
                    plgpu.SMEM((2, bq), jnp.float32),
                    plgpu.SMEM((2, bq), jnp.int32) if segs else None,
-                   plgpu.SMEM((stages, bk), jnp.int32) if segs else None)
+                   plgpu.SMEM((stages, bk), jnp.int32) if segs else None,
+                   None if plan.table is None else plgpu.SMEM(plan.table.shape[1:], jnp.int32))
         # TMA copies that complete a Q (or raw K) barrier: two halves (+ cos, sin) (+ segment ids)
         loads = 2 + (2 if rope else 0) + (1 if segs else 0)
         barriers = (plgpu.Barrier(num_arrivals=loads, num_barriers=2),
@@ -648,17 +731,19 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages) if rope else None,
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=1, num_barriers=2) if pingpong else None)
-        pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, o_ref,
-                                          lse_ref, scr),
+                    plgpu.Barrier(num_arrivals=1, num_barriers=2) if pingpong else None,
+                    None if plan.table is None else plgpu.Barrier(num_arrivals=1))
+        pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, sched_ref,
+                                          o_ref, lse_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
     f = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)),
-        grid=tiles.grid, grid_names=tiles.grid_names, num_threads=3, thread_name="wg",
+        grid=plan.grid, grid_names=plan.grid_names, num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
     extra = ((cos, sin) if rope else ()) + ((seg, segment_ranges(seg)[0] if ranges is None else ranges) if segs else ())
+    extra += () if plan.table is None else (jnp.asarray(plan.table),)
     return f(q, k, v, *extra)

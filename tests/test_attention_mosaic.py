@@ -85,11 +85,12 @@ def test_segment_block_ranges_match_a_brute_force_count():
     (2, 256, 2, 1, False, True, True, (3, 128, False, True, True)),
     (1, 256, 2, 2, False, False, False, (None, 64, False, True, True)),
     (1, 128, 4, 2, True, False, True, (3, 64, False, True, True)),
-    (2, 256, 4, 2, False, False, True, (3, 128, False, True, True, 2))])  # the tile order by chunks of 2 heads
+    (2, 256, 4, 2, False, False, True, (3, 128, False, True, True, 2)),  # the tile order by chunks of 2 heads
+    (2, 256, 4, 2, False, True, True, (3, 128, False, True, True, 2, "list"))])  # ... as a list schedule, packed
 def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, longest_first, ctas):
-    defaults = (None, M.BLOCK_K, False, True, False, None)
+    defaults = (None, M.BLOCK_K, False, True, False, None, "snake")
     ctas = ctas + defaults[len(ctas):] if isinstance(ctas, tuple) else (ctas, *defaults[1:])
-    ctas, key_block, pingpong, fold_scale, early_qk, head_chunk = ctas
+    ctas, key_block, pingpong, fold_scale, early_qk, head_chunk, schedule = ctas
     q, k, v, inv_freq = _inputs(B, T, Hq, Hkv, seed=T + Hq)
     seg = packed_segments(B, T, seed=T) if segments else None
     inv_freq = inv_freq if rope else None
@@ -98,7 +99,8 @@ def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope
     stages = 3 if rope and early_qk else 2  # (early_qk with tables needs 3)
     o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=stages, longest_first=longest_first,
                               ctas=ctas, key_block=key_block, pingpong=pingpong, fold_scale=fold_scale,
-                              early_qk=early_qk, head_chunk=head_chunk, interpret=interpret_params())
+                              early_qk=early_qk, head_chunk=head_chunk, schedule=schedule,
+                              interpret=interpret_params())
     ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg)
     err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
     assert o.shape == q.shape and o.dtype == q.dtype
@@ -128,6 +130,44 @@ def test_persistent_tiles_cover_every_tile_once_in_order(batch, heads, blocks, c
     chunk = heads if head_chunk is None else head_chunk
     keys = [((b, h // chunk) if head_chunk else (), -qi) for qi, b, h in order]
     assert keys == sorted(keys)
+
+
+@pytest.mark.parametrize("batch,heads,blocks,ctas,head_chunk", [
+    (2, 8, 5, 7, None), (2, 8, 5, 7, 4), (3, 4, 2, 5, 2), (1, 4, 2, 9, None)])  # (more CTAs than tiles)
+def test_list_schedule_runs_every_tile_once_in_order_and_balances(batch, heads, blocks, ctas, head_chunk):
+    """QTiles with a list schedule: each tile goes to exactly one CTA, each CTA runs its tiles in
+    the global (longest-first, chunked) order, and the modelled work per CTA is balanced as greedy
+    list scheduling promises (no CTA ends more than one tile's work after the least loaded one
+    started its last)."""
+    steps = lambda qi: 2 * (qi + 1)  # noqa: E731
+    tiles = M.QTiles(batch, heads, blocks, ctas, True, head_chunk, steps=steps)
+    snake = M.QTiles(batch, heads, blocks, ctas, True, head_chunk)  # decodes global position t the same way
+    table = jnp.asarray(tiles.table)
+
+    def per_cta(c):
+        bound = tiles.bind(table[c])
+        return bound.count(), jnp.stack([jnp.stack(bound.coords(jnp.int32(i))) for i in range(blocks * batch * heads)])
+    counts, coords = jax.vmap(per_cta, axis_name="cta")(jnp.arange(tiles.ctas))
+    counts, coords = np.asarray(counts), np.asarray(coords)
+    got = [tuple(coords[c, i]) for c in range(tiles.ctas) for i in range(counts[c])]
+    want = [(qi, b, h) for qi in range(blocks) for b in range(batch) for h in range(heads)]
+    assert sorted(got) == sorted(want)
+    position = {}  # global position t of each tile, from the snake's decoding of t
+    rounds = -(-len(want) // snake.ctas)
+    snake_coords = np.asarray(jax.vmap(lambda c: jnp.stack([jnp.stack(snake.coords(jnp.int32(i))) for i in range(rounds)]),
+                                       axis_name="cta")(jnp.arange(snake.ctas)))
+    for i in range(rounds):
+        for c in range(snake.ctas):
+            cc = c if i % 2 == 0 else snake.ctas - 1 - c
+            if i * snake.ctas + c < len(want):
+                position[tuple(snake_coords[cc, i])] = i * snake.ctas + c
+    loads = []
+    for c in range(tiles.ctas):
+        ts = [position[tuple(coords[c, i])] for i in range(counts[c])]
+        assert ts == sorted(ts)
+        loads.append(sum(steps(coords[c, i, 0]) + tiles.TILE_COST for i in range(counts[c])))
+    biggest = max(steps(qi) for qi in range(blocks)) + tiles.TILE_COST
+    assert max(loads) - min(loads) <= biggest
 
 
 def test_head_chunk_is_whole_gqa_groups_dividing_the_heads():
@@ -273,14 +313,17 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
 
 @pytest.mark.parametrize("rope,segments,ctas,key_block", [(False, False, 5, 64), (False, True, "sms", 64),
                                                          (True, False, 5, 64), (False, True, "sms", 128),
-                                                         (False, False, None, 128), (False, True, "sms", "pingpong")])
+                                                         (False, False, None, 128), (False, True, "sms", "pingpong"),
+                                                         (False, False, "sms", "list")])
 def test_persistent_mosaic_forward_lowers_for_cuda(rope, segments, ctas, key_block):
     """The compiled path of the persistent forward and of 128-key tiles (wgmma with register P,
     setmaxnreg), lowered for CUDA on the CPU: catches layout errors that the interpreter does not see."""
     q, k, v, inv_freq = _inputs(1, 512, 4, 2, seed=2)
     tables = rope_tables(512, inv_freq) if rope else ()
     seg = packed_segments(1, 512, seed=3) if segments else None
-    kw = dict(key_block=128, pingpong=True) if key_block == "pingpong" else dict(key_block=key_block)
+    kw = (dict(key_block=128, pingpong=True) if key_block == "pingpong" else
+          dict(key_block=128, early_qk=True, head_chunk=2, schedule="list") if key_block == "list" else
+          dict(key_block=key_block))
     f = lambda *a: M.mosaic_forward(*a, seg=seg, scale=M.HEAD_DIM ** -0.5, ctas=ctas, **kw)  # noqa: E731
     assert "mosaic_gpu" in jax.jit(f).trace(q, k, v, *tables).lower(lowering_platforms=("cuda",)).as_text()
 
