@@ -23,11 +23,11 @@ case ${1:-first} in
   short)  # the same in less device time: checks, the tile-order A/B at 2k / 8k / 32k, the attention kernels' L2 figures
     # QTiles' static snake balances chunked orders badly below 32k (launch_order_model.py: heads by 8
     # at 1.235x / 1.102x the ideal at 8k / 16k); the list schedule ("fwd list") balances any order.
-    ROUNDS=8 REPS=2 CHECKS=mosaic_causal_rope_gqa4,mosaic_fused_bwd_rope_gqa4,mosaic_packed_fused_bwd,heads_by_8,fwd_list \
-      e2e_group short2k8k 200 2048,8192 "ours;cudnn + XLA RoPE;ours, fwd list;ours, fwd list heads by 8"
-    ROUNDS=6 REPS=2 e2e_group short32k 160 32768 "ours;cudnn + XLA RoPE;ours, fwd heads by 8;ours, fwd list heads by 8"
+    ROUNDS=6 REPS=2 CHECKS=mosaic_causal_rope_gqa4,mosaic_fused_bwd_rope_gqa4,mosaic_packed_fused_bwd,heads_by_8,fwd_list \
+      e2e_group short2k8k 170 2048,8192 "ours;cudnn + XLA RoPE;ours, fwd list;ours, fwd list heads by 8"
+    ROUNDS=4 REPS=2 e2e_group short32k 120 32768 "ours;cudnn + XLA RoPE;ours, fwd heads by 8;ours, fwd list heads by 8"
     echo "== attention kernels of one fwd+bwd, 8k, B = 2: time, L2 hit rate, DRAM bytes (ours, ours list heads by 8, cuDNN)"
-    timeout 80 $NCU --clock-control none --csv -k regex:"mosaic|cudnn|sm90|fmha" --metrics \
+    timeout 70 $NCU --clock-control none --csv -k regex:"mosaic|cudnn|sm90|fmha" --metrics \
       gpu__time_duration.sum,lts__t_sector_hit_rate.pct,dram__bytes_read.sum \
       python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl ours --impl ours-list-heads8 --impl cudnn-rope > "$OUT/l2.csv" 2> "$OUT/l2.err"
     echo "rc=$?"; python3 "$HERE/ncu_csv_table.py" "$OUT/l2.csv" | tail -30 ;;
