@@ -5,7 +5,8 @@
 #                                            # GPU checks of session 23's cleanup, its standing figures at 2k-32k
 #                                            # (16k / 32k also against "ours, auto barriers") and the forward's
 #                                            # tile order by chunks of heads
-#   bash benchmarks/run_session24.sh short   # its checks, the tile-order A/B at 8k / 32k and L2 figures (~6 min)
+#   bash benchmarks/run_session24.sh short   # its checks, the tile-order A/B at 2k / 8k / 32k and L2 figures (~6 min)
+#   bash benchmarks/run_session24.sh lean    # the checks and the 2k / 8k rounds of short (~4 min)
 . "$(dirname "$0")/device_helpers.sh"
 HERE=$(dirname "$0")
 case ${1:-first} in
@@ -31,5 +32,8 @@ case ${1:-first} in
       gpu__time_duration.sum,lts__t_sector_hit_rate.pct,dram__bytes_read.sum \
       python3 benchmarks/profile_attention.py --T 8192 --B 2 --impl ours --impl ours-list-heads8 --impl cudnn-rope > "$OUT/l2.csv" 2> "$OUT/l2.err"
     echo "rc=$?"; python3 "$HERE/ncu_csv_table.py" "$OUT/l2.csv" | tail -30 ;;
-  *) echo "usage: $0 first|short" >&2; exit 2 ;;
+  lean)  # (~4 min) short's checks and its 2k / 8k rounds only
+    ROUNDS=5 REPS=2 CHECKS=mosaic_causal_rope_gqa4,mosaic_fused_bwd_rope_gqa4,heads_by_8,fwd_list \
+      e2e_group lean2k8k 200 2048,8192 "ours;cudnn + XLA RoPE;ours, fwd list;ours, fwd list heads by 8" ;;
+  *) echo "usage: $0 first|short|lean" >&2; exit 2 ;;
 esac
