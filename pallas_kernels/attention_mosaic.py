@@ -546,7 +546,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     cast, vec = val.cast, val.vec
     assert schedule in ("snake", "list"), schedule
     plan = QTiles(B, Hq, T // cta_q, sm_count() if ctas == "sms" else ctas, longest_first, head_chunk,
-                  steps=(lambda qi: (qi * cta_q + cta_q + bk - 1) // bk) if schedule == "list" and ctas else None)
+                  steps=(lambda qi: (qi * cta_q + cta_q + bk - 1) // bk)  # causal_kv_range's hi, on the host
+                  if schedule == "list" and ctas else None)
 
     def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, sched_ref, o_ref, lse_ref, scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without
