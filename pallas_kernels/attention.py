@@ -234,14 +234,16 @@ class Tuning:
     # The persistent Mosaic forward's tile order: None, longest first over every (batch row, head);
     # an int, longest first within chunks of that many query heads of one batch row, chunk by
     # chunk (attention_mosaic.QTiles head_chunk), so that the K/V the CTAs read at once stay in L2.
-    # Rounded down to whole GQA groups that divide the heads (one group at least). Opt-in, not yet timed
-    # (attention_NOTES.md session 24).
+    # Rounded down to whole GQA groups that divide the heads (one group at least). Opt-in: with the
+    # list schedule below, level with the default at 2k / 8k on the H100 (one call, attention_NOTES.md
+    # session 25); 32k not yet timed.
     mosaic_fwd_head_chunk: int | None = None
     # How the persistent Mosaic forward hands its tiles (in the order above) to the CTAs: "snake",
     # round by round (attention_mosaic.QTiles), or "list", a list schedule of each tile to the CTA
     # whose modelled work ends first, read from a table (benchmarks/launch_order_model.py: the snake
     # at 1.031x the ideal at 2k and 1.10-1.24x with chunks of 8 heads at 8k-16k, the list schedule at
-    # 1.001-1.009x). Opt-in, not yet timed (attention_NOTES.md session 25).
+    # 1.001-1.009x). Opt-in: GPU-checked, level with the snake at 2k / 8k in one H100 call (fwd+bwd
+    # 0.942x / 0.973x cuDNN against 0.930x / 0.975x; attention_NOTES.md session 25).
     mosaic_fwd_schedule: str = "snake"
 
 
