@@ -33,8 +33,10 @@ fused_profile() {  # [dk/dv kernel settings JSON]: the fused backward's profile,
 }
 # end to end against cuDNN + XLA RoPE (bench_attention.py --timing-only in interleaved rounds; ROUNDS, REPS, CHECKS
 # from the environment): checks, each impl's ptxas spill lines after its "compiling" line, the timing lines
-e2e_group() {  # name, seconds, seqs, impls
-  timeout "$2" python3 benchmarks/bench_attention.py --timing-only --budget $(($2 - 40)) --rounds ${ROUNDS:-4} --reps ${REPS:-5} \
+e2e_group() {  # name, seconds for the timings, seqs, impls; CHECKS (substrings of check names) first, in
+              # CHECK_S more seconds (default 120; a check compiles and runs in ~12 s on the H100)
+  local checks_s=0; [ -n "${CHECKS:-}" ] && checks_s=${CHECK_S:-120}
+  timeout $(($2 + checks_s)) python3 benchmarks/bench_attention.py --timing-only --budget $(($2 - 40)) --rounds ${ROUNDS:-4} --reps ${REPS:-5} \
     --seqs "$3" --impls "$4" ${CHECKS:+--checks "$CHECKS"} > "$OUT/$1.log" 2>&1
   echo "== $1 rc=$?"; grep -E "FAIL|PASS|correctness|Error|budget" "$OUT/$1.log" | cut -c1-170 | head -20
   grep -E "compiling|spill stores" "$OUT/$1.log" | sed -E 's/.*function .entry_mosaic_gpu_kernel., //' | cut -c1-90
