@@ -232,7 +232,7 @@ class QTiles:
     steps (persistent only): None, the snake above; else a function qi -> that query block's key
     steps, and the tiles go, in the same global order, each to the CTA whose modelled work (its
     steps + TILE_COST) ends first: a list schedule, computed here (`list_schedule`) and read by the
-    kernel from a table (`table`, then `bind`). The static snake balances chunked orders badly
+    kernel from a table (`table`, then `bind`; `tile_at` decodes a position either way). The static snake balances chunked orders badly
     (benchmarks/launch_order_model.py: heads by 8 at 1.235x the ideal at 8k, the default 1.031x at
     2k; the list schedule 1.001-1.009x)."""
 
@@ -264,10 +264,10 @@ class QTiles:
         return table.reshape(self.ctas, width // 128, 128)
 
     def _query_blocks_in_order(self):
-        """The query block qi of each global position t (host ints; as `coords` decodes t)."""
-        per_rank = self.batch * self.heads if self.head_chunk is None else self.head_chunk
-        span = self.tiles if self.head_chunk is None else self.blocks * self.head_chunk
-        return [self.blocks - 1 - (t % span) // per_rank for t in range(self.tiles)]
+        """The query block qi of each global position t, as host ints."""
+        with jax.ensure_compile_time_eval():  # concrete even while the caller is traced
+            qi, _, _ = self.tile_at(jnp.arange(self.tiles, dtype=jnp.int32))
+        return np.asarray(qi).tolist()
 
     def bind(self, row):
         """These tiles reading the list schedule from `row` (this CTA's row of `table`, [rows, 128])."""
@@ -296,10 +296,12 @@ class QTiles:
             qi = block_index("q", self.blocks, self.longest_first, heavy_last=True)
             return qi, lax.axis_index("b"), lax.axis_index("h")
         if self.table is not None:
-            t = self._entry(i + 1)
-        else:
-            c = lax.axis_index("cta")
-            t = i * self.ctas + jnp.where(lax.rem(i, 2) == 0, c, self.ctas - 1 - c)
+            return self.tile_at(self._entry(i + 1))
+        c = lax.axis_index("cta")
+        return self.tile_at(i * self.ctas + jnp.where(lax.rem(i, 2) == 0, c, self.ctas - 1 - c))
+
+    def tile_at(self, t):
+        """(qi, b, h) of global position t (int32) of the persistent tile order."""
         if self.head_chunk is None:
             per_block = self.batch * self.heads  # the heads of a GQA group side by side (same K/V)
             qi = self.blocks - 1 - lax.div(t, jnp.int32(per_block))

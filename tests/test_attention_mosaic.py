@@ -141,26 +141,19 @@ def test_list_schedule_runs_every_tile_once_in_order_and_balances(batch, heads, 
     started its last)."""
     steps = lambda qi: 2 * (qi + 1)  # noqa: E731
     tiles = M.QTiles(batch, heads, blocks, ctas, True, head_chunk, steps=steps)
-    snake = M.QTiles(batch, heads, blocks, ctas, True, head_chunk)  # decodes global position t the same way
     table = jnp.asarray(tiles.table)
+    n = blocks * batch * heads
 
     def per_cta(c):
         bound = tiles.bind(table[c])
-        return bound.count(), jnp.stack([jnp.stack(bound.coords(jnp.int32(i))) for i in range(blocks * batch * heads)])
+        return bound.count(), jnp.stack([jnp.stack(bound.coords(jnp.int32(i))) for i in range(n)])
     counts, coords = jax.vmap(per_cta, axis_name="cta")(jnp.arange(tiles.ctas))
     counts, coords = np.asarray(counts), np.asarray(coords)
     got = [tuple(coords[c, i]) for c in range(tiles.ctas) for i in range(counts[c])]
     want = [(qi, b, h) for qi in range(blocks) for b in range(batch) for h in range(heads)]
     assert sorted(got) == sorted(want)
-    position = {}  # global position t of each tile, from the snake's decoding of t
-    rounds = -(-len(want) // snake.ctas)
-    snake_coords = np.asarray(jax.vmap(lambda c: jnp.stack([jnp.stack(snake.coords(jnp.int32(i))) for i in range(rounds)]),
-                                       axis_name="cta")(jnp.arange(snake.ctas)))
-    for i in range(rounds):
-        for c in range(snake.ctas):
-            cc = c if i % 2 == 0 else snake.ctas - 1 - c
-            if i * snake.ctas + c < len(want):
-                position[tuple(snake_coords[cc, i])] = i * snake.ctas + c
+    order = np.stack(tiles.tile_at(jnp.arange(n, dtype=jnp.int32)), axis=-1)  # the global order, as the snake's
+    position = {tuple(tile): t for t, tile in enumerate(order)}
     loads = []
     for c in range(tiles.ctas):
         ts = [position[tuple(coords[c, i])] for i in range(counts[c])]
