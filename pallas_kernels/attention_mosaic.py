@@ -232,9 +232,10 @@ class QTiles:
     steps (persistent only): None, the snake above; else a function qi -> that query block's key
     steps, and the tiles go, in the same global order, each to the CTA whose modelled work (its
     steps + TILE_COST) ends first: a list schedule, computed here (`list_schedule`) and read by the
-    kernel from a table (`table`, then `bind`; `tile_at` decodes a position either way). The static snake balances chunked orders badly
-    (benchmarks/launch_order_model.py: heads by 8 at 1.235x the ideal at 8k, the default 1.031x at
-    2k; the list schedule 1.001-1.009x)."""
+    kernel from a table (`table`, then `bind`; `tile_at` decodes a position either way). The static
+    snake balances chunked orders badly (benchmarks/launch_order_model.py: heads by 8 at 1.235x the
+    ideal at 8k, the default 1.031x at 2k; the list schedule 1.001-1.009x). On one H100 call
+    (attention_NOTES.md session 25) both were level with the snake at 2k / 8k."""
 
     TILE_COST = 1.0  # a tile's fixed work (Q load, epilogue) in key steps, for the list schedule
 
