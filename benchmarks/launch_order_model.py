@@ -5,16 +5,15 @@ block, batch; Mosaic launches the last grid axis fastest) with longest-first (at
 and the persistent forward's static snake (attention_mosaic.QTiles: tile t of round i to CTA t or its
 mirror) by chunks of heads against the same order taken dynamically (first free CTA).
 
-  python3 benchmarks/launch_order_model.py
+  PYTHONPATH=$PWD python3 benchmarks/launch_order_model.py
 """
-import heapq
+from pallas_kernels.attention_mosaic import list_schedule
 
 
 def makespan(jobs, sms=132, overhead=3):
-    free = [0.0] * sms
-    for work in jobs:
-        heapq.heappush(free, heapq.heappop(free) + work + overhead)
-    return max(free)
+    """Jobs in order, each to the first free SM (the persistent forward's list schedule does the same)."""
+    work = [w + overhead for w in jobs]
+    return max(sum(work[t] for t in ts) for ts in list_schedule(work, sms))
 
 
 def main():

@@ -812,15 +812,14 @@ def _flash_fwd(cfg, q, k, v, aux):
         tn = cfg.tuning
         key_block = attention_mosaic.BLOCK_K if cfg.rope else tn.mosaic_fwd_key_block  # tables: 64 only
         pingpong = tn.mosaic_fwd_pingpong and key_block == 128
+        persistent = tn.mosaic_persistent_fwd and not cfg.rope  # the tile order settings apply to it only
         out, lse = attention_mosaic.mosaic_forward(  # lse [B, Hq, Tp]
             *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
-            scale=cfg.scale, longest_first=tn.mosaic_longest_first,
-            ctas="sms" if tn.mosaic_persistent_fwd and not cfg.rope else None,
+            scale=cfg.scale, longest_first=tn.mosaic_longest_first, ctas="sms" if persistent else None,
             key_block=key_block, pingpong=pingpong, fold_scale=tn.mosaic_fwd_fold_scale,
             early_qk=tn.mosaic_fwd_early_qk and key_block == 128 and not pingpong,
-            head_chunk=_head_chunk(tn.mosaic_fwd_head_chunk, q.shape[2], cfg.num_groups)
-            if tn.mosaic_persistent_fwd and not cfg.rope else None,
-            schedule=tn.mosaic_fwd_schedule if tn.mosaic_persistent_fwd and not cfg.rope else "snake")
+            head_chunk=_head_chunk(tn.mosaic_fwd_head_chunk, q.shape[2], cfg.num_groups) if persistent else None,
+            schedule=tn.mosaic_fwd_schedule if persistent else "snake")
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)
