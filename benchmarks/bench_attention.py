@@ -141,6 +141,13 @@ def check_correctness(only=None):
         # one dk/dv consumer code for both warpgroups (Tuning(mosaic_dkv_static_consumers=False))
         ("mosaic_consumers_by_index_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_dkv_static_consumers=False))),
+        # D = 256 (session 26): the Mosaic forward and dq (RoPE by XLA), the Triton dk/dv
+        ("mosaic_causal_rope_gqa2_d256_bf16", (2, 512, 4, 2, 256, jnp.bfloat16), dict(rope=True)),
+        ("mosaic_packed_rope_positions_gqa2_d256_bf16", (2, 384, 4, 2, 256, jnp.bfloat16),
+         dict(rope=True, segments=True, positions=True)),
+        ("mosaic_fwd_early_qk_dq_v_with_k_d256_bf16", (1, 512, 4, 2, 256, jnp.bfloat16),
+         dict(rope=True, tuning=replace(default_tuning(256), mosaic_fwd_kwargs=(("early_qk", True),),
+                                        mosaic_dq_kwargs=(("early_v", False),)))),
         # dk/dv variants (session 19): the lse / delta rows loaded first
         ("mosaic_packed_rows_early_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dkv_kwargs=(("rows_early", True),)))),
@@ -304,74 +311,77 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def cudnn_rope(q, k, v):
         return cudnn(*rope_outside(q, k), v)
 
+    def tuned(**kw):  # this head size's defaults with some fields changed
+        return replace(default_tuning(D), **kw)
+
     def ours(q, k, v):  # the defaults: on sm_90 RoPE by XLA just before the Mosaic kernels
         return flash_attention(q, k, v, inv_freq=freq)
 
     def ours_rope_in_kernel(q, k, v):
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(rope_in_kernel=True))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(rope_in_kernel=True))
 
     def ours_rope_grad_in_kernel(q, k, v):  # XLA RoPE, dq / dk un-rotated by the backward kernels
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(rope_grad_in_kernel=True))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(rope_grad_in_kernel=True))
 
     def ours_in_order(q, k, v):  # the Mosaic kernels' launch order before session 7
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_longest_first=False))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_longest_first=False))
 
     def ours_one_tile_per_cta(q, k, v):  # the forward before session 10 (not persistent)
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_persistent_fwd=False))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_persistent_fwd=False))
 
     def ours_rope_tables_kept(q, k, v):  # XLA RoPE with cos/sin materialized once, not recomputed per head
         cos, sin = jax.lax.optimization_barrier(rope_cos_sin(pos, freq))
         return flash_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
 
     def ours_fwd_64_keys(q, k, v):  # the Mosaic forward on 64-key steps (the default before session 11)
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd_key_block=64))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_fwd_key_block=64))
 
     def ours_fwd_pingpong(q, k, v):  # 128-key steps with ping-pong consumers
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd_pingpong=True))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_fwd_pingpong=True))
 
     def ours_fwd_scale_apart(q, k, v):  # the forward's softmax scale multiplied before the max (before session 15)
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd_fold_scale=False))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_fwd_fold_scale=False))
 
     def ours_fwd_late_qk(q, k, v):  # each forward step waits for its PV before the next QK^T (before session 17)
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd_early_qk=False))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_fwd_early_qk=False))
 
     def ours_norope(q, k, v):
         return flash_attention(q, k, v)
 
     def ours_triton(q, k, v):  # the Triton kernels even where the Mosaic ones apply
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd=False))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_fwd=False))
 
     def ours_triton_rope_xla(q, k, v):
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fwd=False, rope_in_kernel=False))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_fwd=False, rope_in_kernel=False))
 
     def ours_triton_bwd(q, k, v):  # the Mosaic forward, the Triton backward
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dq=False, mosaic_dkv=False))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_dq=False, mosaic_dkv=False))
 
     def ours_fused_bwd(q, k, v):  # dq from the dk/dv kernel (reduce-adds) instead of the dq kernel
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fused_bwd=True))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_fused_bwd=True))
 
     def ours_separate_bwd(q, k, v):  # the dq and dk/dv kernels at every length (before session 18: from 16k on fused)
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_fused_bwd=False))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_fused_bwd=False))
 
     def ours_dq_static_consumers(q, k, v):  # the dq kernel's consumers specialised too (not the default yet)
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dq_static_consumers=True))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_dq_static_consumers=True))
 
     def ours_consumers_by_index(q, k, v):  # one dk/dv consumer code for both (before session 18)
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv_static_consumers=False))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_dkv_static_consumers=False))
 
     def ours_dkv_with(fused=None, **kw):  # the dk/dv kernel with launch settings not yet default (rows_early, ...)
-        tuning = Tuning(mosaic_fused_bwd=fused, mosaic_dkv_kwargs=tuple(kw.items()))
+        tuning = tuned(mosaic_fused_bwd=fused, mosaic_dkv_kwargs=tuple(kw.items()))
         return lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuning)
 
     def ours_fused_with(**kw):  # the fused backward with such settings (rows_early, ...)
         return ours_dkv_with(fused=True, **kw)
 
     def ours_fwd_order(heads=None, schedule="snake"):  # the persistent forward's tile order and schedule
-        tuning = Tuning(mosaic_fwd_head_chunk=heads, mosaic_fwd_schedule=schedule)
+        tuning = tuned(mosaic_fwd_head_chunk=heads, mosaic_fwd_schedule=schedule)
         return lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuning)
 
     def ours_triton_dkv(q, k, v):  # the Mosaic forward and dq, the Triton dk/dv
-        return flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(mosaic_dkv=False))
+        return flash_attention(q, k, v, inv_freq=freq, tuning=tuned(mosaic_dkv=False))
 
     def reference(q, k, v):
         return flash_attention_reference(q, k, v, inv_freq=freq)
@@ -429,12 +439,17 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, dk/dv rows early": (ours_dkv_with(rows_early=True), (q, k, v)),  # below 16k the default since session 22
         "ours, dk/dv rows late": (ours_dkv_with(rows_early=False), (q, k, v)),  # the default before session 22
         "ours, fused bwd, rows early": (ours_fused_with(rows_early=True), (q, k, v)),
-        "ours, auto barriers": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=Tuning(
+        "ours, auto barriers": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuned(
             mosaic_fused_no_auto_barriers=False)), (q, k, v)),  # from 16k the default before session 23
         "ours, fwd heads by 8": (ours_fwd_order(8), (q, k, v)),  # 2 K/V heads at a time
         "ours, fwd heads by 16": (ours_fwd_order(16), (q, k, v)),
         "ours, fwd list": (ours_fwd_order(schedule="list"), (q, k, v)),  # balanced by a table
         "ours, fwd list heads by 8": (ours_fwd_order(8, "list"), (q, k, v)),
+        # D = 256 (the Mosaic forward and dq, the Triton dk/dv since session 26): variants
+        "ours, fwd early QK^T": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuned(
+            mosaic_fwd_kwargs=(("early_qk", True),))), (q, k, v)),
+        "ours, dq V with K": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuned(
+            mosaic_dq_kwargs=(("early_v", False),))), (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         "XLA reference": (reference, (q, k, v)),
@@ -518,7 +533,8 @@ def sweep(T=8192, B=2, Hq=32, Hkv=8, D=128):
 
 
 def bench_d256():  # Gemma-2-9B-like heads: D = 256, Hq/Hkv = 16/8
-    bench_shape(8192, 2, Hq=16, Hkv=8, D=256, impls=["ours", "cudnn (pre-rotated)"])
+    impls = ARGS.d256_impls.split(";") if ARGS.d256_impls else ["ours", "cudnn + XLA RoPE", "cudnn (pre-rotated)"]
+    bench_shape(8192, 2, Hq=16, Hkv=8, D=256, impls=impls)
 
 
 def restart_budget_clock():
@@ -590,5 +606,6 @@ if __name__ == "__main__":
                    "turn (ratios to cuDNN + XLA RoPE taken per round)")
     p.add_argument("--reps", type=int, default=10, help="timed calls per implementation per round")
     p.add_argument("--d256", action="store_true", help="with --timing-only: also D=256 (Hq/Hkv 16/8) at T=8k")
+    p.add_argument("--d256-impls", default="", help="';'-separated implementation names for the D=256 timing")
     ARGS = p.parse_args()
     main()

@@ -206,6 +206,10 @@ class Tuning:
     # mosaic_dkv keywords as (name, value) pairs, e.g. (("rows_early", True),), over the settings
     # above), for A/B runs of variants not yet default.
     mosaic_dkv_kwargs: tuple = ()
+    # The same for the Mosaic forward and dq kernels (attention_mosaic.mosaic_forward /
+    # attention_mosaic_dq.mosaic_dq keywords, over the settings flash_attention derives), for A/B runs.
+    mosaic_fwd_kwargs: tuple = ()
+    mosaic_dq_kwargs: tuple = ()
     # The Mosaic forward as a persistent kernel (one CTA per SM looping over query tiles, the next
     # tile's K/V and Q loaded under the last one's epilogue; attention_mosaic.QTiles) where it runs
     # without RoPE tables. The forward kernel alone on the H200: 1.07x at 2k, 1.01x at 8k (same
@@ -810,16 +814,19 @@ def _flash_fwd(cfg, q, k, v, aux):
     padded = _pad(q, cfg), _pad(k, cfg), _pad(v, cfg)
     if cfg.mosaic_fwd:  # D = 128, so only T is padded (to a multiple of 128)
         tn = cfg.tuning
-        key_block = attention_mosaic.BLOCK_K if cfg.rope else tn.mosaic_fwd_key_block  # tables: 64 only
+        wide = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM
+        key_block = attention_mosaic.BLOCK_K if cfg.rope or wide else tn.mosaic_fwd_key_block  # tables: 64 only
         pingpong = tn.mosaic_fwd_pingpong and key_block == 128
         persistent = tn.mosaic_persistent_fwd and not cfg.rope  # the tile order settings apply to it only
-        out, lse = attention_mosaic.mosaic_forward(  # lse [B, Hq, Tp]
-            *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
-            scale=cfg.scale, longest_first=tn.mosaic_longest_first, ctas="sms" if persistent else None,
+        settings = dict(
+            longest_first=tn.mosaic_longest_first, ctas="sms" if persistent else None,
             key_block=key_block, pingpong=pingpong, fold_scale=tn.mosaic_fwd_fold_scale,
             early_qk=tn.mosaic_fwd_early_qk and key_block == 128 and not pingpong,
             head_chunk=_head_chunk(tn.mosaic_fwd_head_chunk, q.shape[2], cfg.num_groups) if persistent else None,
             schedule=tn.mosaic_fwd_schedule if persistent else "snake")
+        out, lse = attention_mosaic.mosaic_forward(  # lse [B, Hq, Tp]
+            *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
+            scale=cfg.scale, **{**settings, **dict(tn.mosaic_fwd_kwargs)})
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)
@@ -852,9 +859,10 @@ def _flash_bwd(cfg, res, dout):
                                                      **_dkv_settings(cfg.tuning, fused=True))
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
+        settings = dict(longest_first=cfg.tuning.mosaic_longest_first,
+                        static_consumers=cfg.tuning.mosaic_dq_static_consumers, **un_rotate)
         dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,
-                                           longest_first=cfg.tuning.mosaic_longest_first,
-                                           static_consumers=cfg.tuning.mosaic_dq_static_consumers, **un_rotate)
+                                           **{**settings, **dict(cfg.tuning.mosaic_dq_kwargs)})
     else:
         dq = _backward_dq(cfg, *triton)
     if cfg.mosaic_dkv:
@@ -932,8 +940,9 @@ def _use_mosaic(cfg, dtype) -> bool:
     the padded keys)."""
     from unsloth_jax.compat import is_sm90
 
+    wide_tables = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM and cfg.rope and cfg.tuning.rope_in_kernel
     return (cfg.tuning.mosaic_fwd is not False and not cfg.interpret and cfg.head_pad == cfg.head_dim
-            and (not cfg.rope or cfg.tuning.rope_table_dtype == "float16")
+            and (not cfg.rope or cfg.tuning.rope_table_dtype == "float16") and not wide_tables
             and (not cfg.has_segments or cfg.tuning.mosaic_packed)
             and attention_mosaic.supported(head_dim=cfg.head_dim, seq_len=cfg.seq_pad, dtype=dtype,
                                            causal=cfg.causal, has_window=cfg.has_window,
@@ -967,11 +976,12 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
                interpret=bool(interpret))
     mosaic_fwd = _use_mosaic(cfg, q.dtype)
     cfg = dataclasses.replace(cfg, mosaic_fwd=mosaic_fwd, mosaic_dq=mosaic_fwd and tn.mosaic_dq is not False,
-                              mosaic_dkv=mosaic_fwd and tn.mosaic_dkv is not False)
+                              mosaic_dkv=mosaic_fwd and tn.mosaic_dkv is not False and attention_mosaic.dkv_supported(D))
     pos = jnp.arange(T)[None] if positions is None else positions
     aux = {}
     all_mosaic = cfg.mosaic_dq and cfg.mosaic_dkv
-    if cfg.rope and not _rope_in_kernel(tn, all_mosaic):
+    wide_mosaic = mosaic_fwd and D == attention_mosaic.WIDE_HEAD_DIM  # no RoPE tables fit there
+    if cfg.rope and (wide_mosaic or not _rope_in_kernel(tn, all_mosaic)):
         outside = tn.rope_grad_in_kernel and all_mosaic and not tn.mosaic_fused_bwd
         if outside:  # rotated in the forward rule, un-rotated by the backward kernels
             aux["rope_pos"], aux["inv_freq"] = pos, inv_freq.astype(jnp.float32)

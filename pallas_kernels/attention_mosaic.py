@@ -37,16 +37,31 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
+WIDE_HEAD_DIM = 256  # Gemma's: no RoPE tables, 64-key steps, 2 stages (shared memory), forward and dq only
 BLOCK_Q = 128  # query rows per CTA (two consumer warpgroups of 64)
 BLOCK_K = 64
 
 
 def supported(*, head_dim, seq_len, dtype, causal, has_window, has_segments, softcap) -> bool:
-    """Whether the Mosaic kernels (this forward, attention_mosaic_dq/_dkv) compute the same thing as
-    the Triton ones for the call. (has_segments is fine: packing is supported.)"""
+    """Whether the Mosaic kernels (this forward and attention_mosaic_dq; attention_mosaic_dkv at
+    HEAD_DIM only: `dkv_supported`) compute the same thing as the Triton ones for the call.
+    (has_segments is fine: packing is supported.) At WIDE_HEAD_DIM the caller rotates q / k first
+    (no RoPE tables fit in shared memory there)."""
     del has_segments
-    return (head_dim == HEAD_DIM and seq_len % BLOCK_Q == 0 and causal and not has_window
+    return (head_dim in (HEAD_DIM, WIDE_HEAD_DIM) and seq_len % BLOCK_Q == 0 and causal and not has_window
             and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+
+
+def dkv_supported(head_dim) -> bool:
+    """Whether attention_mosaic_dkv runs this head size (its consumers hold dK and dV of 64 keys over
+    all of D: 256 fp32 registers a thread at D = 256)."""
+    return head_dim == HEAD_DIM
+
+
+def refuse_wide_tables(name, head_dim, tables):
+    if head_dim == WIDE_HEAD_DIM and tables is not None:
+        raise ValueError(f"{name}: D={WIDE_HEAD_DIM} takes no RoPE tables (they would not fit in shared memory); "
+                         "rotate q/k before the call (flash_attention does: Tuning.rope_in_kernel)")
 
 
 def _first_and_last_occurrence(seg):
@@ -405,16 +420,19 @@ def step_slot(j, off, stages):
     return lax.rem(j + off, jnp.int32(stages))
 
 
-def skip_kv_steps(bars, start, stop, off, stages):
+def skip_kv_steps(bars, start, stop, off, stages, v_consumed=None):
     """A consumer's steps [start, stop) that only the other consumer needs: wait and arrive anyway,
     so every barrier phase is observed by every waiter (the interpreter checks it; waiting too, not
-    only arriving as JAX's own kernel does, measured 15% faster at 2k). bars: (K, V, consumed)."""
+    only arriving as JAX's own kernel does, measured 15% faster at 2k). bars: (K, V, consumed);
+    v_consumed: V's own release barrier where V is handed back apart from K (dq's early_v)."""
     kbar, vbar, consumed = bars
 
     def skip(j, _):
         slot = step_slot(j, off, stages)
-        plgpu.barrier_wait(kbar.at[slot])
         plgpu.barrier_wait(vbar.at[slot])
+        if v_consumed is not None:
+            plgpu.barrier_arrive(v_consumed.at[slot])
+        plgpu.barrier_wait(kbar.at[slot])
         plgpu.barrier_arrive(consumed.at[slot])
     lax.fori_loop(start, stop, skip, None)
 
@@ -426,13 +444,17 @@ def kv_producer(refs, bufs, bars, *, tiles, kv_range, group, table_b, stages, bk
     RoPE tables it rotates each K tile once in shared memory, one step behind the loads, and releases
     it on "K ready"; without, the consumers wait on "raw" itself.
     refs: (k, v, cos, sin, seg) in GMEM; bufs: (K halves, cos, sin, ids, V) slots; bars: (raw,
-    ready, V, consumed). cos/sin (seg) and their buffers are None without RoPE (segment ids).
-    group: query heads per K/V head; table_b: batch rows of the tables (1: shared)."""
+    ready, V, consumed[, V consumed]). cos/sin (seg) and their buffers are None without RoPE (segment
+    ids). With a "V consumed" barrier (not None) V's slot is refilled once both consumers arrived on
+    it, ahead of K's. group: query heads per K/V head; table_b: batch rows of the tables (1: shared)."""
     k_ref, v_ref, cos_ref, sin_ref, seg_ref = refs
     kh, ck, sk, segk, vs = bufs
-    kraw, kready, vbar, consumed = bars
+    kraw, kready, vbar, consumed, v_consumed = (*bars, None)[:5]
     half = kh.shape[-1]
     rope = cos_ref is not None
+
+    def issue_v(b, kvh, step, slot):
+        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(step * bk, bk), kvh], vs.at[slot], vbar.at[slot])
 
     def issue(b, kvh, step, slot):
         rows = pl.ds(step * bk, bk)
@@ -444,7 +466,8 @@ def kv_producer(refs, bufs, bars, *, tiles, kv_range, group, table_b, stages, bk
             plgpu.copy_gmem_to_smem(sin_ref.at[tb, rows], sk.at[slot], kraw.at[slot])
         if seg_ref is not None:
             plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk.at[slot], kraw.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kvh], vs.at[slot], vbar.at[slot])
+        if v_consumed is None:
+            issue_v(b, kvh, step, slot)
 
     def rotate(g):  # global step g's K tile, loaded one step earlier: rotate and release it
         slot = step_slot(g, 0, stages)
@@ -462,9 +485,12 @@ def kv_producer(refs, bufs, bars, *, tiles, kv_range, group, table_b, stages, bk
             g = j + off
             slot = step_slot(j, off, stages)
 
-            @pl.when(g >= stages)  # the slot's previous step was released
-            def _():
-                plgpu.barrier_wait(consumed.at[slot])
+            def wait_release(bar):  # the slot's previous step was released
+                pl.when(g >= stages)(lambda: plgpu.barrier_wait(bar.at[slot]))
+            if v_consumed is not None:
+                wait_release(v_consumed)
+                issue_v(b, kvh, j, slot)
+            wait_release(consumed)
             issue(b, kvh, j, slot)
             if rope:
                 @pl.when(g >= 1)
@@ -479,7 +505,9 @@ def kv_producer(refs, bufs, bars, *, tiles, kv_range, group, table_b, stages, bk
             rotate(g - 1)
 
     def drain(j, _):  # the last steps' slots are not refilled: observe their release anyway
-        plgpu.barrier_wait(consumed.at[step_slot(j, 0, stages)])
+        for bar in (v_consumed, consumed):
+            if bar is not None:
+                plgpu.barrier_wait(bar.at[step_slot(j, 0, stages)])
     lax.fori_loop(jnp.maximum(g - stages, 0), g, drain, None)
 
 
@@ -488,15 +516,19 @@ def sm_count():
     return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs=(200, 104),
+def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs="auto",
                    longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, fold_scale=True,
                    early_qk=False, head_chunk=None, schedule="snake", interpret=None):
-    """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
-    (float16; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
+    """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128 or 256, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
+    (float16, D = 128 only; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
     if already computed). Returns o [B, T, Hq, D] and lse
     [B, Hq, T] (log2-sum-exp2 of the scores times scale * log2(e), as the Triton kernels keep it).
 
-    stages: K/V slots in flight (None: 3 for 64-key tiles, 2 for 128). key_block: keys per step
+    D = 256 (WIDE_HEAD_DIM): 64-key steps in 2 stages and the output through the Q buffer (Q and
+    two K/V slots take 192 KB of shared memory); each consumer's O is 64x256 fp32, 128 registers a
+    thread, so regs "auto" gives the consumers 240.
+
+    stages: K/V slots in flight (None: 3 for 64-key tiles, 2 for 128 or D = 256). key_block: keys per step
       (64, or 128 without RoPE tables: half the steps and their fixed work, QK^T at N = 128;
       1.10x / 1.11x at 2k / 8k on the H200, persistent, `Tuning.mosaic_fwd_key_block`).
       pingpong (key_block 128): the consumers take turns on the tensor cores (one's QK^T, the
@@ -514,24 +546,31 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
       head_chunk (persistent): the tile order's heads per chunk (`QTiles`); None: all heads.
       schedule (persistent): "snake", QTiles' static snake; "list", a list schedule of the same order
       that balances the CTAs' modelled work, read from a table (QTiles steps).
+      regs "auto": (200, 104) at D = 128, (240, 24) at D = 256 (no tables: the producer only issues copies).
       interpret: InterpretGPUParams to run on the CPU.
     Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest).
-    Without RoPE tables the output leaves through its own buffer, so a consumer loads its next Q
-    tile before writing the last one out; with them (no shared memory left) through the Q buffer."""
+    Without RoPE tables (at D = 128) the output leaves through its own buffer, so a consumer loads its
+    next Q tile before writing the last one out; with them or at D = 256 (no shared memory left)
+    through the Q buffer."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
     half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, key_block
-    assert D == HEAD_DIM and T % cta_q == 0, (q.shape, "see supported()")
+    assert D in (HEAD_DIM, WIDE_HEAD_DIM) and T % cta_q == 0, (q.shape, "see supported()")
     assert bk in (64, 128), key_block
+    wide = D == WIDE_HEAD_DIM
+    refuse_wide_tables("mosaic_forward", D, cos)
+    assert not wide or bk == 64, "D=256: key_block=64 (two slots of 128 keys would take 256 KB)"
     assert head_chunk is None or head_chunk % G == 0, ("head_chunk: whole GQA groups", head_chunk, G)
     assert not pingpong or bk == 128, "pingpong: key_block=128 (both consumers then run the same steps)"
     assert not (pingpong and early_qk), "early_qk issues QK^T outside the ping-pong turns"
     if bk != BLOCK_K and cos is not None:
         raise ValueError("mosaic_forward: key_block=128 takes no RoPE tables (their slots would not fit "
                          "in shared memory); rotate q/k before the call (Tuning.rope_in_kernel=False)")
-    if stages is None:
-        stages = 3 if bk == 64 else 2  # 3 slots of 128 keys would take 256 KB of shared memory
+    if stages is None:  # 3 slots of 128 keys (or of 64 at D = 256) would take 256 KB of shared memory
+        stages = 3 if bk == 64 and not wide else 2
+    if regs == "auto":
+        regs = (240, 24) if wide else (200, 104)
     rope = cos is not None
     # the producer releases K(j + 1) rotated one load later, into the slot step j - 1 + stages frees
     assert not (early_qk and rope and stages < 3), "early_qk with RoPE tables: stages >= 3"
@@ -539,7 +578,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     p_smem = interp  # the interpreter has no register A operand for wgmma
-    own_out = not rope  # a separate output buffer: the next Q tile loads under the epilogue
+    own_out = not rope and not wide  # a separate output buffer: the next Q tile loads under the epilogue
     check_regs(regs)
 
     def log2_units(x):  # fold_scale: raw scores -> the exponent's units (the product fuses into the FFMA)

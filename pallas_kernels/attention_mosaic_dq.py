@@ -31,9 +31,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention_mosaic import (QTiles, Values, causal_kv_range, check_regs, for_each_tile, kv_producer,
-                                             rotate_halves, run_consumers, scores_log2, segment_ranges, skip_kv_steps,
-                                             sm_count, smem_tiles, step_slot)
+from pallas_kernels.attention_mosaic import (WIDE_HEAD_DIM, QTiles, Values, causal_kv_range, check_regs, for_each_tile,
+                                             kv_producer, refuse_wide_tables, rotate_halves, run_consumers, scores_log2,
+                                             segment_ranges, skip_kv_steps, sm_count, smem_tiles, step_slot)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -43,8 +43,8 @@ BLOCK_K = 64
 
 def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs="auto",
               longest_first=True, ctas=None, key_block=BLOCK_K, pre_rotated=False, static_consumers=False,
-              interpret=None):
-    """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
+              early_v=None, interpret=None):
+    """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128 or 256, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
     or None (ranges: segment_ranges(seg)[0] if already computed). Returns dq in q's shape and
@@ -65,13 +65,22 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     without tables at 2k / 8k (RESULTS.md 000000000000); Tuning.rope_grad_in_kernel turns it on.
     static_consumers: each consumer warpgroup its own code, its Q / dO buffer descriptors immediates
     (attention_mosaic.run_consumers; the dk/dv kernel's default). Not timed here yet.
+    early_v: each step issues dP = dO V^T first and hands V's slot back as soon as that wgmma is done
+    (its own "V consumed" barrier), so the producer refills V while S, the softmax and dQ run; None:
+    with a single slot (stages=1), where nothing else overlaps the loads.
+    D = 256 (WIDE_HEAD_DIM): no RoPE tables, 64-key steps, stages 1 (Q and dO of 128 rows stay in
+    shared memory: 128 KB, and one K/V slot is 64 KB), regs "auto" (240, 24) (S, dP and dQ: 192 fp32
+    registers a thread, as 128-key steps at D = 128).
     interpret: InterpretGPUParams to run on the CPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
     half, bq, cta_q, bk = D // 2, BLOCK_Q // 2, BLOCK_Q, key_block
-    assert D == HEAD_DIM and T % cta_q == 0 and Hq % Hkv == 0, (q.shape, k.shape)
+    assert D in (HEAD_DIM, WIDE_HEAD_DIM) and T % cta_q == 0 and Hq % Hkv == 0, (q.shape, k.shape)
     assert bk in (64, 128), key_block
+    wide = D == WIDE_HEAD_DIM
+    refuse_wide_tables("mosaic_dq", D, cos)
+    assert not wide or bk == 64, "D=256: key_block=64"
     rope = cos is not None
     rotate = rope and not pre_rotated  # the kernel rotates Q and K tiles (else only un-rotates dQ)
     segs = seg is not None
@@ -79,9 +88,11 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
         raise ValueError("mosaic_dq: key_block=128 takes no RoPE tables (their slots would not fit in shared "
                          "memory); rotate q/k before the kernel (Tuning(rope_in_kernel=False))")
     if stages is None:
-        stages = 2 if rotate or bk == 128 else 3
+        stages = 1 if wide else 2 if rotate or bk == 128 else 3
     if regs == "auto":
-        regs = (240, 24) if bk == 128 else None
+        regs = (240, 24) if bk == 128 or wide else None
+    if early_v is None:
+        early_v = stages == 1
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     check_regs(regs)
@@ -95,7 +106,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref, dq_ref,
                scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
-        (qh, dos, cq, sq, kh, ck, sk, vs, dss, lses, deltas, segq, segk), (qbar, kraw, kready, vbar, consumed, tbar) = scratch
+        ((qh, dos, cq, sq, kh, ck, sk, vs, dss, lses, deltas, segq, segk),
+         (qbar, kraw, kready, vbar, consumed, tbar, v_consumed)) = scratch
         wg = lax.axis_index("wg")
         kbar = kready if rotate else kraw  # what a consumer waits for before reading a K tile
 
@@ -135,16 +147,25 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                 def step(j, carry, masked):
                     dq0, dq1 = carry
                     slot = step_slot(j, off, stages)
-                    plgpu.barrier_wait(kbar.at[slot])
+                    if not early_v:
+                        plgpu.barrier_wait(kbar.at[slot])
                     plgpu.barrier_wait(vbar.at[slot])
                     if interp:  # the interpreter's wgmma takes no transposed operand
-                        s = sum(dot_t(my_q.at[p][...], kh.at[slot, p][...]) for p in range(2))
                         dp = dot_t(my_do[...], vs.at[slot][...])
+                        if early_v:
+                            plgpu.barrier_arrive(v_consumed.at[slot])
+                            plgpu.barrier_wait(kbar.at[slot])
+                        s = sum(dot_t(my_q.at[p][...], kh.at[slot, p][...]) for p in range(2))
                     else:
                         def qk_dov(s_ref, dp_ref):  # both issued before either is read
+                            plgpu.wgmma(dp_ref, my_do, plgpu.transpose_ref(vs.at[slot], (1, 0)))
+                            if early_v:
+                                plgpu.barrier_wait(kbar.at[slot])
                             for p in range(2):
                                 plgpu.wgmma(s_ref, my_q.at[p], plgpu.transpose_ref(kh.at[slot, p], (1, 0)))
-                            plgpu.wgmma(dp_ref, my_do, plgpu.transpose_ref(vs.at[slot], (1, 0)))
+                            if early_v:  # one commit group per wgmma: dP's is done with 2 left
+                                plgpu.wgmma_wait(2)
+                                plgpu.barrier_arrive(v_consumed.at[slot])
                             plgpu.wgmma_wait(0)
                             return s_ref[...], dp_ref[...]
                         s, dp = pl.run_scoped(qk_dov, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
@@ -174,7 +195,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                 carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (zero, zero))
                 dq0, dq1 = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
 
-                skip_kv_steps((kbar, vbar, consumed), kv_steps, kv_max, off, stages)
+                skip_kv_steps((kbar, vbar, consumed), kv_steps, kv_max, off, stages,
+                              v_consumed if early_v else None)
 
                 dq0, dq1 = dq0 * scale, dq1 * scale
                 if rope:  # gradient w.r.t. the un-rotated q: the transpose of the rotation
@@ -206,8 +228,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
 
             tables = (cos_ref, sin_ref) if rotate else (None, None)
             kv_producer((k_ref, v_ref, *tables, seg_ref), (kh, ck, sk, segk, vs),
-                        (kraw, kready, vbar, consumed), tiles=tiles, kv_range=kv_range, group=G,
-                        table_b=table_b, stages=stages, bk=bk)
+                        (kraw, kready, vbar, consumed, v_consumed if early_v else None), tiles=tiles,
+                        kv_range=kv_range, group=G, table_b=table_b, stages=stages, bk=bk)
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         refs = list(refs)
@@ -232,7 +254,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages) if rotate else None,
                     plgpu.Barrier(num_arrivals=1, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope and not rotate else None)
+                    plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope and not rotate else None,
+                    plgpu.Barrier(num_arrivals=2, num_barriers=stages) if early_v else None)
         pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
                                           seg_ref, rng_ref, dq_ref, scr),
                       buffers, barriers, collective_axes="wg")

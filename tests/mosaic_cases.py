@@ -42,13 +42,13 @@ def packed_segments(B, T, seed):
     return jnp.asarray(np.stack(rows))
 
 
-def inputs(B, T, Hq, Hkv, seed):
+def inputs(B, T, Hq, Hkv, seed, head_dim=HEAD_DIM):
     ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (B, T, Hq, HEAD_DIM), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (B, T, Hkv, HEAD_DIM), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, T, Hkv, HEAD_DIM), jnp.bfloat16)
-    do = jax.random.normal(ks[3], (B, T, Hq, HEAD_DIM), jnp.bfloat16)
-    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, HEAD_DIM, 2, dtype=jnp.float32) / HEAD_DIM))
+    q = jax.random.normal(ks[0], (B, T, Hq, head_dim), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, Hkv, head_dim), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, Hkv, head_dim), jnp.bfloat16)
+    do = jax.random.normal(ks[3], (B, T, Hq, head_dim), jnp.bfloat16)
+    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     return q, k, v, do, inv_freq
 
 
@@ -73,13 +73,13 @@ def reference_lse(q, k, inv_freq, scale, seg=None):
     return jax.nn.logsumexp(s * math.log(2), axis=-1) / math.log(2)
 
 
-def backward_case(B, T, Hq, Hkv, *, rope, segments, seed):
+def backward_case(B, T, Hq, Hkv, *, rope, segments, seed, head_dim=HEAD_DIM):
     """The backward kernels' arguments (q, k, v, do, lse, delta[, cos, sin]), the segment ids (or
     None), the scale, and the reference (dq, dk, dv) from jax.vjp of the jnp reference."""
-    q, k, v, do, inv_freq = inputs(B, T, Hq, Hkv, seed)
+    q, k, v, do, inv_freq = inputs(B, T, Hq, Hkv, seed, head_dim)
     inv_freq = inv_freq if rope else None
     seg = packed_segments(B, T, seed) if segments else None
-    scale = HEAD_DIM ** -0.5
+    scale = head_dim ** -0.5
     o, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg), q, k, v)
     lse = reference_lse(q, k, inv_freq, scale, seg)
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))

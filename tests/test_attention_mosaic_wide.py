@@ -1,0 +1,126 @@
+"""The Mosaic GPU forward and dQ kernels at D = 256 (Gemma's head size; attention_mosaic.WIDE_HEAD_DIM)
+under JAX's Mosaic GPU interpreter on the CPU against the jnp reference, their compiled paths lowered
+for CUDA on the CPU, and flash_attention's wiring there: RoPE by XLA, the Mosaic forward and dq, the
+Triton dk/dv (the Mosaic dk/dv kernel does not run D = 256)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mosaic_cases import (backward_case, inputs, interpret_params, packed_segments, races_found, reference_lse,
+                          rel_err)
+from pallas_kernels import attention as attn
+from pallas_kernels import attention_mosaic as M
+from pallas_kernels import attention_mosaic_dq as MDQ
+from pallas_kernels.attention import flash_attention_reference
+
+D = M.WIDE_HEAD_DIM
+
+
+def test_wide_heads_are_supported_by_the_forward_and_dq_only():
+    ok = dict(head_dim=D, seq_len=512, dtype=jnp.bfloat16, causal=True, has_window=False,
+              has_segments=True, softcap=None)
+    assert M.supported(**ok)
+    assert not M.supported(**{**ok, "softcap": 50.0}) and not M.supported(**{**ok, "head_dim": 192})
+    assert M.dkv_supported(M.HEAD_DIM) and not M.dkv_supported(D)
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,ctas,early_qk", [
+    (1, 256, 2, 1, False, 3, False),  # persistent: 4 tiles on 3 CTAs
+    (2, 256, 2, 1, True, None, False),  # packed, one CTA per tile
+    (1, 256, 2, 1, True, 3, True)])  # the next QK^T issued behind each PV
+def test_wide_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, ctas, early_qk):
+    q, k, v, _, _ = inputs(B, T, Hq, Hkv, seed=T + Hq, head_dim=D)
+    seg = packed_segments(B, T, seed=T) if segments else None
+    scale = D ** -0.5
+    o, lse = M.mosaic_forward(q, k, v, seg=seg, scale=scale, ctas=ctas, early_qk=early_qk,
+                              interpret=interpret_params())
+    assert not races_found()
+    assert o.shape == q.shape and o.dtype == q.dtype
+    assert rel_err(o, flash_attention_reference(q, k, v, segment_ids=seg)) < 2e-2
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(reference_lse(q, k, None, scale, seg)), atol=3e-2)
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,ctas,head_dim,stages,early_v", [
+    (1, 256, 2, 1, False, 3, D, None, None),  # one slot, V handed back after dP (the D = 256 default)
+    (2, 256, 2, 1, True, None, D, None, False),  # packed; V with K
+    (2, 256, 2, 1, True, 3, M.HEAD_DIM, 1, True)])  # early_v at D = 128 too
+def test_wide_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, ctas, head_dim, stages, early_v):
+    args, seg, scale, (dq_ref, _, _) = backward_case(B, T, Hq, Hkv, rope=False, segments=segments, seed=T + Hq,
+                                                     head_dim=head_dim)
+    dq = MDQ.mosaic_dq(*args, seg=seg, scale=scale, ctas=ctas, stages=stages, early_v=early_v,
+                       interpret=interpret_params())
+    assert not races_found()
+    assert dq.shape == dq_ref.shape and dq.dtype == args[0].dtype
+    assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
+
+
+@pytest.mark.parametrize("segments,ctas,early", [(False, "sms", False), (True, "sms", True), (True, None, False)])
+def test_wide_kernels_lower_for_cuda(segments, ctas, early):
+    """The compiled paths (register P / dS operands, setmaxnreg (240, 24), the dq's early V release
+    with wgmma_wait(2)), lowered for CUDA on the CPU: catches layout errors the interpreter does not see."""
+    args, seg, scale, _ = backward_case(1, 512, 4, 2, rope=False, segments=segments, seed=1, head_dim=D)
+    fwd = lambda *a: M.mosaic_forward(*a[:3], seg=seg, scale=scale, ctas=ctas, early_qk=early)  # noqa: E731
+    dq = lambda *a: MDQ.mosaic_dq(*a, seg=seg, scale=scale, ctas=ctas, early_v=not early)  # noqa: E731
+    for f in (fwd, dq):
+        assert "mosaic_gpu" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_wide_kernels_refuse_rope_tables():
+    args, _, scale, _ = backward_case(1, 256, 2, 1, rope=True, segments=False, seed=1, head_dim=D)
+    with pytest.raises(ValueError, match="D=256 takes no RoPE tables"):
+        M.mosaic_forward(*args[:3], *args[-2:], scale=scale)
+    with pytest.raises(ValueError, match="D=256 takes no RoPE tables"):
+        MDQ.mosaic_dq(*args, scale=scale)
+
+
+def test_flash_attention_runs_wide_heads_on_the_mosaic_forward_and_dq(monkeypatch):
+    """With sm_90 pretended: RoPE by XLA (no tables reach a kernel), the Mosaic forward and dq, the
+    Triton dk/dv fed the Mosaic lse (lowered for CUDA on the CPU)."""
+    from unsloth_jax import compat
+    monkeypatch.setattr(compat, "is_sm90", lambda: True)
+    q, k, v, _, inv_freq = inputs(1, 256, 4, 2, seed=3, head_dim=D)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(lambda *a: attn.flash_attention(*a, inv_freq=inv_freq), q, k, v)
+        return out, vjp(jnp.ones_like(out))
+    text = jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "flash_attention_dkv" in text
+    assert "flash_attention_fwd" not in text and "flash_attention_dq" not in text
+
+
+def test_flash_attention_on_wide_heads_matches_reference(monkeypatch):
+    """End to end (custom_vjp, T = 100 padded to 128, packed rows, per-row RoPE positions by XLA):
+    the Mosaic forward and dq under the interpreter, the Triton dk/dv in interpret mode; output and
+    dq/dk/dv match the jnp reference, no race in either Mosaic kernel."""
+    from unsloth_jax import compat
+    monkeypatch.setattr(compat, "is_sm90", lambda: True)
+    ran, raced = [], []
+
+    def interpreted(name, f):
+        def run(*a, **kw):
+            assert a[3 if name == "mosaic_forward" else 6] is None, "no RoPE tables at D = 256"
+            out = jax.block_until_ready(f(*a, **kw, interpret=interpret_params()))  # eager under jax.vjp
+            ran.append(name)
+            raced.append(races_found())
+            return out
+        return run
+    monkeypatch.setattr(M, "mosaic_forward", interpreted("mosaic_forward", M.mosaic_forward))
+    monkeypatch.setattr(MDQ, "mosaic_dq", interpreted("mosaic_dq", MDQ.mosaic_dq))
+    real_dkv = attn._backward_dkv
+    monkeypatch.setattr(attn, "_backward_dkv", lambda cfg, *a: real_dkv(attn.dataclasses.replace(cfg, interpret=True), *a))
+    B, T = 1, 100
+    q, k, v, do, inv_freq = inputs(B, T, 4, 2, seed=11, head_dim=D)
+    kw = dict(positions=jnp.broadcast_to(jnp.arange(T), (B, T)) + 3, segment_ids=packed_segments(B, T, seed=12),
+              inv_freq=inv_freq)
+
+    def run(f):
+        out, vjp = jax.vjp(lambda *a: f(*a, **kw), q, k, v)
+        return (out, *vjp(do))
+    got = run(functools.partial(attn.flash_attention))
+    want = run(flash_attention_reference)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(g, w) < 2e-2, (name, rel_err(g, w))
+    assert ran == ["mosaic_forward", "mosaic_dq"] and raced == [False, False], (ran, raced)
