@@ -549,7 +549,8 @@ def main():
     try:
         if ARGS.d256_only:  # re-check and re-time the D=256 defaults only
             ok = check_correctness(only="d256")
-            log(f"correctness: {'ALL PASS' if ok else 'FAILURES'}")
+            log(f"correctness: {'ALL PASS' if ok else 'FAILURES'} ({time.time() - T0:.0f}s)")
+            restart_budget_clock()
             bench_d256()
             return
         if ARGS.packed:  # packing: its checks, then packed timings
@@ -595,7 +596,8 @@ if __name__ == "__main__":
                    help="seconds before skipping the rest (with --timing-only --checks: counted after the checks)")
     p.add_argument("--no-sweep", dest="sweep", action="store_false")
     p.add_argument("--skip-32k", action="store_true")
-    p.add_argument("--d256-only", action="store_true", help="only the D=256 check and timing")
+    p.add_argument("--d256-only", action="store_true", help="only the D=256 checks and timing (--budget counted "
+                   "after the checks)")
     p.add_argument("--timing-only", action="store_true", help="only D=128 timings (at --seqs)")
     p.add_argument("--packed", action="store_true", help="only the packing checks and packed timings")
     p.add_argument("--checks", default=None, help="with --timing-only: first the correctness checks "

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Device calls prepared in session 26 (attention_NOTES.md "Session 26"): D = 256 (Gemma) on the Mosaic forward
+# and dq kernels (RoPE by XLA), the Triton dk/dv.
+#   bash benchmarks/run_session26.sh d256   # (~7 min) the D = 256 checks, then T = 8k, B = 2, Hq/Hkv 16/8 in
+#                                           # interleaved rounds: ours against cuDNN + XLA RoPE, the Triton
+#                                           # paths of before, and the forward / dq variants
+. "$(dirname "$0")/device_helpers.sh"
+D256_IMPLS="ours;cudnn + XLA RoPE;ours, fwd early QK^T;ours, dq V with K;ours, Triton bwd;ours, Triton (RoPE in kernel);cudnn (pre-rotated)"
+case ${1:-d256} in
+  d256)
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+    timeout 520 python3 benchmarks/bench_attention.py --d256-only --budget ${BUDGET:-300} --rounds ${ROUNDS:-3} \
+      --reps ${REPS:-5} --d256-impls "${IMPLS:-$D256_IMPLS}" > "$OUT/d256.log" 2>&1
+    echo "== d256 rc=$?"; grep -E "FAIL|PASS|correctness|Error|budget" "$OUT/d256.log" | cut -c1-200 | head -20
+    grep -E "compiling|spill stores" "$OUT/d256.log" | sed -E 's/.*function .entry_mosaic_gpu_kernel., //' | cut -c1-90
+    grep -E "^  T=" "$OUT/d256.log" | cut -c1-230
+    cp "$OUT/d256.log" "$OUT/bench_attention.json" "${RESULT_DIR:-$OUT}/" 2>/dev/null ;;
+  *) echo "usage: $0 d256" >&2; exit 2 ;;
+esac
