@@ -13,7 +13,6 @@ case ${1:-d256} in
       --reps ${REPS:-5} --d256-impls "${IMPLS:-$D256_IMPLS}" > "$OUT/d256.log" 2>&1
     echo "== d256 rc=$?"; grep -E "FAIL|PASS|correctness|Error|budget" "$OUT/d256.log" | cut -c1-200 | head -20
     grep -E "compiling|spill stores" "$OUT/d256.log" | sed -E 's/.*function .entry_mosaic_gpu_kernel., //' | cut -c1-90
-    grep -E "^  T=" "$OUT/d256.log" | cut -c1-230
-    cp "$OUT/d256.log" "$OUT/bench_attention.json" "${RESULT_DIR:-$OUT}/" 2>/dev/null ;;
+    grep -E "^  T=" "$OUT/d256.log" | cut -c1-230 ;;
   *) echo "usage: $0 d256" >&2; exit 2 ;;
 esac
