@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import attention_mosaic, attention_mosaic_dkv, attention_mosaic_dq
+from pallas_kernels import attention_mosaic, attention_mosaic_dkv, attention_mosaic_dkv_wide, attention_mosaic_dq
 
 NEG_INF = -1e30
 
@@ -853,7 +853,8 @@ def _flash_bwd(cfg, res, dout):
         (aux.get("cos"), aux.get("sin"))
     mosaic = (qp, kp, vp, dop, lse, jnp.swapaxes(delta, 1, 2), *tables, aux.get("seg"))
     un_rotate = dict(pre_rotated=True) if cfg.rope_outside else {}
-    if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd:
+    wide = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM
+    if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd and not wide:
         dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
                                                      longest_first=cfg.tuning.mosaic_longest_first, with_dq=True,
                                                      **_dkv_settings(cfg.tuning, fused=True))
@@ -865,7 +866,11 @@ def _flash_bwd(cfg, res, dout):
                                            **{**settings, **dict(cfg.tuning.mosaic_dq_kwargs)})
     else:
         dq = _backward_dq(cfg, *triton)
-    if cfg.mosaic_dkv:
+    if cfg.mosaic_dkv and wide:
+        dk, dv = attention_mosaic_dkv_wide.mosaic_dkv_wide(
+            qp, kp, vp, dop, lse, jnp.swapaxes(delta, 1, 2), aux.get("seg"), ranges=aux.get("mosaic_k_ranges"),
+            scale=cfg.scale, longest_first=cfg.tuning.mosaic_longest_first)
+    elif cfg.mosaic_dkv:
         dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
                                                  longest_first=cfg.tuning.mosaic_longest_first,
                                                  **_dkv_settings(cfg.tuning, fused=False), **un_rotate)
@@ -976,7 +981,7 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
                interpret=bool(interpret))
     mosaic_fwd = _use_mosaic(cfg, q.dtype)
     cfg = dataclasses.replace(cfg, mosaic_fwd=mosaic_fwd, mosaic_dq=mosaic_fwd and tn.mosaic_dq is not False,
-                              mosaic_dkv=mosaic_fwd and tn.mosaic_dkv is not False and attention_mosaic.dkv_supported(D))
+                              mosaic_dkv=mosaic_fwd and tn.mosaic_dkv is not False)
     pos = jnp.arange(T)[None] if positions is None else positions
     aux = {}
     all_mosaic = cfg.mosaic_dq and cfg.mosaic_dkv
@@ -996,7 +1001,8 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
     if cfg.has_segments:
         aux["seg"] = _pad_rows(segment_ids.astype(jnp.int32), cfg, _PAD_SEGMENT)
         if cfg.mosaic_fwd:  # once per call (a residual, so the backward does not sort again)
-            aux["mosaic_q_ranges"], aux["mosaic_k_ranges"] = attention_mosaic.segment_ranges(aux["seg"])
+            key_block = attention_mosaic_dkv_wide.TILE if wide_mosaic else attention_mosaic.BLOCK_Q
+            aux["mosaic_q_ranges"], aux["mosaic_k_ranges"] = attention_mosaic.segment_ranges(aux["seg"], key_block)
     return _flash(cfg, q, k, v, aux)
 
 

@@ -37,25 +37,19 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
-WIDE_HEAD_DIM = 256  # Gemma's: no RoPE tables, 64-key steps, 2 stages (shared memory), forward and dq only
+WIDE_HEAD_DIM = 256  # Gemma's: no RoPE tables, 64-key steps, 2 stages (shared memory); dk/dv: attention_mosaic_dkv_wide
 BLOCK_Q = 128  # query rows per CTA (two consumer warpgroups of 64)
 BLOCK_K = 64
 
 
 def supported(*, head_dim, seq_len, dtype, causal, has_window, has_segments, softcap) -> bool:
-    """Whether the Mosaic kernels (this forward and attention_mosaic_dq; attention_mosaic_dkv at
-    HEAD_DIM only: `dkv_supported`) compute the same thing as the Triton ones for the call.
-    (has_segments is fine: packing is supported.) At WIDE_HEAD_DIM the caller rotates q / k first
-    (no RoPE tables fit in shared memory there)."""
+    """Whether the Mosaic kernels (this forward, attention_mosaic_dq, and for dk/dv attention_mosaic_dkv
+    at HEAD_DIM, attention_mosaic_dkv_wide at WIDE_HEAD_DIM) compute the same thing as the Triton ones
+    for the call. (has_segments is fine: packing is supported.) At WIDE_HEAD_DIM the caller rotates
+    q / k first (no RoPE tables fit in shared memory there)."""
     del has_segments
     return (head_dim in (HEAD_DIM, WIDE_HEAD_DIM) and seq_len % BLOCK_Q == 0 and causal and not has_window
             and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
-
-
-def dkv_supported(head_dim) -> bool:
-    """Whether attention_mosaic_dkv runs this head size (its consumers hold dK and dV of 64 keys over
-    all of D: 256 fp32 registers a thread at D = 256)."""
-    return head_dim == HEAD_DIM
 
 
 def refuse_wide_tables(name, head_dim, tables):
@@ -98,12 +92,13 @@ def segment_block_ranges(seg, rows, cols, *, by_key=False, occurrences=None):
     return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
 
 
-def segment_ranges(seg):
+def segment_ranges(seg, key_block=BLOCK_Q):
     """The block ranges all three Mosaic kernels take, from one pass over seg: (per 128-query CTA
-    of the forward and dq kernels, in 64-key tiles; per 128-key CTA of dk/dv, in 64-query tiles)."""
+    of the forward and dq kernels, in 64-key tiles; per `key_block`-key CTA of dk/dv, in 64-query
+    tiles: 128 for attention_mosaic_dkv, 64 for attention_mosaic_dkv_wide)."""
     occ = _first_and_last_occurrence(seg)
     return (segment_block_ranges(seg, BLOCK_Q, BLOCK_K, occurrences=occ),
-            segment_block_ranges(seg, BLOCK_Q, BLOCK_K, by_key=True, occurrences=occ))
+            segment_block_ranges(seg, key_block, BLOCK_K, by_key=True, occurrences=occ))
 
 
 def smem_tiles():
