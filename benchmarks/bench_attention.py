@@ -141,8 +141,10 @@ def check_correctness(only=None):
         # one dk/dv consumer code for both warpgroups (Tuning(mosaic_dkv_static_consumers=False))
         ("mosaic_consumers_by_index_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_dkv_static_consumers=False))),
-        # D = 256 (session 26): the Mosaic forward and dq (RoPE by XLA), the Triton dk/dv
+        # D = 256 (session 26): the Mosaic forward, dq and wide dk/dv (RoPE by XLA); the Triton dk/dv opt-out
         ("mosaic_causal_rope_gqa2_d256_bf16", (2, 512, 4, 2, 256, jnp.bfloat16), dict(rope=True)),
+        ("mosaic_fwd_dq_triton_dkv_rope_d256_bf16", (1, 512, 4, 2, 256, jnp.bfloat16),
+         dict(rope=True, tuning=replace(default_tuning(256), mosaic_dkv=False))),
         ("mosaic_packed_rope_positions_gqa2_d256_bf16", (2, 384, 4, 2, 256, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True)),
         ("mosaic_fwd_early_qk_dq_v_with_k_d256_bf16", (1, 512, 4, 2, 256, jnp.bfloat16),
@@ -445,7 +447,7 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "ours, fwd heads by 16": (ours_fwd_order(16), (q, k, v)),
         "ours, fwd list": (ours_fwd_order(schedule="list"), (q, k, v)),  # balanced by a table
         "ours, fwd list heads by 8": (ours_fwd_order(8, "list"), (q, k, v)),
-        # D = 256 (the Mosaic forward and dq, the Triton dk/dv since session 26): variants
+        # D = 256 (the Mosaic kernels since session 26): variants
         "ours, fwd early QK^T": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuned(
             mosaic_fwd_kwargs=(("early_qk", True),))), (q, k, v)),
         "ours, dq V with K": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuned(

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Device calls prepared in session 26 (attention_NOTES.md "Session 26"): D = 256 (Gemma) on the Mosaic forward
-# and dq kernels (RoPE by XLA), the Triton dk/dv.
-#   bash benchmarks/run_session26.sh d256   # (~7 min) the D = 256 checks, then T = 8k, B = 2, Hq/Hkv 16/8 in
+# Device calls prepared in session 26 (attention_NOTES.md "Session 26"): D = 256 (Gemma) on the Mosaic forward,
+# dq and wide dk/dv kernels (RoPE by XLA).
+#   bash benchmarks/run_session26.sh d256   # (~8 min) the D = 256 checks, then T = 8k, B = 2, Hq/Hkv 16/8 in
 #                                           # interleaved rounds: ours against cuDNN + XLA RoPE, the Triton
-#                                           # paths of before, and the forward / dq variants
+#                                           # kernels in its place one by one (dk/dv, dq, all: the default
+#                                           # before), and the forward / dq variants
 . "$(dirname "$0")/device_helpers.sh"
-D256_IMPLS="ours;cudnn + XLA RoPE;ours, fwd early QK^T;ours, dq V with K;ours, Triton bwd;ours, Triton (RoPE in kernel);cudnn (pre-rotated)"
+D256_IMPLS="ours;cudnn + XLA RoPE;ours, Triton dk/dv;ours, Triton bwd;ours, Triton (RoPE in kernel);ours, fwd early QK^T;ours, dq V with K;cudnn (pre-rotated)"
 case ${1:-d256} in
   d256)
     nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
