@@ -964,9 +964,12 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
     Differentiable w.r.t. q, k, v (not inv_freq). `block_q`/`block_k` override the block
     sizes of all three kernels (powers of two >= 16; query blocks count positions x packed
     heads); `tuning` (a Tuning) sets them individually. sliding_window may be a traced
-    int scalar (>= 1), e.g. per layer inside a scan.
+    int scalar (>= 1), e.g. per layer inside a scan; a Python int of at least T hides no key and is
+    dropped (Mistral's 4096 at T <= 4096), so such calls take the Mosaic kernels where they apply.
     """
     B, T, Hq, D = q.shape
+    if isinstance(sliding_window, (int, np.integer)) and sliding_window >= T:
+        sliding_window = None  # i - j < T <= window for every pair
     Hkv = k.shape[2]
     if k.shape != (B, T, Hkv, D) or v.shape != k.shape or Hq % Hkv or D % 2:
         raise ValueError(f"flash_attention: bad shapes q={q.shape} k={k.shape} v={v.shape}")

@@ -179,19 +179,19 @@ def test_supported_covers_only_what_the_kernel_computes():
 
 @pytest.mark.parametrize("window,mosaic_dq,mosaic_dkv,segments", [
     (None, None, None, False), (None, False, None, False), (None, None, False, False),
-    (None, False, False, False), (64, None, None, False),
+    (None, False, False, False), (64, None, None, False), (256, None, None, False),  # a window of T hides nothing
     (None, None, None, "default"), (None, False, False, "default"), (None, None, None, "opt-out")])
 def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, mosaic_dq, mosaic_dkv, segments):
     """With an sm_90 device (pretended), flash_attention runs the Mosaic forward and the Mosaic dq /
     dk-dv kernels (each backward kernel, if turned off in Tuning, the Triton one fed the Mosaic
     lse), packed rows too unless Tuning(mosaic_packed=False); a call they do not cover (a sliding
-    window) stays on the Triton kernels. Lowered for CUDA on the CPU."""
+    window shorter than T) stays on the Triton kernels. Lowered for CUDA on the CPU."""
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     q, k, v, inv_freq = _inputs(2, 256, 4, 2, seed=3)
     tuning = attn.Tuning(mosaic_dq=mosaic_dq, mosaic_dkv=mosaic_dkv, mosaic_packed=segments != "opt-out")
     seg = packed_segments(2, 256, seed=4) if segments else None
-    triton = window is not None or segments == "opt-out"
+    triton = (window is not None and window < 256) or segments == "opt-out"
 
     def fwd_bwd(q, k, v):
         f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=window, segment_ids=seg,  # noqa: E731
