@@ -52,6 +52,11 @@ def supported(*, head_dim, seq_len, dtype, causal, has_window, has_segments, sof
             and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
 
 
+def window_array(window):
+    """A sliding window W (an int or an int scalar array) as the int32 [1] input the kernels read."""
+    return jnp.asarray(window, jnp.int32).reshape(1)
+
+
 def refuse_wide_tables(name, head_dim, tables):
     if head_dim == WIDE_HEAD_DIM and tables is not None:
         raise ValueError(f"{name}: D={WIDE_HEAD_DIM} takes no RoPE tables (they would not fit in shared memory); "
@@ -179,15 +184,18 @@ class Values:
         return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
 
 
-def scores_log2(s, scale, val, q0, k0, masked, seg_rows=None, seg_cols=None, mask_vectors=True):
+def scores_log2(s, scale, val, q0, k0, masked, seg_rows=None, seg_cols=None, mask_vectors=True, window=None):
     """QK^T scores [queries, keys] times scale * log2(e) (scale None: left unscaled), -inf where
-    causal masking hides a key (masked: the tile crosses the diagonal; q0 / k0: its first query /
-    key) or it is in another segment (seg_rows / seg_cols: the ids along the rows / columns, or
-    None). val: `Values`; mask_vectors: see `Values.compare_positions`."""
+    causal masking hides a key (masked: the tile crosses the diagonal, or a window edge; q0 / k0: its
+    first query / key), the sliding window does (window: W, a scalar, or None: query i sees key j
+    iff i - j < W; only where masked) or it is in another segment (seg_rows / seg_cols: the ids
+    along the rows / columns, or None). val: `Values`; mask_vectors: see `Values.compare_positions`."""
     if scale is not None:
         s = s * (scale * LOG2E)
     if masked:
         s = jnp.where(val.compare_positions(s.shape, q0, k0, operator.ge, mask_vectors), s, -jnp.inf)
+        if window is not None:  # key k0 + c >= query q0 + r - W + 1
+            s = jnp.where(val.compare_positions(s.shape, q0 - window + 1, k0, operator.le, mask_vectors), s, -jnp.inf)
     if seg_rows is not None:
         same = (lax.broadcast_in_dim(seg_rows, s.shape, [0]) == lax.broadcast_in_dim(seg_cols, s.shape, [1]))
         s = jnp.where(same, s, -jnp.inf)
@@ -398,16 +406,20 @@ def run_key_steps(step, scores, carry, kv_min, first_masked, kv_steps, early):
     return step(last, *c, True, False)[0] if early else c
 
 
-def causal_kv_range(rng_ref, bk=BLOCK_K):
+def causal_kv_range(rng_ref, bk=BLOCK_K, win_ref=None):
     """kv_range of a Q-stationary kernel (for_each_tile): query block qi's `bk`-key tiles under
     causal masking, from the first one sharing a segment (rng_ref: segment_ranges(seg)[0], in
-    BLOCK_K tiles whatever bk, or None)."""
+    BLOCK_K tiles whatever bk, or None) and holding a key inside the sliding window of the block's
+    first row (win_ref: the window W as int32 [1], or None)."""
     def kv_range(qi, b, h):
         del h
         hi = lax.div(qi * BLOCK_Q + BLOCK_Q + bk - 1, jnp.int32(bk))
-        if rng_ref is None:
-            return jnp.int32(0), hi
-        return lax.div(rng_ref[b, qi, 0], jnp.int32(bk // BLOCK_K)), hi  # the bk tile holding that key
+        lo = jnp.int32(0)
+        if rng_ref is not None:
+            lo = lax.div(rng_ref[b, qi, 0], jnp.int32(bk // BLOCK_K))  # the bk tile holding that key
+        if win_ref is not None:
+            lo = jnp.maximum(lo, lax.div(jnp.maximum(qi * BLOCK_Q - win_ref[0] + 1, 0), jnp.int32(bk)))
+        return lo, hi
     return kv_range
 
 
@@ -513,7 +525,7 @@ def sm_count():
 
 def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs="auto",
                    longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, fold_scale=True,
-                   early_qk=False, head_chunk=None, schedule="snake", interpret=None):
+                   early_qk=False, head_chunk=None, schedule="snake", window=None, interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128 or 256, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16, D = 128 only; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
     if already computed). Returns o [B, T, Hq, D] and lse
@@ -542,6 +554,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
       schedule (persistent): "snake", QTiles' static snake; "list", a list schedule of the same order
       that balances the CTAs' modelled work, read from a table (QTiles steps).
       regs "auto": (200, 104) at D = 128, (240, 24) at D = 256 (no tables: the producer only issues copies).
+      window: a sliding window W (int or int32 scalar; query i sees key j iff i - j < W) or None:
+      each tile starts at the key tile its first row's window reaches, and every tile is masked.
       interpret: InterpretGPUParams to run on the CPU.
     Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest).
     Without RoPE tables (at D = 128) the output leaves through its own buffer, so a consumer loads its
@@ -570,6 +584,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     # the producer releases K(j + 1) rotated one load later, into the slot step j - 1 + stages frees
     assert not (early_qk and rope and stages < 3), "early_qk with RoPE tables: stages >= 3"
     segs = seg is not None
+    windowed = window is not None
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     p_smem = interp  # the interpreter has no register A operand for wgmma
@@ -586,7 +601,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                   steps=(lambda qi: (qi * cta_q + cta_q + bk - 1) // bk)  # causal_kv_range's hi, on the host
                   if schedule == "list" and ctas else None)
 
-    def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, sched_ref, o_ref, lse_ref, scratch):
+    def kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, win_ref, sched_ref, o_ref, lse_ref, scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without
         # segments, sched_ref (and its row, barrier) without a list schedule
         ((qh, oh, cq, sq, kh, ck, sk, vs, ps, lses, segq, segk, sched),
@@ -603,7 +618,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                 plgpu.barrier_arrive(turn.at[1 - wg])
         kbar = kready if rope else kraw  # what a consumer waits for before reading a K tile
 
-        kv_range = causal_kv_range(rng_ref, bk)
+        kv_range = causal_kv_range(rng_ref, bk, win_ref)
+        w_size = win_ref[0] if windowed else None
 
         @pl.when(wg < 2)
         def _consumer():
@@ -660,7 +676,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
 
                 def softmax(s, m, l, j, slot, masked):  # raw scores -> P (16-bit), the rows' new state, O's rescale
                     s = scores_log2(s, None if fold_scale else scale, val, q0, j * bk, masked, seg_rows,
-                                    vec(segk.at[slot], 1) if segs else None, mask_vectors=False)
+                                    vec(segk.at[slot], 1) if segs else None, mask_vectors=False, window=w_size)
                     m_new = jnp.maximum(m, s.max(axis=1))  # fold_scale: in raw score units
                     alpha = jnp.exp2(log2_units(m - m_new))
                     p16 = jnp.exp2(log2_units(s) - lax.broadcast_in_dim(log2_units(m_new), s.shape, [0]))
@@ -710,7 +726,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                 # finite: with segments a row may see no key of a tile (exp2(-inf - -inf) would be NaN)
                 m = cast(jnp.full((bq,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
                 l = cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
+                first_masked = kv_min if segs or windowed else lax.div(q0, jnp.int32(bk))  # else the diagonal on
                 o, m, l = run_key_steps(step, raw_scores, (o, m, l), kv_min, first_masked, kv_steps, early_qk)
 
                 skip_kv_steps((kbar, vbar, consumed), kv_steps, kv_max, off, stages)
@@ -749,6 +765,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
         refs = list(refs)
         cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
         seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
+        win_ref = refs.pop(0) if windowed else None
         sched_ref = refs.pop(0) if plan.table is not None else None
         o_ref, lse_ref = refs
         smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
@@ -771,7 +788,7 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=1, num_barriers=2) if pingpong else None,
                     None if plan.table is None else plgpu.Barrier(num_arrivals=1))
-        pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, sched_ref,
+        pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, cos_ref, sin_ref, seg_ref, rng_ref, win_ref, sched_ref,
                                           o_ref, lse_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
@@ -783,5 +800,6 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
         interpret=interpret,
     )
     extra = ((cos, sin) if rope else ()) + ((seg, segment_ranges(seg)[0] if ranges is None else ranges) if segs else ())
+    extra += (window_array(window),) if windowed else ()
     extra += () if plan.table is None else (jnp.asarray(plan.table),)
     return f(q, k, v, *extra)
