@@ -826,7 +826,7 @@ def _flash_fwd(cfg, q, k, v, aux):
             schedule=tn.mosaic_fwd_schedule if persistent else "snake")
         out, lse = attention_mosaic.mosaic_forward(  # lse [B, Hq, Tp]
             *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
-            scale=cfg.scale, **{**settings, **dict(tn.mosaic_fwd_kwargs)})
+            scale=cfg.scale, window=aux.get("window"), **{**settings, **dict(tn.mosaic_fwd_kwargs)})
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)
@@ -853,26 +853,24 @@ def _flash_bwd(cfg, res, dout):
         (aux.get("cos"), aux.get("sin"))
     mosaic = (qp, kp, vp, dop, lse, jnp.swapaxes(delta, 1, 2), *tables, aux.get("seg"))
     un_rotate = dict(pre_rotated=True) if cfg.rope_outside else {}
+    shared = dict(scale=cfg.scale, longest_first=cfg.tuning.mosaic_longest_first, window=aux.get("window"))
     wide = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM
     if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd and not wide:
-        dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
-                                                     longest_first=cfg.tuning.mosaic_longest_first, with_dq=True,
-                                                     **_dkv_settings(cfg.tuning, fused=True))
+        dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), with_dq=True,
+                                                     **shared, **_dkv_settings(cfg.tuning, fused=True))
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
     if cfg.mosaic_dq:
-        settings = dict(longest_first=cfg.tuning.mosaic_longest_first,
-                        static_consumers=cfg.tuning.mosaic_dq_static_consumers, **un_rotate)
-        dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"), scale=cfg.scale,
+        settings = dict(static_consumers=cfg.tuning.mosaic_dq_static_consumers, **un_rotate, **shared)
+        dq = attention_mosaic_dq.mosaic_dq(*mosaic, ranges=aux.get("mosaic_q_ranges"),
                                            **{**settings, **dict(cfg.tuning.mosaic_dq_kwargs)})
     else:
         dq = _backward_dq(cfg, *triton)
     if cfg.mosaic_dkv and wide:
         dk, dv = attention_mosaic_dkv_wide.mosaic_dkv_wide(
             qp, kp, vp, dop, lse, jnp.swapaxes(delta, 1, 2), aux.get("seg"), ranges=aux.get("mosaic_k_ranges"),
-            scale=cfg.scale, longest_first=cfg.tuning.mosaic_longest_first)
+            **shared)
     elif cfg.mosaic_dkv:
-        dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), scale=cfg.scale,
-                                                 longest_first=cfg.tuning.mosaic_longest_first,
+        dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), **shared,
                                                  **_dkv_settings(cfg.tuning, fused=False), **un_rotate)
     else:
         dk, dv = _backward_dkv(cfg, *triton)

@@ -45,10 +45,10 @@ BLOCK_K = 64
 def supported(*, head_dim, seq_len, dtype, causal, has_window, has_segments, softcap) -> bool:
     """Whether the Mosaic kernels (this forward, attention_mosaic_dq, and for dk/dv attention_mosaic_dkv
     at HEAD_DIM, attention_mosaic_dkv_wide at WIDE_HEAD_DIM) compute the same thing as the Triton ones
-    for the call. (has_segments is fine: packing is supported.) At WIDE_HEAD_DIM the caller rotates
-    q / k first (no RoPE tables fit in shared memory there)."""
-    del has_segments
-    return (head_dim in (HEAD_DIM, WIDE_HEAD_DIM) and seq_len % BLOCK_Q == 0 and causal and not has_window
+    for the call. (has_segments and has_window are fine: packing and sliding windows are covered.) At
+    WIDE_HEAD_DIM the caller rotates q / k first (no RoPE tables fit in shared memory there)."""
+    del has_segments, has_window
+    return (head_dim in (HEAD_DIM, WIDE_HEAD_DIM) and seq_len % BLOCK_Q == 0 and causal
             and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
 
 

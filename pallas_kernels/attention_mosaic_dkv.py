@@ -49,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import (Values, block_index, check_regs, cta_grid, launch_kernel, rotate_halves,
-                                             run_consumers, segment_ranges, smem_tiles)
+                                             run_consumers, segment_ranges, smem_tiles, window_array)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -60,7 +60,7 @@ TILE = 64      # key rows per consumer and query rows per step
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
                ds_under_dv=None, static_consumers=True, rows_early=False, no_auto_barriers=False, pre_rotated=False,
-               interpret=None):
+               window=None, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -124,7 +124,10 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     way out (the keys' tables, loaded with K on a barrier only the epilogue waits for; no query
     tables, no rotation in shared memory), which saves XLA's separate un-rotation pass over dk. The
     launch defaults are those without tables. Measured 0.963x / 0.977x of the kernel without
-    tables at 2k / 8k (RESULTS.md 000000000000); Tuning.rope_grad_in_kernel turns it on."""
+    tables at 2k / 8k (RESULTS.md 000000000000); Tuning.rope_grad_in_kernel turns it on.
+
+    window: a sliding window W (query i sees key j iff i - j < W) or None: each CTA stops after the
+    query tile of its last key's last visible query, and every tile is masked by it."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -133,6 +136,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     rope = cos is not None
     rotate = rope and not pre_rotated  # the kernel rotates Q and K tiles (else only un-rotates dK)
     segs = seg is not None
+    windowed = window is not None
     table_b = cos.shape[0] if rope else 1
     interp = interpret is not None
     nq = T // t
@@ -157,7 +161,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     def col_vec(ref):
         return vec(ref, 1)
 
-    def probs_t(my_k, q_parts, lse_of, k0, q0, masked, seg_t=None):
+    def probs_t(my_k, q_parts, lse_of, k0, q0, masked, seg_t=None, w_size=None):
         """P^T [keys, queries] of one 64x64 tile, float32. lse_of(): the lse row (a value along the
         columns); seg_t: (key ids [t] value, query ids ref)."""
         if interp:  # no transposed wgmma operand in the interpreter
@@ -173,6 +177,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         s_t = s_t * (scale * LOG2E)
         if masked:  # key k0 + r sees query q0 + c iff k0 + r <= q0 + c
             s_t = jnp.where(val.compare_positions((t, t), k0, q0, operator.le), s_t, -jnp.inf)
+        if w_size is not None:  # ... and q0 + c - (k0 + r) < W
+            s_t = jnp.where(val.compare_positions((t, t), k0 + w_size, q0, operator.gt), s_t, -jnp.inf)
         if seg_t is not None:
             key_ids, q_ids = seg_t
             same = (lax.broadcast_in_dim(key_ids, (t, t), [0])
@@ -180,12 +186,12 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             s_t = jnp.where(same, s_t, -jnp.inf)
         return jnp.exp2(s_t - lax.broadcast_in_dim(lse_of(), (t, t), [1]))
 
-    def tile_math(accs, my_k, my_v, my_p, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None):
+    def tile_math(accs, my_k, my_v, my_p, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, w_size=None):
         """One 64x64 (keys x queries) tile: dV += P^T dO, dK_rot (halves) += dS^T Q_rot, with P^T
         and dS^T through shared memory. Returns after every wgmma reading q_parts / do_t / my_p
         completed."""
         dv_acc, dk_accs = accs
-        p_t = probs_t(my_k, q_parts, lambda: col_vec(lse_t), k0, q0, masked, seg_t)
+        p_t = probs_t(my_k, q_parts, lambda: col_vec(lse_t), k0, q0, masked, seg_t, w_size)
         my_p[...] = p_t.astype(my_p.dtype)
         plgpu.commit_smem()  # generic-proxy writes of P^T -> visible to wgmma
         plgpu.wgmma(dv_acc, my_p, do_t)
@@ -206,7 +212,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             plgpu.wgmma(dk_accs[p], my_p, q_parts.at[p])
         plgpu.wgmma_wait(0)
 
-    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, ds_out=None):
+    def tile_math_regs(accs, my_k, my_v, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, ds_out=None,
+                       w_size=None):
         """tile_math with P^T and dS^T as register A operands and the accumulators as values
         (compiled path only: the interpreter has no register A operand nor run_state); dS^T also
         into the shared-memory tile ds_out if given (the fused backward's dQ reads it)."""
@@ -224,7 +231,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
 
         dv, dk0, dk1 = accs
         lse_of, delta_of = row_of(lse_t), row_of(delta_t)
-        p_t = probs_t(my_k, q_parts, lse_of, k0, q0, masked, seg_t)
+        p_t = probs_t(my_k, q_parts, lse_of, k0, q0, masked, seg_t, w_size)
         zeros = plgpu.layout_cast(jnp.zeros((t, t), jnp.float32), plgpu.Layout.WGMMA)
         if ds_under_dv:  # one run_state: dV stays in flight while dS^T is computed
             def step(refs):
@@ -297,7 +304,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         plgpu.wait_smem_to_gmem(0)
 
     # ------------------------------------------------------------------ pipelined (producer + 2 consumers)
-    def pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref,
+    def pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref, win_ref,
                     dk_ref, dv_ref, dq_ref, scratch):
         (qh, cq, sq, dos, lses, deltas, kh, vs, ck, sk, ps, segk, segq, dqs), \
             (qraw, qready, dbar, consumed, kbar, ds_ready, tbar) = scratch
@@ -307,6 +314,9 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         tb = b if table_b > 1 else 0
         i0 = kb * (BLOCK_K // t)       # first query tile of every head (the lower consumer's diagonal)
         i_end = rng_ref[b, kb, 1] if segs else nq  # past the last query tile sharing a segment
+        w_size = win_ref[0] if windowed else None
+        if windowed:  # ... and past the tile of the last query the block's last key is visible to
+            i_end = jnp.minimum(i_end, lax.div(kb * BLOCK_K + BLOCK_K - 1 + w_size - 1, jnp.int32(t)) + 1)
         per_head = i_end - i0          # query tiles per head (>= 2: each key sees itself)
         n_steps = G * per_head
 
@@ -390,7 +400,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
                 tile_math(accs, my_k, my_v, p_buf(j), qh.at[slot], dos.at[slot], lses.at[slot],
-                          deltas.at[slot], k0, i * t, masked, seg_of(slot))
+                          deltas.at[slot], k0, i * t, masked, seg_of(slot), w_size)
                 if with_dq:
                     dq_tile(j, g)
                 plgpu.barrier_arrive(consumed.at[slot])
@@ -426,7 +436,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.barrier_wait(qready.at[slot])
                 plgpu.barrier_wait(dbar.at[slot])
                 accs = tile_math_regs(accs, my_k, my_v, qh.at[slot], dos.at[slot], lses.at[slot], deltas.at[slot],
-                                      k0, i * t, masked, seg_of(slot), ds_out=p_buf(j) if with_dq else None)
+                                      k0, i * t, masked, seg_of(slot), ds_out=p_buf(j) if with_dq else None,
+                                      w_size=w_size)
                 if with_dq:
                     dq_tile(j, g)
                 plgpu.barrier_arrive(consumed.at[slot])
@@ -504,6 +515,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         refs = list(refs)
         cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
         seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
+        win_ref = refs.pop(0) if windowed else None
         dq_ref = None
         if with_dq:  # compiled: the accumulator is an argument (before the outputs); interpreted, an output
             dq_ref = refs.pop(-1 if interp else 0)
@@ -530,12 +542,13 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                     plgpu.Barrier(num_arrivals=2, num_barriers=1) if with_dq else None,  # both consumers' dS^T
                     plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope and not rotate else None)  # keys' tables
         pl.run_scoped(lambda *scr: pipe_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
-                                        seg_ref, rng_ref, dk_ref, dv_ref, dq_ref, scr),
+                                        seg_ref, rng_ref, win_ref, dk_ref, dv_ref, dq_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
     grid, grid_names = cta_grid(Hkv, T // BLOCK_K, B, "k", longest_first)
     out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     extra = ((cos, sin) if rope else ()) + ((seg, segment_ranges(seg)[1] if ranges is None else ranges) if segs else ())
+    extra += (window_array(window),) if windowed else ()
     launch = functools.partial(
         launch_kernel, entry, grid=grid, grid_names=grid_names, num_threads=3,
         thread_name="wg", interpret=interpret,

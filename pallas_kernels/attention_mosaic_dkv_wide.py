@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import (WIDE_HEAD_DIM, Values, block_index, check_regs, cta_grid, launch_kernel,
-                                             run_consumers, segment_ranges, smem_tiles)
+                                             run_consumers, segment_ranges, smem_tiles, window_array)
 
 LOG2E = math.log2(math.e)
 TILE = 64  # keys per CTA, queries per step
@@ -41,13 +41,14 @@ def _dot(a, b, contract):  # the interpreter's products, float32
 
 
 def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, stages=2, regs=(240, 24),
-                    longest_first=True, interpret=None):
+                    longest_first=True, window=None, interpret=None):
     """q/do [B, T, Hq, 256], k/v [B, T, Hkv, 256] (T % 64 == 0, 16-bit); lse/delta [B, Hq, T] float32
     (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q.k; delta = rowsum(dO*O)); seg [B, T]
     int32 segment ids or None (ranges: segment_ranges(seg, TILE)[1] if already computed). Returns dk, dv
     (k's shape and dtype). stages: query-tile slots in flight (2: K, V and two slots of Q, dO take
     192 KB of shared memory). regs: (consumer, producer) registers per thread for setmaxnreg, or None.
     longest_first: launch order (attention_mosaic.cta_grid: the first key blocks see the most queries).
+    window: a sliding window W or None, as attention_mosaic_dkv.mosaic_dkv's.
     interpret: InterpretGPUParams to run on the CPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -55,19 +56,23 @@ def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, st
     t, half, nq = TILE, D // 2, T // TILE
     assert D == WIDE_HEAD_DIM and T % t == 0 and Hq % Hkv == 0, (q.shape, k.shape)
     segs = seg is not None
+    windowed = window is not None
     interp = interpret is not None
     check_regs(regs)
     use_regs = regs is not None and not interp
     val = Values(interp)
     col_vec = functools.partial(val.vec, dim=1)  # a [t] vector along the queries (columns) of a tile
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, rng_ref, dk_ref, dv_ref, scratch):
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, rng_ref, win_ref, dk_ref, dv_ref, scratch):
         (qs, dos, lses, deltas, ks, vs, segk, segq), (qbar, consumed, kvbar, done) = scratch
         kvh, b = lax.axis_index("h"), lax.axis_index("b")
         kb = block_index("k", nq, longest_first, heavy_last=False)
         wg = lax.axis_index("wg")
         k0 = kb * t
         i_end = rng_ref[b, kb, 1] if segs else nq  # past the last query tile sharing a segment
+        w_size = win_ref[0] if windowed else None
+        if windowed:  # ... and past the tile of the last query the block's last key is visible to
+            i_end = jnp.minimum(i_end, lax.div(k0 + t - 1 + w_size - 1, jnp.int32(t)) + 1)
         per_head = i_end - kb  # query tiles per head, from the diagonal (>= 1: each key sees itself)
         n_steps = G * per_head
 
@@ -81,7 +86,7 @@ def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, st
             plgpu.barrier_wait(kvbar)
             key_ids = val.vec(segk, 0) if segs else None
 
-            def scores_t(slot, masked):
+            def scores_t(slot, i, masked):
                 """P^T [keys, queries] of step `slot`'s tile (float32) and dP^T (S^T = K Q^T and
                 dP^T = V dO^T over all of D, both issued before either is read)."""
                 q_parts, do_parts = qs.at[slot], dos.at[slot]
@@ -101,6 +106,8 @@ def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, st
                 s_t = s_t * (scale * LOG2E)
                 if masked:  # the diagonal tile: key k0 + r sees query k0 + c iff r <= c
                     s_t = jnp.where(val.compare_positions((t, t), k0, k0, operator.le), s_t, -jnp.inf)
+                if windowed:  # query i0 + c sees key k0 + r iff i0 + c - (k0 + r) < W
+                    s_t = jnp.where(val.compare_positions((t, t), k0 + w_size, i * t, operator.gt), s_t, -jnp.inf)
                 if segs:
                     same = (lax.broadcast_in_dim(key_ids, (t, t), [0])
                             == lax.broadcast_in_dim(col_vec(segq.at[slot]), (t, t), [1]))
@@ -112,7 +119,7 @@ def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, st
                 dv, dk = accs
                 slot = slot_of(j)
                 plgpu.barrier_wait(qbar.at[slot])
-                p_t, dp_t = scores_t(slot, masked)
+                p_t, dp_t = scores_t(slot, tile_of(j)[1], masked)
                 ds_t = p_t * (dp_t - lax.broadcast_in_dim(col_vec(deltas.at[slot]), (t, t), [1]))
                 p_t, ds_t = p_t.astype(q.dtype), ds_t.astype(q.dtype)
                 my_do, my_q = dos.at[slot, w], qs.at[slot, w]
@@ -183,6 +190,7 @@ def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, st
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
         refs = list(refs)
         seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
+        win_ref = refs.pop(0) if windowed else None
         dk_ref, dv_ref = refs
         smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
         buffers = (smem((stages, 2, t, half), q.dtype), smem((stages, 2, t, half), do.dtype),
@@ -194,13 +202,14 @@ def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, st
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=4 + int(segs)),  # K, V halves (+ ids)
                     plgpu.Barrier(num_arrivals=2))
-        pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, rng_ref,
+        pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref, rng_ref, win_ref,
                                           dk_ref, dv_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
     grid, grid_names = cta_grid(Hkv, nq, B, "k", longest_first)
     out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     extra = (seg, segment_ranges(seg, TILE)[1] if ranges is None else ranges) if segs else ()
+    extra += (window_array(window),) if windowed else ()
     launch = launch_kernel(entry, out_type, grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg",
                            interpret=interpret, compiler_params=plgpu.CompilerParams(approx_math=True))
     return launch(q, k, v, do, lse, delta, *extra)

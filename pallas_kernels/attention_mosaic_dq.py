@@ -33,7 +33,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import (WIDE_HEAD_DIM, QTiles, Values, causal_kv_range, check_regs, for_each_tile,
                                              kv_producer, refuse_wide_tables, rotate_halves, run_consumers, scores_log2,
-                                             segment_ranges, skip_kv_steps, sm_count, smem_tiles, step_slot)
+                                             segment_ranges, skip_kv_steps, sm_count, smem_tiles, step_slot,
+                                             window_array)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -43,7 +44,7 @@ BLOCK_K = 64
 
 def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs="auto",
               longest_first=True, ctas=None, key_block=BLOCK_K, pre_rotated=False, static_consumers=False,
-              early_v=None, interpret=None):
+              early_v=None, window=None, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128 or 256, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -71,6 +72,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     D = 256 (WIDE_HEAD_DIM): no RoPE tables, 64-key steps, stages 1 (Q and dO of 128 rows stay in
     shared memory: 128 KB, and one K/V slot is 64 KB), regs "auto" (240, 24) (S, dP and dQ: 192 fp32
     registers a thread, as 128-key steps at D = 128).
+    window: a sliding window W or None, as attention_mosaic.mosaic_forward's.
     interpret: InterpretGPUParams to run on the CPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -84,6 +86,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     rope = cos is not None
     rotate = rope and not pre_rotated  # the kernel rotates Q and K tiles (else only un-rotates dQ)
     segs = seg is not None
+    windowed = window is not None
     if rope and bk == 128:
         raise ValueError("mosaic_dq: key_block=128 takes no RoPE tables (their slots would not fit in shared "
                          "memory); rotate q/k before the kernel (Tuning(rope_in_kernel=False))")
@@ -103,7 +106,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     def dot_t(a, b):  # a [m, k] . b [n, k]^T, for the interpreter
         return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref, dq_ref,
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref, seg_ref, rng_ref, win_ref, dq_ref,
                scratch):
         # cos_ref / sin_ref (and their buffers) are None without RoPE, seg_ref / rng_ref without segments
         ((qh, dos, cq, sq, kh, ck, sk, vs, dss, lses, deltas, segq, segk),
@@ -111,7 +114,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
         wg = lax.axis_index("wg")
         kbar = kready if rotate else kraw  # what a consumer waits for before reading a K tile
 
-        kv_range = causal_kv_range(rng_ref, bk)
+        kv_range = causal_kv_range(rng_ref, bk, win_ref)
+        w_size = win_ref[0] if windowed else None
 
         def consumer(wg):  # wg: this consumer's index (0 or 1)
             my_q, my_do, my_bar = qh.at[wg], dos.at[wg], qbar.at[wg]
@@ -170,7 +174,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                             return s_ref[...], dp_ref[...]
                         s, dp = pl.run_scoped(qk_dov, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
                     s = scores_log2(s, scale, val, q0, j * bk, masked, seg_rows,
-                                    vec(segk.at[slot], 1) if segs else None)
+                                    vec(segk.at[slot], 1) if segs else None, window=w_size)
                     p_ = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
                     ds = (p_ * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0]))).astype(k.dtype)
                     if interp:  # no register A operand: dS through shared memory
@@ -191,7 +195,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                     return dq0, dq1
 
                 zero = cast(jnp.zeros((bq, half), jnp.float32), plgpu.Layout.WGMMA)
-                first_masked = kv_min if segs else lax.div(q0, jnp.int32(bk))  # segments: mask every tile
+                first_masked = kv_min if segs or windowed else lax.div(q0, jnp.int32(bk))  # else the diagonal on
                 carry = lax.fori_loop(kv_min, first_masked, functools.partial(step, masked=False), (zero, zero))
                 dq0, dq1 = lax.fori_loop(first_masked, kv_steps, functools.partial(step, masked=True), carry)
 
@@ -235,6 +239,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
         refs = list(refs)
         cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rope else (None, None)
         seg_ref, rng_ref = (refs.pop(0), refs.pop(0)) if segs else (None, None)
+        win_ref = refs.pop(0) if windowed else None
         (dq_ref,) = refs
         smem = lambda shape, dt: plgpu.SMEM(shape, dt, transforms=smem_tiles())  # noqa: E731
         table = (lambda shape: smem(shape, cos.dtype)) if rope else (lambda shape: None)
@@ -257,7 +262,7 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                     plgpu.Barrier(num_arrivals=2, num_barriers=2) if rope and not rotate else None,
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages) if early_v else None)
         pl.run_scoped(lambda *scr: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, cos_ref, sin_ref,
-                                          seg_ref, rng_ref, dq_ref, scr),
+                                          seg_ref, rng_ref, win_ref, dq_ref, scr),
                       buffers, barriers, collective_axes="wg")
 
     f = plgpu.kernel(
@@ -268,4 +273,5 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
         interpret=interpret,
     )
     extra = ((cos, sin) if rope else ()) + ((seg, segment_ranges(seg)[0] if ranges is None else ranges) if segs else ())
+    extra += (window_array(window),) if windowed else ()
     return f(q, k, v, do, lse, delta, *extra)

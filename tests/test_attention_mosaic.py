@@ -86,11 +86,12 @@ def test_segment_block_ranges_match_a_brute_force_count():
     (1, 256, 2, 2, False, False, False, (None, 64, False, True, True)),
     (1, 128, 4, 2, True, False, True, (3, 64, False, True, True)),
     (2, 256, 4, 2, False, False, True, (3, 128, False, True, True, 2)),  # the tile order by chunks of 2 heads
-    (2, 256, 4, 2, False, True, True, (3, 128, False, True, True, 2, "list"))])  # ... as a list schedule, packed
+    (2, 256, 4, 2, False, True, True, (3, 128, False, True, True, 2, "list")),  # ... as a list schedule, packed
+    (1, 256, 2, 1, False, True, True, (3, 128, False, True, True, None, "snake", 100))])  # a sliding window, packed
 def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, longest_first, ctas):
-    defaults = (None, M.BLOCK_K, False, True, False, None, "snake")
+    defaults = (None, M.BLOCK_K, False, True, False, None, "snake", None)
     ctas = ctas + defaults[len(ctas):] if isinstance(ctas, tuple) else (ctas, *defaults[1:])
-    ctas, key_block, pingpong, fold_scale, early_qk, head_chunk, schedule = ctas
+    ctas, key_block, pingpong, fold_scale, early_qk, head_chunk, schedule, window = ctas
     q, k, v, inv_freq = _inputs(B, T, Hq, Hkv, seed=T + Hq)
     seg = packed_segments(B, T, seed=T) if segments else None
     inv_freq = inv_freq if rope else None
@@ -99,14 +100,14 @@ def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope
     stages = 3 if rope and early_qk else 2  # (early_qk with tables needs 3)
     o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=stages, longest_first=longest_first,
                               ctas=ctas, key_block=key_block, pingpong=pingpong, fold_scale=fold_scale,
-                              early_qk=early_qk, head_chunk=head_chunk, schedule=schedule,
+                              early_qk=early_qk, head_chunk=head_chunk, schedule=schedule, window=window,
                               interpret=interpret_params())
-    ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg)
+    ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg, sliding_window=window)
     err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
     assert o.shape == q.shape and o.dtype == q.dtype
     assert not races_found()
     assert err < 2e-2
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(reference_lse(q, k, inv_freq, scale, seg)), atol=3e-2)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(reference_lse(q, k, inv_freq, scale, seg, window)), atol=3e-2)
 
 
 @pytest.mark.parametrize("batch,heads,blocks,ctas,head_chunk", [
@@ -171,27 +172,27 @@ def test_head_chunk_is_whole_gqa_groups_dividing_the_heads():
 def test_supported_covers_only_what_the_kernel_computes():
     ok = dict(head_dim=128, seq_len=2048, dtype=jnp.bfloat16, causal=True, has_window=False,
               has_segments=False, softcap=None)
-    assert M.supported(**ok) and M.supported(**{**ok, "has_segments": True})  # packing is covered
+    assert M.supported(**ok) and M.supported(**{**ok, "has_segments": True, "has_window": True})  # packing, windows
     for change in (dict(head_dim=64), dict(seq_len=2000), dict(dtype=jnp.float32), dict(causal=False),
-                   dict(has_window=True), dict(softcap=30.0)):
+                   dict(softcap=30.0)):
         assert not M.supported(**{**ok, **change})
 
 
 @pytest.mark.parametrize("window,mosaic_dq,mosaic_dkv,segments", [
     (None, None, None, False), (None, False, None, False), (None, None, False, False),
-    (None, False, False, False), (64, None, None, False), (256, None, None, False),  # a window of T hides nothing
+    (None, False, False, False), (64, None, None, False), (256, None, None, False),  # (a window of T is dropped)
     (None, None, None, "default"), (None, False, False, "default"), (None, None, None, "opt-out")])
 def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, mosaic_dq, mosaic_dkv, segments):
     """With an sm_90 device (pretended), flash_attention runs the Mosaic forward and the Mosaic dq /
     dk-dv kernels (each backward kernel, if turned off in Tuning, the Triton one fed the Mosaic
-    lse), packed rows too unless Tuning(mosaic_packed=False); a call they do not cover (a sliding
-    window shorter than T) stays on the Triton kernels. Lowered for CUDA on the CPU."""
+    lse), packed rows and sliding windows too, unless Tuning(mosaic_packed=False) (then the Triton
+    kernels). Lowered for CUDA on the CPU."""
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     q, k, v, inv_freq = _inputs(2, 256, 4, 2, seed=3)
     tuning = attn.Tuning(mosaic_dq=mosaic_dq, mosaic_dkv=mosaic_dkv, mosaic_packed=segments != "opt-out")
     seg = packed_segments(2, 256, seed=4) if segments else None
-    triton = (window is not None and window < 256) or segments == "opt-out"
+    triton = segments == "opt-out"
 
     def fwd_bwd(q, k, v):
         f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=window, segment_ids=seg,  # noqa: E731
@@ -259,12 +260,12 @@ def test_flash_attention_passes_fused_backward_settings_to_the_kernel(monkeypatc
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,segments,tuning", [
     (1, 128, 4, 2, False, dict(mosaic_fwd_key_block=64)), (1, 100, 2, 1, True, dict(rope_in_kernel=True)),
-    (1, 100, 2, 1, True, {}), (1, 100, 2, 1, True, dict(rope_grad_in_kernel=True))])
+    (1, 100, 2, 1, True, dict(window=37)), (1, 100, 2, 1, True, dict(rope_grad_in_kernel=True))])
 def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B, T, Hq, Hkv, segments, tuning):
     """flash_attention's Mosaic wiring end to end (lse / delta layouts, RoPE by XLA before the
     kernels (the default there; with rope_grad_in_kernel the backward kernels un-rotate dq / dk)
-    or by the kernels from their tables, segment ids, T padded to a multiple of 128, the
-    custom_vjp): with sm_90 pretended and the three Mosaic kernels run by the interpreter, output
+    or by the kernels from their tables, segment ids, a sliding window, T padded to a multiple of
+    128, the custom_vjp): with sm_90 pretended and the three Mosaic kernels run by the interpreter, output
     and dq/dk/dv match the jnp reference, and the race detector sees no race in any of the three."""
     import functools
 
@@ -288,7 +289,8 @@ def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B,
     q, k, v, do, inv_freq = inputs(B, T, Hq, Hkv, seed=11)
     seg = packed_segments(B, T, seed=12) if segments else None
     positions = jnp.broadcast_to(jnp.arange(T), (B, T)) + 3  # per-row tables [B, T, D/2]
-    kw = dict(positions=positions, segment_ids=seg, inv_freq=inv_freq)
+    tuning = dict(tuning)
+    kw = dict(positions=positions, segment_ids=seg, inv_freq=inv_freq, sliding_window=tuning.pop("window", None))
 
     def run(f):
         out, vjp = jax.vjp(lambda *a: f(*a, **kw), q, k, v)
@@ -319,6 +321,16 @@ def test_persistent_mosaic_forward_lowers_for_cuda(rope, segments, ctas, key_blo
           dict(key_block=key_block))
     f = lambda *a: M.mosaic_forward(*a, seg=seg, scale=M.HEAD_DIM ** -0.5, ctas=ctas, **kw)  # noqa: E731
     assert "mosaic_gpu" in jax.jit(f).trace(q, k, v, *tables).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_flash_attention_keeps_softcapped_logits_on_the_triton_kernels(monkeypatch):
+    """A logit softcap (Gemma-2) is not in the Mosaic kernels: the Triton ones run (lowered for CUDA)."""
+    from unsloth_jax import compat
+    monkeypatch.setattr(compat, "is_sm90", lambda: True)
+    q, k, v, inv_freq = _inputs(1, 256, 4, 2, seed=3)
+    f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=64, logit_softcap=30.0)  # noqa: E731
+    text = jax.jit(f).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert "flash_attention_fwd" in text and "mosaic_gpu" not in text
 
 
 def test_128_key_tiles_refuse_rope_tables():

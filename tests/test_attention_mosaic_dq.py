@@ -23,6 +23,16 @@ def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, seg
     assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
 
 
+@pytest.mark.parametrize("segments,ctas,key_block", [(True, None, 128), (False, 3, 64)])
+def test_mosaic_dq_with_a_sliding_window_matches_reference_in_the_interpreter(segments, ctas, key_block):
+    args, seg, scale, (dq_ref, _, _) = backward_case(2 if segments else 1, 256, 2, 1, rope=False, segments=segments,
+                                                     seed=5, window=70)
+    dq = M.mosaic_dq(*args, seg=seg, scale=scale, ctas=ctas, key_block=key_block, window=70,
+                     interpret=interpret_params())
+    assert not races_found()
+    assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
+
+
 @pytest.mark.parametrize("rope,regs,segments,ctas,key_block,pre_rotated,static_consumers", [
     (True, None, False, None, 64, False, False), (False, None, False, None, 64, False, False),
     (True, (200, 104), False, None, 64, False, False), (True, None, True, None, 64, False, False),

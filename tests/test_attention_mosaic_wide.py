@@ -58,11 +58,12 @@ def test_wide_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, c
     assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments", [(1, 192, 2, 1, False), (1, 256, 2, 1, True)])
-def test_wide_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments):
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,window", [(1, 192, 2, 1, False, None), (1, 256, 2, 1, True, None),
+                                                        (1, 256, 2, 1, False, 100)])
+def test_wide_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, window):
     args, seg, scale, (_, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=False, segments=segments,
-                                                          seed=T + Hq, head_dim=D)
-    dk, dv = MDKV.mosaic_dkv_wide(*args, seg=seg, scale=scale, interpret=interpret_params())
+                                                          seed=T + Hq, head_dim=D, window=window)
+    dk, dv = MDKV.mosaic_dkv_wide(*args, seg=seg, scale=scale, window=window, interpret=interpret_params())
     assert not races_found()
     assert dk.shape == dk_ref.shape and dv.dtype == args[2].dtype
     assert rel_err(dk, dk_ref) < 2e-2 and rel_err(dv, dv_ref) < 2e-2, (rel_err(dk, dk_ref), rel_err(dv, dv_ref))
@@ -111,7 +112,7 @@ def test_flash_attention_runs_wide_heads_on_the_mosaic_kernels(monkeypatch, mosa
 
 
 def test_flash_attention_on_wide_heads_matches_reference(monkeypatch):
-    """End to end (custom_vjp, T = 100 padded to 128, packed rows, per-row RoPE positions by XLA):
+    """End to end (custom_vjp, T = 100 padded to 128, packed rows, a sliding window, per-row RoPE positions by XLA):
     the three Mosaic kernels under the interpreter; output and dq/dk/dv match the jnp reference, no
     race in any of them."""
     from unsloth_jax import compat
@@ -133,7 +134,7 @@ def test_flash_attention_on_wide_heads_matches_reference(monkeypatch):
     B, T = 1, 100
     q, k, v, do, inv_freq = inputs(B, T, 4, 2, seed=11, head_dim=D)
     kw = dict(positions=jnp.broadcast_to(jnp.arange(T), (B, T)) + 3, segment_ids=packed_segments(B, T, seed=12),
-              inv_freq=inv_freq)
+              inv_freq=inv_freq, sliding_window=45)
 
     def run(f):
         out, vjp = jax.vjp(lambda *a: f(*a, **kw), q, k, v)
