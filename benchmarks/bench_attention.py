@@ -141,6 +141,12 @@ def check_correctness(only=None):
         # one dk/dv consumer code for both warpgroups (Tuning(mosaic_dkv_static_consumers=False))
         ("mosaic_consumers_by_index_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_dkv_static_consumers=False))),
+        # sliding windows on the Mosaic kernels (session 26): separate and fused backward, packed
+        ("mosaic_window_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16), dict(rope=True, sliding_window=200)),
+        ("mosaic_window_packed_fused_bwd_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, segments=True, sliding_window=130, tuning=Tuning(mosaic_fused_bwd=True))),
+        ("mosaic_window_packed_rope_gqa2_d256_bf16", (2, 384, 4, 2, 256, jnp.bfloat16),
+         dict(rope=True, segments=True, sliding_window=100)),
         # D = 256 (session 26): the Mosaic forward, dq and wide dk/dv (RoPE by XLA); the Triton dk/dv opt-out
         ("mosaic_causal_rope_gqa2_d256_bf16", (2, 512, 4, 2, 256, jnp.bfloat16), dict(rope=True)),
         ("mosaic_fwd_dq_triton_dkv_rope_d256_bf16", (1, 512, 4, 2, 256, jnp.bfloat16),
@@ -454,6 +460,12 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
             mosaic_dq_kwargs=(("early_v", False),))), (q, k, v)),
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
+        # a sliding window of 1024 keys (Gemma-3's local layers; Mistral's is 4096): ours, Triton's, cuDNN's
+        "ours, window 1024": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, sliding_window=1024), (q, k, v)),
+        "ours, Triton, window 1024": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, sliding_window=1024,
+                                                                       tuning=tuned(mosaic_fwd=False)), (q, k, v)),
+        "cudnn + XLA RoPE, window 1024": (lambda q, k, v: jax.nn.dot_product_attention(
+            *rope_outside(q, k), v, is_causal=True, local_window_size=(1023, 0), implementation="cudnn"), (q, k, v)),
         "XLA reference": (reference, (q, k, v)),
         "jax pallas mha (pre-rot, K/V repeated)": jax_mha,
         "jax mosaic gpu (pre-rot, fwd only)": jax_mosaic,
@@ -550,7 +562,7 @@ def main():
                           date=time.strftime("%Y-%m-%d %H:%M:%S"))
     try:
         if ARGS.d256_only:  # re-check and re-time the D=256 defaults only
-            ok = check_correctness(only="d256")
+            ok = check_correctness(only=ARGS.checks or "d256")
             log(f"correctness: {'ALL PASS' if ok else 'FAILURES'} ({time.time() - T0:.0f}s)")
             restart_budget_clock()
             bench_d256()
@@ -603,7 +615,8 @@ if __name__ == "__main__":
     p.add_argument("--timing-only", action="store_true", help="only D=128 timings (at --seqs)")
     p.add_argument("--packed", action="store_true", help="only the packing checks and packed timings")
     p.add_argument("--checks", default=None, help="with --timing-only: first the correctness checks "
-                   "whose name contains this, or one of these comma-separated parts ('' = all)")
+                   "whose name contains this, or one of these comma-separated parts ('' = all); with --d256-only "
+                   "those instead of the D=256 ones")
     p.add_argument("--impls", default="", help="';'-separated implementation names for the D=128 2k/8k timings")
     p.add_argument("--seqs", default="2048,8192", help="with --timing-only: the sequence lengths (B = 16k / T)")
     p.add_argument("--rounds", type=int, default=1, help="timing rounds, each over every implementation in "
