@@ -75,6 +75,11 @@ def fwd_bwd(fn):
     return run
 
 
+# Opt-in paths not yet GPU-checked (session 26, CPU only): every tuned() variant and the checks that
+# name them turn these on; "ours" is the library default.
+NEW_MOSAIC_PATHS = dict(mosaic_wide_heads=True, mosaic_windows=True)
+
+
 # ------------------------------------------------------------------ correctness
 
 def check_correctness(only=None):
@@ -142,20 +147,22 @@ def check_correctness(only=None):
         ("mosaic_consumers_by_index_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
          dict(rope=True, tuning=Tuning(mosaic_dkv_static_consumers=False))),
         # sliding windows on the Mosaic kernels (session 26): separate and fused backward, packed
-        ("mosaic_window_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16), dict(rope=True, sliding_window=200)),
+        ("mosaic_window_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, sliding_window=200, tuning=Tuning(**NEW_MOSAIC_PATHS))),
         ("mosaic_window_packed_fused_bwd_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
-         dict(rope=True, segments=True, sliding_window=130, tuning=Tuning(mosaic_fused_bwd=True))),
+         dict(rope=True, segments=True, sliding_window=130, tuning=Tuning(mosaic_fused_bwd=True, **NEW_MOSAIC_PATHS))),
         ("mosaic_window_packed_rope_gqa2_d256_bf16", (2, 384, 4, 2, 256, jnp.bfloat16),
-         dict(rope=True, segments=True, sliding_window=100)),
+         dict(rope=True, segments=True, sliding_window=100, tuning=replace(default_tuning(256), **NEW_MOSAIC_PATHS))),
         # D = 256 (session 26): the Mosaic forward, dq and wide dk/dv (RoPE by XLA); the Triton dk/dv opt-out
-        ("mosaic_causal_rope_gqa2_d256_bf16", (2, 512, 4, 2, 256, jnp.bfloat16), dict(rope=True)),
+        ("mosaic_causal_rope_gqa2_d256_bf16", (2, 512, 4, 2, 256, jnp.bfloat16),
+         dict(rope=True, tuning=replace(default_tuning(256), **NEW_MOSAIC_PATHS))),
         ("mosaic_fwd_dq_triton_dkv_rope_d256_bf16", (1, 512, 4, 2, 256, jnp.bfloat16),
-         dict(rope=True, tuning=replace(default_tuning(256), mosaic_dkv=False))),
+         dict(rope=True, tuning=replace(default_tuning(256), mosaic_dkv=False, **NEW_MOSAIC_PATHS))),
         ("mosaic_packed_rope_positions_gqa2_d256_bf16", (2, 384, 4, 2, 256, jnp.bfloat16),
-         dict(rope=True, segments=True, positions=True)),
+         dict(rope=True, segments=True, positions=True, tuning=replace(default_tuning(256), **NEW_MOSAIC_PATHS))),
         ("mosaic_fwd_early_qk_dq_v_with_k_d256_bf16", (1, 512, 4, 2, 256, jnp.bfloat16),
          dict(rope=True, tuning=replace(default_tuning(256), mosaic_fwd_kwargs=(("early_qk", True),),
-                                        mosaic_dq_kwargs=(("early_v", False),)))),
+                                        mosaic_dq_kwargs=(("early_v", False),), **NEW_MOSAIC_PATHS))),
         # dk/dv variants (session 19): the lse / delta rows loaded first
         ("mosaic_packed_rows_early_rope_positions_gqa8_d128_bf16", (2, 384, 16, 2, 128, jnp.bfloat16),
          dict(rope=True, segments=True, positions=True, tuning=Tuning(mosaic_dkv_kwargs=(("rows_early", True),)))),
@@ -319,8 +326,8 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
     def cudnn_rope(q, k, v):
         return cudnn(*rope_outside(q, k), v)
 
-    def tuned(**kw):  # this head size's defaults with some fields changed
-        return replace(default_tuning(D), **kw)
+    def tuned(**kw):  # this head size's defaults with some fields changed (and the opt-in Mosaic paths on)
+        return replace(default_tuning(D), **{**NEW_MOSAIC_PATHS, **kw})
 
     def ours(q, k, v):  # the defaults: on sm_90 RoPE by XLA just before the Mosaic kernels
         return flash_attention(q, k, v, inv_freq=freq)
@@ -461,7 +468,9 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         # a sliding window of 1024 keys (Gemma-3's local layers; Mistral's is 4096): ours, Triton's, cuDNN's
-        "ours, window 1024": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, sliding_window=1024), (q, k, v)),
+        "ours, Mosaic D=256 / windows": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuned()), (q, k, v)),
+        "ours, window 1024": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, sliding_window=1024,
+                                                               tuning=tuned()), (q, k, v)),
         "ours, Triton, window 1024": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, sliding_window=1024,
                                                                        tuning=tuned(mosaic_fwd=False)), (q, k, v)),
         "cudnn + XLA RoPE, window 1024": (lambda q, k, v: jax.nn.dot_product_attention(

@@ -249,6 +249,16 @@ class Tuning:
     # 1.001-1.009x). Opt-in: GPU-checked, level with the snake at 2k / 8k in one H100 call (fwd+bwd
     # 0.942x / 0.973x cuDNN against 0.930x / 0.975x; attention_NOTES.md session 25).
     mosaic_fwd_schedule: str = "snake"
+    # D = 256 (Gemma) on the Mosaic kernels: the forward and dq at D = 256, the wide dk/dv
+    # (attention_mosaic_dkv_wide), RoPE by XLA; else the Triton kernels (2.9x cuDNN's fwd+bwd time,
+    # RESULTS.md session 5). Opt-in until GPU-checked: built and checked on the CPU in session 26
+    # (interpreter, CUDA lowering), when no GPU was lent; `bash benchmarks/run_session26.sh d256` checks
+    # and times it.
+    mosaic_wide_heads: bool = False
+    # Sliding windows on the Mosaic kernels (every kernel takes the window; attention_NOTES.md session
+    # 26); else a window shorter than T sends the call to the Triton kernels. Opt-in until
+    # GPU-checked, as above. (A static window of at least T is dropped either way: it hides nothing.)
+    mosaic_windows: bool = False
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -943,8 +953,10 @@ def _use_mosaic(cfg, dtype) -> bool:
     the padded keys)."""
     from unsloth_jax.compat import is_sm90
 
-    wide_tables = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM and cfg.rope and cfg.tuning.rope_in_kernel
-    return (cfg.tuning.mosaic_fwd is not False and not cfg.interpret and cfg.head_pad == cfg.head_dim
+    wide = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM
+    wide_tables = wide and cfg.rope and cfg.tuning.rope_in_kernel
+    opted_in = (not wide or cfg.tuning.mosaic_wide_heads) and (not cfg.has_window or cfg.tuning.mosaic_windows)
+    return (cfg.tuning.mosaic_fwd is not False and not cfg.interpret and cfg.head_pad == cfg.head_dim and opted_in
             and (not cfg.rope or cfg.tuning.rope_table_dtype == "float16") and not wide_tables
             and (not cfg.has_segments or cfg.tuning.mosaic_packed)
             and attention_mosaic.supported(head_dim=cfg.head_dim, seq_len=cfg.seq_pad, dtype=dtype,

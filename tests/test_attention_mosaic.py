@@ -2,6 +2,8 @@
 interpreter on the CPU, against the jnp reference; and its wiring into flash_attention, checked by
 lowering for CUDA on the CPU (no GPU needed)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,12 +187,13 @@ def test_supported_covers_only_what_the_kernel_computes():
 def test_flash_attention_takes_the_mosaic_kernels_on_sm90(monkeypatch, window, mosaic_dq, mosaic_dkv, segments):
     """With an sm_90 device (pretended), flash_attention runs the Mosaic forward and the Mosaic dq /
     dk-dv kernels (each backward kernel, if turned off in Tuning, the Triton one fed the Mosaic
-    lse), packed rows and sliding windows too, unless Tuning(mosaic_packed=False) (then the Triton
-    kernels). Lowered for CUDA on the CPU."""
+    lse), packed rows and (with Tuning(mosaic_windows=True)) sliding windows too, unless
+    Tuning(mosaic_packed=False) (then the Triton kernels). Lowered for CUDA on the CPU."""
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     q, k, v, inv_freq = _inputs(2, 256, 4, 2, seed=3)
-    tuning = attn.Tuning(mosaic_dq=mosaic_dq, mosaic_dkv=mosaic_dkv, mosaic_packed=segments != "opt-out")
+    tuning = attn.Tuning(mosaic_dq=mosaic_dq, mosaic_dkv=mosaic_dkv, mosaic_packed=segments != "opt-out",
+                         mosaic_windows=True)
     seg = packed_segments(2, 256, seed=4) if segments else None
     triton = segments == "opt-out"
 
@@ -260,7 +263,7 @@ def test_flash_attention_passes_fused_backward_settings_to_the_kernel(monkeypatc
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,segments,tuning", [
     (1, 128, 4, 2, False, dict(mosaic_fwd_key_block=64)), (1, 100, 2, 1, True, dict(rope_in_kernel=True)),
-    (1, 100, 2, 1, True, dict(window=37)), (1, 100, 2, 1, True, dict(rope_grad_in_kernel=True))])
+    (1, 100, 2, 1, True, dict(window=37, mosaic_windows=True)), (1, 100, 2, 1, True, dict(rope_grad_in_kernel=True))])
 def test_flash_attention_on_the_mosaic_kernels_matches_reference(monkeypatch, B, T, Hq, Hkv, segments, tuning):
     """flash_attention's Mosaic wiring end to end (lse / delta layouts, RoPE by XLA before the
     kernels (the default there; with rope_grad_in_kernel the backward kernels un-rotate dq / dk)
@@ -323,12 +326,27 @@ def test_persistent_mosaic_forward_lowers_for_cuda(rope, segments, ctas, key_blo
     assert "mosaic_gpu" in jax.jit(f).trace(q, k, v, *tables).lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("window,head_dim", [(64, 128), (None, 256)])
+def test_windows_and_wide_heads_stay_on_triton_unless_opted_in(monkeypatch, window, head_dim):
+    """Until GPU-checked, a window shorter than T and D = 256 take the Triton kernels by default
+    (Tuning.mosaic_windows / mosaic_wide_heads opt in; lowered for CUDA on the CPU)."""
+    from unsloth_jax import compat
+    monkeypatch.setattr(compat, "is_sm90", lambda: True)
+    q, k, v, _, inv_freq = inputs(1, 256, 4, 2, seed=3, head_dim=head_dim)
+    for opt_in in (False, True):
+        tuning = dataclasses.replace(attn.default_tuning(head_dim), mosaic_windows=opt_in, mosaic_wide_heads=opt_in)
+        f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=window, tuning=tuning)  # noqa: E731
+        text = jax.jit(f).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+        assert ("mosaic_gpu" in text) == opt_in and ("flash_attention_fwd" in text) == (not opt_in)
+
+
 def test_flash_attention_keeps_softcapped_logits_on_the_triton_kernels(monkeypatch):
     """A logit softcap (Gemma-2) is not in the Mosaic kernels: the Triton ones run (lowered for CUDA)."""
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     q, k, v, inv_freq = _inputs(1, 256, 4, 2, seed=3)
-    f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=64, logit_softcap=30.0)  # noqa: E731
+    f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=64, logit_softcap=30.0,  # noqa: E731
+                                        tuning=attn.Tuning(mosaic_windows=True))
     text = jax.jit(f).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
     assert "flash_attention_fwd" in text and "mosaic_gpu" not in text
 

@@ -1,7 +1,8 @@
 """The Mosaic GPU kernels at D = 256 (Gemma's head size; attention_mosaic.WIDE_HEAD_DIM): the forward, dQ
 and the wide dK/dV kernel (attention_mosaic_dkv_wide) under JAX's Mosaic GPU interpreter on the CPU
 against the jnp reference, their compiled paths lowered for CUDA on the CPU, and flash_attention's
-wiring there: RoPE by XLA, then the three Mosaic kernels (or the Triton dk/dv, fed the Mosaic lse)."""
+wiring there (opt-in: Tuning(mosaic_wide_heads=True)): RoPE by XLA, then the three Mosaic kernels (or
+the Triton dk/dv, fed the Mosaic lse)."""
 import functools
 from dataclasses import replace as dataclasses_replace
 
@@ -100,7 +101,7 @@ def test_flash_attention_runs_wide_heads_on_the_mosaic_kernels(monkeypatch, mosa
     wide_calls = []
     monkeypatch.setattr(MDKV, "mosaic_dkv_wide", lambda *a, _f=MDKV.mosaic_dkv_wide, **kw: wide_calls.append(1) or _f(*a, **kw))
     q, k, v, _, inv_freq = inputs(1, 256, 4, 2, seed=3, head_dim=D)
-    tuning = dataclasses_replace(attn.default_tuning(D), mosaic_dkv=mosaic_dkv)
+    tuning = dataclasses_replace(attn.default_tuning(D), mosaic_dkv=mosaic_dkv, mosaic_wide_heads=True)
 
     def fwd_bwd(q, k, v):
         out, vjp = jax.vjp(lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, tuning=tuning), q, k, v)
@@ -139,7 +140,8 @@ def test_flash_attention_on_wide_heads_matches_reference(monkeypatch):
     def run(f):
         out, vjp = jax.vjp(lambda *a: f(*a, **kw), q, k, v)
         return (out, *vjp(do))
-    got = run(functools.partial(attn.flash_attention))
+    got = run(functools.partial(attn.flash_attention, tuning=dataclasses_replace(
+        attn.default_tuning(D), mosaic_wide_heads=True, mosaic_windows=True)))
     want = run(flash_attention_reference)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert rel_err(g, w) < 2e-2, (name, rel_err(g, w))
