@@ -77,7 +77,7 @@ def fwd_bwd(fn):
 
 # Opt-in paths not yet GPU-checked (session 26, CPU only): every tuned() variant and the checks that
 # name them turn these on; "ours" is the library default.
-NEW_MOSAIC_PATHS = dict(mosaic_wide_heads=True, mosaic_windows=True)
+NEW_MOSAIC_PATHS = dict(mosaic_wide_heads=True, mosaic_windows=True, mosaic_softcap=True)
 
 
 # ------------------------------------------------------------------ correctness
@@ -153,6 +153,12 @@ def check_correctness(only=None):
          dict(rope=True, segments=True, sliding_window=130, tuning=Tuning(mosaic_fused_bwd=True, **NEW_MOSAIC_PATHS))),
         ("mosaic_window_packed_rope_gqa2_d256_bf16", (2, 384, 4, 2, 256, jnp.bfloat16),
          dict(rope=True, segments=True, sliding_window=100, tuning=replace(default_tuning(256), **NEW_MOSAIC_PATHS))),
+        # logit softcaps on the Mosaic kernels (Gemma-2's three quirks together at D = 256), and at D = 128 fused
+        ("mosaic_window_softcap_packed_rope_gqa2_d256_bf16", (2, 384, 4, 2, 256, jnp.bfloat16),
+         dict(rope=True, segments=True, sliding_window=100, logit_softcap=20.0,
+              tuning=replace(default_tuning(256), **NEW_MOSAIC_PATHS))),
+        ("mosaic_window_softcap_fused_bwd_rope_gqa4_d128_bf16", (2, 512, 8, 2, 128, jnp.bfloat16),
+         dict(rope=True, sliding_window=300, logit_softcap=20.0, tuning=Tuning(mosaic_fused_bwd=True, **NEW_MOSAIC_PATHS))),
         # D = 256 (session 26): the Mosaic forward, dq and wide dk/dv (RoPE by XLA); the Triton dk/dv opt-out
         ("mosaic_causal_rope_gqa2_d256_bf16", (2, 512, 4, 2, 256, jnp.bfloat16),
          dict(rope=True, tuning=replace(default_tuning(256), **NEW_MOSAIC_PATHS))),
@@ -468,11 +474,15 @@ def bench_shape(T, B, Hq=32, Hkv=8, D=128, impls=None):
         "cudnn (pre-rotated)": (cudnn, (qr, kr, v)),
         "cudnn + XLA RoPE": (cudnn_rope, (q, k, v)),
         # a sliding window of 1024 keys (Gemma-3's local layers; Mistral's is 4096): ours, Triton's, cuDNN's
-        "ours, Mosaic D=256 / windows": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuned()), (q, k, v)),
+        "ours, opt-in Mosaic paths": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, tuning=tuned()), (q, k, v)),
         "ours, window 1024": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, sliding_window=1024,
                                                                tuning=tuned()), (q, k, v)),
         "ours, Triton, window 1024": (lambda q, k, v: flash_attention(q, k, v, inv_freq=freq, sliding_window=1024,
                                                                        tuning=tuned(mosaic_fwd=False)), (q, k, v)),
+        "ours, window 4096, softcap 50": (lambda q, k, v: flash_attention(  # Gemma-2's local layers
+            q, k, v, inv_freq=freq, sliding_window=4096, logit_softcap=50.0, tuning=tuned()), (q, k, v)),
+        "ours, Triton, window 4096, softcap 50": (lambda q, k, v: flash_attention(
+            q, k, v, inv_freq=freq, sliding_window=4096, logit_softcap=50.0, tuning=tuned(mosaic_fwd=False)), (q, k, v)),
         "cudnn + XLA RoPE, window 1024": (lambda q, k, v: jax.nn.dot_product_attention(
             *rope_outside(q, k), v, is_causal=True, local_window_size=(1023, 0), implementation="cudnn"), (q, k, v)),
         "XLA reference": (reference, (q, k, v)),

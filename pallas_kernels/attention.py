@@ -259,6 +259,9 @@ class Tuning:
     # 26); else a window shorter than T sends the call to the Triton kernels. Opt-in until
     # GPU-checked, as above. (A static window of at least T is dropped either way: it hides nothing.)
     mosaic_windows: bool = False
+    # Logit softcaps (Gemma-2: c tanh(s / c)) on the Mosaic kernels (the scale applied before the
+    # cap, dS times 1 - tanh^2); else the Triton kernels. Opt-in until GPU-checked, as above.
+    mosaic_softcap: bool = False
 
 
 def default_tuning(head_dim_padded: int, itemsize: int = 2) -> Tuning:
@@ -836,7 +839,8 @@ def _flash_fwd(cfg, q, k, v, aux):
             schedule=tn.mosaic_fwd_schedule if persistent else "snake")
         out, lse = attention_mosaic.mosaic_forward(  # lse [B, Hq, Tp]
             *padded, aux.get("cos"), aux.get("sin"), aux.get("seg"), ranges=aux.get("mosaic_q_ranges"),
-            scale=cfg.scale, window=aux.get("window"), **{**settings, **dict(tn.mosaic_fwd_kwargs)})
+            scale=cfg.scale, window=aux.get("window"), softcap=cfg.softcap,
+            **{**settings, **dict(tn.mosaic_fwd_kwargs)})
     else:
         out, lse = _forward(cfg, *padded, aux)  # lse [B, Tp, Hq]
     out = _unpad(out, cfg)
@@ -863,7 +867,8 @@ def _flash_bwd(cfg, res, dout):
         (aux.get("cos"), aux.get("sin"))
     mosaic = (qp, kp, vp, dop, lse, jnp.swapaxes(delta, 1, 2), *tables, aux.get("seg"))
     un_rotate = dict(pre_rotated=True) if cfg.rope_outside else {}
-    shared = dict(scale=cfg.scale, longest_first=cfg.tuning.mosaic_longest_first, window=aux.get("window"))
+    shared = dict(scale=cfg.scale, longest_first=cfg.tuning.mosaic_longest_first, window=aux.get("window"),
+                  softcap=cfg.softcap)
     wide = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM
     if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd and not wide:
         dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), with_dq=True,
@@ -955,7 +960,9 @@ def _use_mosaic(cfg, dtype) -> bool:
 
     wide = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM
     wide_tables = wide and cfg.rope and cfg.tuning.rope_in_kernel
-    opted_in = (not wide or cfg.tuning.mosaic_wide_heads) and (not cfg.has_window or cfg.tuning.mosaic_windows)
+    tn = cfg.tuning
+    opted_in = ((not wide or tn.mosaic_wide_heads) and (not cfg.has_window or tn.mosaic_windows)
+                and (cfg.softcap is None or tn.mosaic_softcap))
     return (cfg.tuning.mosaic_fwd is not False and not cfg.interpret and cfg.head_pad == cfg.head_dim and opted_in
             and (not cfg.rope or cfg.tuning.rope_table_dtype == "float16") and not wide_tables
             and (not cfg.has_segments or cfg.tuning.mosaic_packed)

@@ -45,11 +45,19 @@ BLOCK_K = 64
 def supported(*, head_dim, seq_len, dtype, causal, has_window, has_segments, softcap) -> bool:
     """Whether the Mosaic kernels (this forward, attention_mosaic_dq, and for dk/dv attention_mosaic_dkv
     at HEAD_DIM, attention_mosaic_dkv_wide at WIDE_HEAD_DIM) compute the same thing as the Triton ones
-    for the call. (has_segments and has_window are fine: packing and sliding windows are covered.) At
-    WIDE_HEAD_DIM the caller rotates q / k first (no RoPE tables fit in shared memory there)."""
-    del has_segments, has_window
+    for the call. (has_segments, has_window and softcap are fine: packing, sliding windows and logit
+    softcaps are covered.) At WIDE_HEAD_DIM the caller rotates q / k first (no RoPE tables fit in
+    shared memory there)."""
+    del has_segments, has_window, softcap
     return (head_dim in (HEAD_DIM, WIDE_HEAD_DIM) and seq_len % BLOCK_Q == 0 and causal
-            and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+
+
+def soft_cap(s, scale, softcap):
+    """Scaled scores s * scale under a logit softcap c: (c tanh(s scale / c), the tanh, which the
+    gradient's factor 1 - tanh^2 needs)."""
+    t = jnp.tanh(s * (scale / softcap))
+    return softcap * t, t
 
 
 def window_array(window):
@@ -525,7 +533,7 @@ def sm_count():
 
 def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs="auto",
                    longest_first=True, ctas=None, key_block=BLOCK_K, pingpong=False, fold_scale=True,
-                   early_qk=False, head_chunk=None, schedule="snake", window=None, interpret=None):
+                   early_qk=False, head_chunk=None, schedule="snake", window=None, softcap=None, interpret=None):
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128 or 256, T % 128 == 0, 16-bit), cos/sin [B|1, T, D/2]
     (float16, D = 128 only; None: no RoPE), seg [B, T] int32 segment ids or None (ranges: segment_ranges(seg)[0]
     if already computed). Returns o [B, T, Hq, D] and lse
@@ -556,6 +564,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
       regs "auto": (200, 104) at D = 128, (240, 24) at D = 256 (no tables: the producer only issues copies).
       window: a sliding window W (int or int32 scalar; query i sees key j iff i - j < W) or None:
       each tile starts at the key tile its first row's window reaches, and every tile is masked.
+      softcap: c (Gemma-2's logit softcap: scores become c tanh(scale q.k / c)) or None; the scale
+      is then applied before the cap, not folded into the exponent.
       interpret: InterpretGPUParams to run on the CPU.
     Both were picked on the H100 (attention_NOTES.md session 4: 3 stages with (200, 104) fastest).
     Without RoPE tables (at D = 128) the output leaves through its own buffer, so a consumer loads its
@@ -591,8 +601,11 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
     own_out = not rope and not wide  # a separate output buffer: the next Q tile loads under the epilogue
     check_regs(regs)
 
+    unit = 1.0 if softcap else scale  # a softcap takes the scale in before the cap
+    fold_scale = fold_scale or softcap is not None  # (then the "raw" scores are the capped ones)
+
     def log2_units(x):  # fold_scale: raw scores -> the exponent's units (the product fuses into the FFMA)
-        return x * (scale * LOG2E) if fold_scale else x
+        return x * (unit * LOG2E) if fold_scale else x
 
     val = Values(interp)
     cast, vec = val.cast, val.vec
@@ -675,6 +688,8 @@ def mosaic_forward(q, k, v, cos=None, sin=None, seg=None, *, ranges=None, scale,
                     return pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
 
                 def softmax(s, m, l, j, slot, masked):  # raw scores -> P (16-bit), the rows' new state, O's rescale
+                    if softcap:
+                        s, _ = soft_cap(s, scale, softcap)
                     s = scores_log2(s, None if fold_scale else scale, val, q0, j * bk, masked, seg_rows,
                                     vec(segk.at[slot], 1) if segs else None, mask_vectors=False, window=w_size)
                     m_new = jnp.maximum(m, s.max(axis=1))  # fold_scale: in raw score units

@@ -49,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import (Values, block_index, check_regs, cta_grid, launch_kernel, rotate_halves,
-                                             run_consumers, segment_ranges, smem_tiles, window_array)
+                                             run_consumers, segment_ranges, smem_tiles, soft_cap, window_array)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -60,7 +60,7 @@ TILE = 64      # key rows per consumer and query rows per step
 def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=2,
                regs="auto", p_regs=None, longest_first=True, with_dq=False,
                ds_under_dv=None, static_consumers=True, rows_early=False, no_auto_barriers=False, pre_rotated=False,
-               window=None, interpret=None):
+               window=None, softcap=None, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -127,7 +127,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
     tables at 2k / 8k (RESULTS.md 000000000000); Tuning.rope_grad_in_kernel turns it on.
 
     window: a sliding window W (query i sees key j iff i - j < W) or None: each CTA stops after the
-    query tile of its last key's last visible query, and every tile is masked by it."""
+    query tile of its last key's last visible query, and every tile is masked by it. softcap: c or
+    None, as attention_mosaic.mosaic_forward's (dS^T then carries the cap's factor 1 - tanh^2)."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -162,8 +163,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
         return vec(ref, 1)
 
     def probs_t(my_k, q_parts, lse_of, k0, q0, masked, seg_t=None, w_size=None):
-        """P^T [keys, queries] of one 64x64 tile, float32. lse_of(): the lse row (a value along the
-        columns); seg_t: (key ids [t] value, query ids ref)."""
+        """P^T [keys, queries] of one 64x64 tile, float32, and the softcap's tanh (or None). lse_of():
+        the lse row (a value along the columns); seg_t: (key ids [t] value, query ids ref)."""
         if interp:  # no transposed wgmma operand in the interpreter
             s_t = sum(lax.dot_general(my_k.at[p][...], q_parts.at[p][...], (((1,), (1,)), ((), ())),
                                       preferred_element_type=jnp.float32) for p in range(2))
@@ -174,7 +175,10 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.wgmma_wait(0)
                 return acc[...]
             s_t = pl.run_scoped(qk, plgpu.ACC((t, t), jnp.float32))
-        s_t = s_t * (scale * LOG2E)
+        tanh = None
+        if softcap:
+            s_t, tanh = soft_cap(s_t, scale, softcap)
+        s_t = s_t * ((1.0 if softcap else scale) * LOG2E)
         if masked:  # key k0 + r sees query q0 + c iff k0 + r <= q0 + c
             s_t = jnp.where(val.compare_positions((t, t), k0, q0, operator.le), s_t, -jnp.inf)
         if w_size is not None:  # ... and q0 + c - (k0 + r) < W
@@ -184,14 +188,17 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             same = (lax.broadcast_in_dim(key_ids, (t, t), [0])
                     == lax.broadcast_in_dim(col_vec(q_ids), (t, t), [1]))
             s_t = jnp.where(same, s_t, -jnp.inf)
-        return jnp.exp2(s_t - lax.broadcast_in_dim(lse_of(), (t, t), [1]))
+        return jnp.exp2(s_t - lax.broadcast_in_dim(lse_of(), (t, t), [1])), tanh
+
+    def cap_grad(ds_t, tanh):  # the softcap's factor on dS^T
+        return ds_t if tanh is None else ds_t * (1.0 - tanh * tanh)
 
     def tile_math(accs, my_k, my_v, my_p, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, w_size=None):
         """One 64x64 (keys x queries) tile: dV += P^T dO, dK_rot (halves) += dS^T Q_rot, with P^T
         and dS^T through shared memory. Returns after every wgmma reading q_parts / do_t / my_p
         completed."""
         dv_acc, dk_accs = accs
-        p_t = probs_t(my_k, q_parts, lambda: col_vec(lse_t), k0, q0, masked, seg_t, w_size)
+        p_t, tanh = probs_t(my_k, q_parts, lambda: col_vec(lse_t), k0, q0, masked, seg_t, w_size)
         my_p[...] = p_t.astype(my_p.dtype)
         plgpu.commit_smem()  # generic-proxy writes of P^T -> visible to wgmma
         plgpu.wgmma(dv_acc, my_p, do_t)
@@ -205,7 +212,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 return acc[...]
             dp_t = pl.run_scoped(vdo, plgpu.ACC((t, t), jnp.float32))
         plgpu.wgmma_wait(0)
-        ds_t = p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1]))
+        ds_t = cap_grad(p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1])), tanh)
         my_p[...] = ds_t.astype(my_p.dtype)
         plgpu.commit_smem()
         for p in range(2):
@@ -231,7 +238,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
 
         dv, dk0, dk1 = accs
         lse_of, delta_of = row_of(lse_t), row_of(delta_t)
-        p_t = probs_t(my_k, q_parts, lse_of, k0, q0, masked, seg_t, w_size)
+        p_t, tanh = probs_t(my_k, q_parts, lse_of, k0, q0, masked, seg_t, w_size)
         zeros = plgpu.layout_cast(jnp.zeros((t, t), jnp.float32), plgpu.Layout.WGMMA)
         if ds_under_dv:  # one run_state: dV stays in flight while dS^T is computed
             def step(refs):
@@ -239,7 +246,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.wgmma(dp_ref, my_v, plgpu.transpose_ref(do_t, (1, 0)))
                 plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
                 dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dP^T done, dV may run on
-                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta_of(), (t, t), [1]))).astype(q.dtype)
+                ds_t = cap_grad(p_t * (dp_t - lax.broadcast_in_dim(delta_of(), (t, t), [1])), tanh).astype(q.dtype)
                 for p in range(2):
                     plgpu.wgmma(dk_refs[p], ds_t, q_parts.at[p])
                 store_ds(ds_t)
@@ -252,7 +259,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
             plgpu.wgmma(dp_ref, my_v, plgpu.transpose_ref(do_t, (1, 0)))
         dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-        ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta_of(), (t, t), [1]))).astype(q.dtype)
+        ds_t = cap_grad(p_t * (dp_t - lax.broadcast_in_dim(delta_of(), (t, t), [1])), tanh).astype(q.dtype)
 
         def dk(refs):
             for p in range(2):

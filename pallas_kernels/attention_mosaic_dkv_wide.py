@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import (WIDE_HEAD_DIM, Values, block_index, check_regs, cta_grid, launch_kernel,
-                                             run_consumers, segment_ranges, smem_tiles, window_array)
+                                             run_consumers, segment_ranges, smem_tiles, soft_cap, window_array)
 
 LOG2E = math.log2(math.e)
 TILE = 64  # keys per CTA, queries per step
@@ -41,14 +41,14 @@ def _dot(a, b, contract):  # the interpreter's products, float32
 
 
 def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, stages=2, regs=(240, 24),
-                    longest_first=True, window=None, interpret=None):
+                    longest_first=True, window=None, softcap=None, interpret=None):
     """q/do [B, T, Hq, 256], k/v [B, T, Hkv, 256] (T % 64 == 0, 16-bit); lse/delta [B, Hq, T] float32
     (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q.k; delta = rowsum(dO*O)); seg [B, T]
     int32 segment ids or None (ranges: segment_ranges(seg, TILE)[1] if already computed). Returns dk, dv
     (k's shape and dtype). stages: query-tile slots in flight (2: K, V and two slots of Q, dO take
     192 KB of shared memory). regs: (consumer, producer) registers per thread for setmaxnreg, or None.
     longest_first: launch order (attention_mosaic.cta_grid: the first key blocks see the most queries).
-    window: a sliding window W or None, as attention_mosaic_dkv.mosaic_dkv's.
+    window, softcap: a sliding window W and a logit softcap c (or None), as attention_mosaic_dkv.mosaic_dkv's.
     interpret: InterpretGPUParams to run on the CPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -103,7 +103,10 @@ def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, st
                         return s_ref[...], dp_ref[...]
                     acc = plgpu.ACC((t, t), jnp.float32)
                     s_t, dp_t = pl.run_scoped(both, acc, acc)
-                s_t = s_t * (scale * LOG2E)
+                tanh = None
+                if softcap:
+                    s_t, tanh = soft_cap(s_t, scale, softcap)
+                s_t = s_t * ((1.0 if softcap else scale) * LOG2E)
                 if masked:  # the diagonal tile: key k0 + r sees query k0 + c iff r <= c
                     s_t = jnp.where(val.compare_positions((t, t), k0, k0, operator.le), s_t, -jnp.inf)
                 if windowed:  # query i0 + c sees key k0 + r iff i0 + c - (k0 + r) < W
@@ -113,14 +116,16 @@ def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, st
                             == lax.broadcast_in_dim(col_vec(segq.at[slot]), (t, t), [1]))
                     s_t = jnp.where(same, s_t, -jnp.inf)
                 p_t = jnp.exp2(s_t - lax.broadcast_in_dim(col_vec(lses.at[slot]), (t, t), [1]))
-                return p_t, dp_t
+                return p_t, dp_t, tanh
 
             def step(j, accs, masked):
                 dv, dk = accs
                 slot = slot_of(j)
                 plgpu.barrier_wait(qbar.at[slot])
-                p_t, dp_t = scores_t(slot, tile_of(j)[1], masked)
+                p_t, dp_t, tanh = scores_t(slot, tile_of(j)[1], masked)
                 ds_t = p_t * (dp_t - lax.broadcast_in_dim(col_vec(deltas.at[slot]), (t, t), [1]))
+                if softcap:  # the cap's factor
+                    ds_t = ds_t * (1.0 - tanh * tanh)
                 p_t, ds_t = p_t.astype(q.dtype), ds_t.astype(q.dtype)
                 my_do, my_q = dos.at[slot, w], qs.at[slot, w]
                 if interp:

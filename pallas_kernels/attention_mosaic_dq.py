@@ -33,8 +33,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import (WIDE_HEAD_DIM, QTiles, Values, causal_kv_range, check_regs, for_each_tile,
                                              kv_producer, refuse_wide_tables, rotate_halves, run_consumers, scores_log2,
-                                             segment_ranges, skip_kv_steps, sm_count, smem_tiles, step_slot,
-                                             window_array)
+                                             segment_ranges, skip_kv_steps, sm_count, smem_tiles, soft_cap,
+                                             step_slot, window_array)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -44,7 +44,7 @@ BLOCK_K = 64
 
 def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=None, scale, stages=None, regs="auto",
               longest_first=True, ctas=None, key_block=BLOCK_K, pre_rotated=False, static_consumers=False,
-              early_v=None, window=None, interpret=None):
+              early_v=None, window=None, softcap=None, interpret=None):
     """q/do [B, T, Hq, D], k/v [B, T, Hkv, D] (D = 128 or 256, T % 128 == 0, 16-bit); lse/delta [B, Hq, T]
     float32 (lse: log2-sum-exp2 over the visible keys of scale*log2(e)*q_rot.k_rot; delta =
     rowsum(dO*O)); cos/sin [B|1, T, D/2] float16 or None (no RoPE); seg [B, T] int32 segment ids
@@ -72,7 +72,8 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
     D = 256 (WIDE_HEAD_DIM): no RoPE tables, 64-key steps, stages 1 (Q and dO of 128 rows stay in
     shared memory: 128 KB, and one K/V slot is 64 KB), regs "auto" (240, 24) (S, dP and dQ: 192 fp32
     registers a thread, as 128-key steps at D = 128).
-    window: a sliding window W or None, as attention_mosaic.mosaic_forward's.
+    window: a sliding window W or None, as attention_mosaic.mosaic_forward's; softcap: c or None, as
+    its (dS then carries the cap's factor 1 - tanh^2).
     interpret: InterpretGPUParams to run on the CPU."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -173,10 +174,13 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                             plgpu.wgmma_wait(0)
                             return s_ref[...], dp_ref[...]
                         s, dp = pl.run_scoped(qk_dov, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
-                    s = scores_log2(s, scale, val, q0, j * bk, masked, seg_rows,
+                    if softcap:
+                        s, tanh = soft_cap(s, scale, softcap)
+                    s = scores_log2(s, 1.0 if softcap else scale, val, q0, j * bk, masked, seg_rows,
                                     vec(segk.at[slot], 1) if segs else None, window=w_size)
                     p_ = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
-                    ds = (p_ * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0]))).astype(k.dtype)
+                    ds = p_ * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0]))
+                    ds = (ds * (1.0 - tanh * tanh) if softcap else ds).astype(k.dtype)
                     if interp:  # no register A operand: dS through shared memory
                         dss.at[wg][...] = ds
                         plgpu.commit_smem()  # generic-proxy writes of dS -> visible to wgmma

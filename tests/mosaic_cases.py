@@ -58,14 +58,17 @@ def rope_tables(T, inv_freq):
     return jnp.cos(ang).astype(jnp.float16), jnp.sin(ang).astype(jnp.float16)
 
 
-def reference_lse(q, k, inv_freq, scale, seg=None, window=None):
+def reference_lse(q, k, inv_freq, scale, seg=None, window=None, softcap=None):
     """log2-sum-exp2 of the visible scores times scale*log2(e), [B, Hq, T] (the kernels' lse)."""
     T, G = q.shape[1], q.shape[2] // k.shape[2]
     if inv_freq is not None:
         cos, sin = rope_cos_sin(jnp.arange(T)[None], inv_freq)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k = jnp.repeat(k, G, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale * math.log2(math.e)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    s = s * math.log2(math.e)
     visible = jnp.tril(jnp.ones((T, T), bool))[None]
     if seg is not None:
         visible = visible & (seg[:, :, None] == seg[:, None, :])
@@ -75,17 +78,19 @@ def reference_lse(q, k, inv_freq, scale, seg=None, window=None):
     return jax.nn.logsumexp(s * math.log(2), axis=-1) / math.log(2)
 
 
-def backward_case(B, T, Hq, Hkv, *, rope, segments, seed, head_dim=HEAD_DIM, window=None):
+def backward_case(B, T, Hq, Hkv, *, rope, segments, seed, head_dim=HEAD_DIM, window=None, softcap=None):
     """The backward kernels' arguments (q, k, v, do, lse, delta[, cos, sin]), the segment ids (or
     None), the scale, and the reference (dq, dk, dv) from jax.vjp of the jnp reference (with a
-    sliding window if given)."""
+    sliding window and logit softcap if given; q scaled up 4x with a softcap, so that it bites)."""
     q, k, v, do, inv_freq = inputs(B, T, Hq, Hkv, seed, head_dim)
     inv_freq = inv_freq if rope else None
     seg = packed_segments(B, T, seed) if segments else None
     scale = head_dim ** -0.5
+    if softcap is not None:
+        q = q * 4
     o, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg,
-                                                               sliding_window=window), q, k, v)
-    lse = reference_lse(q, k, inv_freq, scale, seg, window)
+                                                               sliding_window=window, logit_softcap=softcap), q, k, v)
+    lse = reference_lse(q, k, inv_freq, scale, seg, window, softcap)
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
     tables = rope_tables(T, inv_freq) if rope else ()
     return (q, k, v, do, lse, delta, *tables), seg, scale, vjp(do)

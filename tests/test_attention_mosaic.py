@@ -89,11 +89,11 @@ def test_segment_block_ranges_match_a_brute_force_count():
     (1, 128, 4, 2, True, False, True, (3, 64, False, True, True)),
     (2, 256, 4, 2, False, False, True, (3, 128, False, True, True, 2)),  # the tile order by chunks of 2 heads
     (2, 256, 4, 2, False, True, True, (3, 128, False, True, True, 2, "list")),  # ... as a list schedule, packed
-    (1, 256, 2, 1, False, True, True, (3, 128, False, True, True, None, "snake", 100))])  # a sliding window, packed
+    (1, 256, 2, 1, False, True, True, (3, 128, False, True, True, None, "snake", 100, 1.0))])  # window, softcap, packed
 def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, segments, longest_first, ctas):
-    defaults = (None, M.BLOCK_K, False, True, False, None, "snake", None)
+    defaults = (None, M.BLOCK_K, False, True, False, None, "snake", None, None)
     ctas = ctas + defaults[len(ctas):] if isinstance(ctas, tuple) else (ctas, *defaults[1:])
-    ctas, key_block, pingpong, fold_scale, early_qk, head_chunk, schedule, window = ctas
+    ctas, key_block, pingpong, fold_scale, early_qk, head_chunk, schedule, window, softcap = ctas
     q, k, v, inv_freq = _inputs(B, T, Hq, Hkv, seed=T + Hq)
     seg = packed_segments(B, T, seed=T) if segments else None
     inv_freq = inv_freq if rope else None
@@ -102,14 +102,15 @@ def test_mosaic_forward_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope
     stages = 3 if rope and early_qk else 2  # (early_qk with tables needs 3)
     o, lse = M.mosaic_forward(q, k, v, *tables, seg=seg, scale=scale, stages=stages, longest_first=longest_first,
                               ctas=ctas, key_block=key_block, pingpong=pingpong, fold_scale=fold_scale,
-                              early_qk=early_qk, head_chunk=head_chunk, schedule=schedule, window=window,
+                              early_qk=early_qk, head_chunk=head_chunk, schedule=schedule, window=window, softcap=softcap,
                               interpret=interpret_params())
-    ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg, sliding_window=window)
+    ref = flash_attention_reference(q, k, v, inv_freq=inv_freq, segment_ids=seg, sliding_window=window,
+                                    logit_softcap=softcap)
     err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - ref.astype(jnp.float32))) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
     assert o.shape == q.shape and o.dtype == q.dtype
     assert not races_found()
     assert err < 2e-2
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(reference_lse(q, k, inv_freq, scale, seg, window)), atol=3e-2)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(reference_lse(q, k, inv_freq, scale, seg, window, softcap)), atol=3e-2)
 
 
 @pytest.mark.parametrize("batch,heads,blocks,ctas,head_chunk", [
@@ -174,9 +175,8 @@ def test_head_chunk_is_whole_gqa_groups_dividing_the_heads():
 def test_supported_covers_only_what_the_kernel_computes():
     ok = dict(head_dim=128, seq_len=2048, dtype=jnp.bfloat16, causal=True, has_window=False,
               has_segments=False, softcap=None)
-    assert M.supported(**ok) and M.supported(**{**ok, "has_segments": True, "has_window": True})  # packing, windows
-    for change in (dict(head_dim=64), dict(seq_len=2000), dict(dtype=jnp.float32), dict(causal=False),
-                   dict(softcap=30.0)):
+    assert M.supported(**ok) and M.supported(**{**ok, "has_segments": True, "has_window": True, "softcap": 30.0})
+    for change in (dict(head_dim=64), dict(seq_len=2000), dict(dtype=jnp.float32), dict(causal=False)):
         assert not M.supported(**{**ok, **change})
 
 
@@ -326,29 +326,21 @@ def test_persistent_mosaic_forward_lowers_for_cuda(rope, segments, ctas, key_blo
     assert "mosaic_gpu" in jax.jit(f).trace(q, k, v, *tables).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("window,head_dim", [(64, 128), (None, 256)])
-def test_windows_and_wide_heads_stay_on_triton_unless_opted_in(monkeypatch, window, head_dim):
-    """Until GPU-checked, a window shorter than T and D = 256 take the Triton kernels by default
-    (Tuning.mosaic_windows / mosaic_wide_heads opt in; lowered for CUDA on the CPU)."""
+@pytest.mark.parametrize("window,head_dim,softcap", [(64, 128, None), (None, 256, None), (None, 128, 30.0)])
+def test_windows_wide_heads_and_softcaps_stay_on_triton_unless_opted_in(monkeypatch, window, head_dim, softcap):
+    """Until GPU-checked, a window shorter than T, D = 256 and a logit softcap take the Triton kernels
+    by default (Tuning.mosaic_windows / mosaic_wide_heads / mosaic_softcap opt in; lowered for CUDA
+    on the CPU)."""
     from unsloth_jax import compat
     monkeypatch.setattr(compat, "is_sm90", lambda: True)
     q, k, v, _, inv_freq = inputs(1, 256, 4, 2, seed=3, head_dim=head_dim)
     for opt_in in (False, True):
-        tuning = dataclasses.replace(attn.default_tuning(head_dim), mosaic_windows=opt_in, mosaic_wide_heads=opt_in)
-        f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=window, tuning=tuning)  # noqa: E731
+        tuning = dataclasses.replace(attn.default_tuning(head_dim), mosaic_windows=opt_in, mosaic_wide_heads=opt_in,
+                                     mosaic_softcap=opt_in)
+        f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=window,  # noqa: E731
+                                            logit_softcap=softcap, tuning=tuning)
         text = jax.jit(f).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
         assert ("mosaic_gpu" in text) == opt_in and ("flash_attention_fwd" in text) == (not opt_in)
-
-
-def test_flash_attention_keeps_softcapped_logits_on_the_triton_kernels(monkeypatch):
-    """A logit softcap (Gemma-2) is not in the Mosaic kernels: the Triton ones run (lowered for CUDA)."""
-    from unsloth_jax import compat
-    monkeypatch.setattr(compat, "is_sm90", lambda: True)
-    q, k, v, inv_freq = _inputs(1, 256, 4, 2, seed=3)
-    f = lambda *a: attn.flash_attention(*a, inv_freq=inv_freq, sliding_window=64, logit_softcap=30.0,  # noqa: E731
-                                        tuning=attn.Tuning(mosaic_windows=True))
-    text = jax.jit(f).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
-    assert "flash_attention_fwd" in text and "mosaic_gpu" not in text
 
 
 def test_128_key_tiles_refuse_rope_tables():

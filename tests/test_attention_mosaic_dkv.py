@@ -24,13 +24,14 @@ def test_mosaic_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, se
     assert rel_err(dk, dk_ref) < 2e-2, rel_err(dk, dk_ref)
 
 
-@pytest.mark.parametrize("with_dq,segments", [(False, False), (True, True)])
-def test_mosaic_dkv_with_a_sliding_window_matches_reference_in_the_interpreter(with_dq, segments):
+@pytest.mark.parametrize("with_dq,segments,softcap", [(False, False, None), (True, True, 5.0)])
+def test_mosaic_dkv_with_a_sliding_window_matches_reference_in_the_interpreter(with_dq, segments, softcap):
     """A window of 70 keys over 256 (each CTA stops at its last key's last visible query tile; every
-    tile masked), separate and fused."""
+    tile masked), separate and fused (with a logit softcap)."""
     args, seg, scale, (dq_ref, dk_ref, dv_ref) = backward_case(1, 256, 2, 1, rope=False, segments=segments, seed=9,
-                                                               window=70)
-    out = M.mosaic_dkv(*args, seg=seg, scale=scale, window=70, with_dq=with_dq, interpret=interpret_params())
+                                                               window=70, softcap=softcap)
+    out = M.mosaic_dkv(*args, seg=seg, scale=scale, window=70, softcap=softcap, with_dq=with_dq,
+                       interpret=interpret_params())
     assert not races_found()
     for got, want in zip(out, (dk_ref, dv_ref, dq_ref)):
         assert rel_err(got, want) < 2e-2, rel_err(got, want)

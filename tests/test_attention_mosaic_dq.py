@@ -23,11 +23,12 @@ def test_mosaic_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, rope, seg
     assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
 
 
-@pytest.mark.parametrize("segments,ctas,key_block", [(True, None, 128), (False, 3, 64)])
-def test_mosaic_dq_with_a_sliding_window_matches_reference_in_the_interpreter(segments, ctas, key_block):
+@pytest.mark.parametrize("segments,ctas,key_block,softcap", [(True, None, 128, None), (False, 3, 64, 5.0)])
+def test_mosaic_dq_with_a_sliding_window_matches_reference_in_the_interpreter(segments, ctas, key_block, softcap):
+    """A window of 70 keys over 256 (and a logit softcap)."""
     args, seg, scale, (dq_ref, _, _) = backward_case(2 if segments else 1, 256, 2, 1, rope=False, segments=segments,
-                                                     seed=5, window=70)
-    dq = M.mosaic_dq(*args, seg=seg, scale=scale, ctas=ctas, key_block=key_block, window=70,
+                                                     seed=5, window=70, softcap=softcap)
+    dq = M.mosaic_dq(*args, seg=seg, scale=scale, ctas=ctas, key_block=key_block, window=70, softcap=softcap,
                      interpret=interpret_params())
     assert not races_found()
     assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)

@@ -26,7 +26,7 @@ def test_wide_heads_are_supported():
     ok = dict(head_dim=D, seq_len=512, dtype=jnp.bfloat16, causal=True, has_window=False,
               has_segments=True, softcap=None)
     assert M.supported(**ok)
-    assert not M.supported(**{**ok, "softcap": 50.0}) and not M.supported(**{**ok, "head_dim": 192})
+    assert M.supported(**{**ok, "softcap": 50.0}) and not M.supported(**{**ok, "head_dim": 192})
 
 
 @pytest.mark.parametrize("B,T,Hq,Hkv,segments,ctas,early_qk", [
@@ -59,12 +59,13 @@ def test_wide_dq_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, c
     assert rel_err(dq, dq_ref) < 2e-2, rel_err(dq, dq_ref)
 
 
-@pytest.mark.parametrize("B,T,Hq,Hkv,segments,window", [(1, 192, 2, 1, False, None), (1, 256, 2, 1, True, None),
-                                                        (1, 256, 2, 1, False, 100)])
-def test_wide_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, window):
+@pytest.mark.parametrize("B,T,Hq,Hkv,segments,window,softcap", [
+    (1, 192, 2, 1, False, None, None), (1, 256, 2, 1, True, None, None), (1, 256, 2, 1, False, 100, 5.0)])
+def test_wide_dkv_matches_reference_in_the_interpreter(B, T, Hq, Hkv, segments, window, softcap):
     args, seg, scale, (_, dk_ref, dv_ref) = backward_case(B, T, Hq, Hkv, rope=False, segments=segments,
-                                                          seed=T + Hq, head_dim=D, window=window)
-    dk, dv = MDKV.mosaic_dkv_wide(*args, seg=seg, scale=scale, window=window, interpret=interpret_params())
+                                                          seed=T + Hq, head_dim=D, window=window, softcap=softcap)
+    dk, dv = MDKV.mosaic_dkv_wide(*args, seg=seg, scale=scale, window=window, softcap=softcap,
+                                  interpret=interpret_params())
     assert not races_found()
     assert dk.shape == dk_ref.shape and dv.dtype == args[2].dtype
     assert rel_err(dk, dk_ref) < 2e-2 and rel_err(dv, dv_ref) < 2e-2, (rel_err(dk, dk_ref), rel_err(dv, dv_ref))
@@ -113,7 +114,8 @@ def test_flash_attention_runs_wide_heads_on_the_mosaic_kernels(monkeypatch, mosa
 
 
 def test_flash_attention_on_wide_heads_matches_reference(monkeypatch):
-    """End to end (custom_vjp, T = 100 padded to 128, packed rows, a sliding window, per-row RoPE positions by XLA):
+    """End to end (custom_vjp, T = 100 padded to 128, packed rows, a sliding window, a logit softcap (Gemma-2's
+    three), per-row RoPE positions by XLA):
     the three Mosaic kernels under the interpreter; output and dq/dk/dv match the jnp reference, no
     race in any of them."""
     from unsloth_jax import compat
@@ -135,13 +137,13 @@ def test_flash_attention_on_wide_heads_matches_reference(monkeypatch):
     B, T = 1, 100
     q, k, v, do, inv_freq = inputs(B, T, 4, 2, seed=11, head_dim=D)
     kw = dict(positions=jnp.broadcast_to(jnp.arange(T), (B, T)) + 3, segment_ids=packed_segments(B, T, seed=12),
-              inv_freq=inv_freq, sliding_window=45)
+              inv_freq=inv_freq, sliding_window=45, logit_softcap=2.0)
 
     def run(f):
         out, vjp = jax.vjp(lambda *a: f(*a, **kw), q, k, v)
         return (out, *vjp(do))
     got = run(functools.partial(attn.flash_attention, tuning=dataclasses_replace(
-        attn.default_tuning(D), mosaic_wide_heads=True, mosaic_windows=True)))
+        attn.default_tuning(D), mosaic_wide_heads=True, mosaic_windows=True, mosaic_softcap=True)))
     want = run(flash_attention_reference)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert rel_err(g, w) < 2e-2, (name, rel_err(g, w))
