@@ -825,7 +825,7 @@ def _flash_fwd(cfg, q, k, v, aux):
         cos, sin = rope_cos_sin(aux["rope_pos"], aux["inv_freq"])
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     padded = _pad(q, cfg), _pad(k, cfg), _pad(v, cfg)
-    if cfg.mosaic_fwd:  # D = 128, so only T is padded (to a multiple of 128)
+    if cfg.mosaic_fwd:  # D = 128 or 256, so only T is padded (to a multiple of 128)
         tn = cfg.tuning
         wide = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM
         key_block = attention_mosaic.BLOCK_K if cfg.rope or wide else tn.mosaic_fwd_key_block  # tables: 64 only
@@ -958,14 +958,14 @@ def _use_mosaic(cfg, dtype) -> bool:
     the padded keys)."""
     from unsloth_jax.compat import is_sm90
 
-    wide = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM
-    wide_tables = wide and cfg.rope and cfg.tuning.rope_in_kernel
     tn = cfg.tuning
+    wide = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM
+    wide_tables = wide and cfg.rope and tn.rope_in_kernel
     opted_in = ((not wide or tn.mosaic_wide_heads) and (not cfg.has_window or tn.mosaic_windows)
                 and (cfg.softcap is None or tn.mosaic_softcap))
-    return (cfg.tuning.mosaic_fwd is not False and not cfg.interpret and cfg.head_pad == cfg.head_dim and opted_in
-            and (not cfg.rope or cfg.tuning.rope_table_dtype == "float16") and not wide_tables
-            and (not cfg.has_segments or cfg.tuning.mosaic_packed)
+    return (tn.mosaic_fwd is not False and not cfg.interpret and cfg.head_pad == cfg.head_dim and opted_in
+            and (not cfg.rope or tn.rope_table_dtype == "float16") and not wide_tables
+            and (not cfg.has_segments or tn.mosaic_packed)
             and attention_mosaic.supported(head_dim=cfg.head_dim, seq_len=cfg.seq_pad, dtype=dtype,
                                            causal=cfg.causal, has_window=cfg.has_window,
                                            has_segments=cfg.has_segments, softcap=cfg.softcap)
