@@ -6,6 +6,8 @@
 #   bash benchmarks/run_session26.sh d256     # (~8 min) the D = 256 checks; the Mosaic path against cuDNN + XLA
 #                                             # RoPE, the default (Triton), the Triton dk/dv or whole backward in
 #                                             # its place, and the forward / dq variants
+#   bash benchmarks/run_session26.sh checks   # (~4 min; first if the device is scarce) every check of the three
+#                                             # opt-in paths, then one short D = 256 round: opt-in, default, cuDNN
 #   bash benchmarks/run_session26.sh windows  # (~8 min) the window and softcap checks (D = 128 and 256); a window
 #                                             # of 1024 (ours, Triton, cuDNN) and Gemma-2's local layers (window
 #                                             # 4096, softcap 50: ours, Triton)
@@ -22,6 +24,7 @@ group() {  # name, checks, impls
 }
 case ${1:-d256} in
   d256) group d256 d256 "$D256_IMPLS" ;;
+  checks) ROUNDS=${ROUNDS:-2} BUDGET=${BUDGET:-90} group checks d256,window,softcap "ours, opt-in Mosaic paths;cudnn + XLA RoPE;ours" ;;
   windows) group windows window,softcap "$WINDOW_IMPLS" ;;
-  *) echo "usage: $0 d256|windows" >&2; exit 2 ;;
+  *) echo "usage: $0 checks|d256|windows" >&2; exit 2 ;;
 esac
