@@ -881,9 +881,8 @@ def _flash_bwd(cfg, res, dout):
     else:
         dq = _backward_dq(cfg, *triton)
     if cfg.mosaic_dkv and wide:
-        dk, dv = attention_mosaic_dkv_wide.mosaic_dkv_wide(
-            qp, kp, vp, dop, lse, jnp.swapaxes(delta, 1, 2), aux.get("seg"), ranges=aux.get("mosaic_k_ranges"),
-            **shared)
+        dk, dv = attention_mosaic_dkv_wide.mosaic_dkv_wide(*mosaic[:6], aux.get("seg"),  # (no tables at D = 256)
+                                                           ranges=aux.get("mosaic_k_ranges"), **shared)
     elif cfg.mosaic_dkv:
         dk, dv = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), **shared,
                                                  **_dkv_settings(cfg.tuning, fused=False), **un_rotate)
