@@ -313,6 +313,10 @@ class _Cfg:
     def half(self) -> int:
         return self.head_pad // 2
 
+    @property
+    def wide(self) -> bool:  # D = 256: the Mosaic kernels take no RoPE tables and use the wide dk/dv kernel
+        return self.head_dim == attention_mosaic.WIDE_HEAD_DIM
+
 
 # ----------------------------------------------------------------- in-kernel helpers
 
@@ -827,8 +831,7 @@ def _flash_fwd(cfg, q, k, v, aux):
     padded = _pad(q, cfg), _pad(k, cfg), _pad(v, cfg)
     if cfg.mosaic_fwd:  # D = 128 or 256, so only T is padded (to a multiple of 128)
         tn = cfg.tuning
-        wide = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM
-        key_block = attention_mosaic.BLOCK_K if cfg.rope or wide else tn.mosaic_fwd_key_block  # tables: 64 only
+        key_block = attention_mosaic.BLOCK_K if cfg.rope or cfg.wide else tn.mosaic_fwd_key_block  # tables: 64 only
         pingpong = tn.mosaic_fwd_pingpong and key_block == 128
         persistent = tn.mosaic_persistent_fwd and not cfg.rope  # the tile order settings apply to it only
         settings = dict(
@@ -869,8 +872,7 @@ def _flash_bwd(cfg, res, dout):
     un_rotate = dict(pre_rotated=True) if cfg.rope_outside else {}
     shared = dict(scale=cfg.scale, longest_first=cfg.tuning.mosaic_longest_first, window=aux.get("window"),
                   softcap=cfg.softcap)
-    wide = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM
-    if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd and not wide:
+    if cfg.mosaic_dq and cfg.mosaic_dkv and not cfg.rope and cfg.tuning.mosaic_fused_bwd and not cfg.wide:
         dk, dv, dq = attention_mosaic_dkv.mosaic_dkv(*mosaic, ranges=aux.get("mosaic_k_ranges"), with_dq=True,
                                                      **shared, **_dkv_settings(cfg.tuning, fused=True))
         return _unpad(dq, cfg), _unpad(dk, cfg), _unpad(dv, cfg), jax.tree_util.tree_map(_zero_cotangent, aux)
@@ -880,7 +882,7 @@ def _flash_bwd(cfg, res, dout):
                                            **{**settings, **dict(cfg.tuning.mosaic_dq_kwargs)})
     else:
         dq = _backward_dq(cfg, *triton)
-    if cfg.mosaic_dkv and wide:
+    if cfg.mosaic_dkv and cfg.wide:
         dk, dv = attention_mosaic_dkv_wide.mosaic_dkv_wide(*mosaic[:6], aux.get("seg"),  # (no tables at D = 256)
                                                            ranges=aux.get("mosaic_k_ranges"), **shared)
     elif cfg.mosaic_dkv:
@@ -958,9 +960,8 @@ def _use_mosaic(cfg, dtype) -> bool:
     from unsloth_jax.compat import is_sm90
 
     tn = cfg.tuning
-    wide = cfg.head_dim == attention_mosaic.WIDE_HEAD_DIM
-    wide_tables = wide and cfg.rope and tn.rope_in_kernel
-    opted_in = ((not wide or tn.mosaic_wide_heads) and (not cfg.has_window or tn.mosaic_windows)
+    wide_tables = cfg.wide and cfg.rope and tn.rope_in_kernel
+    opted_in = ((not cfg.wide or tn.mosaic_wide_heads) and (not cfg.has_window or tn.mosaic_windows)
                 and (cfg.softcap is None or tn.mosaic_softcap))
     return (tn.mosaic_fwd is not False and not cfg.interpret and cfg.head_pad == cfg.head_dim and opted_in
             and (not cfg.rope or tn.rope_table_dtype == "float16") and not wide_tables
@@ -1004,7 +1005,7 @@ def flash_attention(q, k, v, *, positions=None, segment_ids=None, inv_freq=None,
     pos = jnp.arange(T)[None] if positions is None else positions
     aux = {}
     all_mosaic = cfg.mosaic_dq and cfg.mosaic_dkv
-    wide_mosaic = mosaic_fwd and D == attention_mosaic.WIDE_HEAD_DIM  # no RoPE tables fit there
+    wide_mosaic = mosaic_fwd and cfg.wide  # no RoPE tables fit there
     if cfg.rope and (wide_mosaic or not _rope_in_kernel(tn, all_mosaic)):
         outside = tn.rope_grad_in_kernel and all_mosaic and not tn.mosaic_fused_bwd
         if outside:  # rotated in the forward rule, un-rotated by the backward kernels

@@ -60,6 +60,11 @@ def soft_cap(s, scale, softcap):
     return softcap * t, t
 
 
+def soft_cap_grad(ds, tanh):
+    """dS times the softcap's derivative 1 - tanh^2 (tanh None: no softcap, dS as it is)."""
+    return ds if tanh is None else ds * (1.0 - tanh * tanh)
+
+
 def window_array(window):
     """A sliding window W (an int or an int scalar array) as the int32 [1] input the kernels read."""
     return jnp.asarray(window, jnp.int32).reshape(1)
@@ -208,6 +213,29 @@ def scores_log2(s, scale, val, q0, k0, masked, seg_rows=None, seg_cols=None, mas
         same = (lax.broadcast_in_dim(seg_rows, s.shape, [0]) == lax.broadcast_in_dim(seg_cols, s.shape, [1]))
         s = jnp.where(same, s, -jnp.inf)
     return s
+
+
+def probs_keys_first(s_t, lse_of, val, k0, q0, *, scale, masked, softcap=None, window=None, seg=None):
+    """P^T [keys, queries] of one tile of the dk/dv kernels from its raw products S^T = K Q^T (k0 / q0:
+    the tile's first key / query), float32, and the softcap's tanh (or None): the scale (with a
+    softcap c, c tanh(scale s / c) first) in log2 units, -inf where causal masking (masked: the tile
+    crosses the diagonal), the sliding window W or the segments (seg: (key ids value, query ids ref))
+    hide a pair, then exp2 against lse_of() (the queries' lse, a value along the columns)."""
+    t_rows, t_cols = s_t.shape
+    tanh = None
+    if softcap:
+        s_t, tanh = soft_cap(s_t, scale, softcap)
+    s_t = s_t * ((1.0 if softcap else scale) * LOG2E)
+    if masked:  # key k0 + r sees query q0 + c iff k0 + r <= q0 + c
+        s_t = jnp.where(val.compare_positions(s_t.shape, k0, q0, operator.le), s_t, -jnp.inf)
+    if window is not None:  # ... and q0 + c - (k0 + r) < W
+        s_t = jnp.where(val.compare_positions(s_t.shape, k0 + window, q0, operator.gt), s_t, -jnp.inf)
+    if seg is not None:
+        key_ids, q_ids = seg
+        same = (lax.broadcast_in_dim(key_ids, s_t.shape, [0])
+                == lax.broadcast_in_dim(val.vec(q_ids, 1), s_t.shape, [1]))
+        s_t = jnp.where(same, s_t, -jnp.inf)
+    return jnp.exp2(s_t - lax.broadcast_in_dim(lse_of(), (t_rows, t_cols), [1])), tanh
 
 
 def check_regs(regs):

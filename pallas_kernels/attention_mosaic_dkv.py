@@ -39,8 +39,6 @@ Under JAX's Mosaic GPU interpreter (no transposed wgmma operand, no load with a 
 dP^T are jnp dots of the shared-memory tiles and lse/delta plain loads (tests/test_attention_mosaic_dkv.py).
 """
 import functools
-import math
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +47,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import (Values, block_index, check_regs, cta_grid, launch_kernel, rotate_halves,
-                                             run_consumers, segment_ranges, smem_tiles, soft_cap, window_array)
+                                             probs_keys_first, run_consumers, segment_ranges, smem_tiles, soft_cap_grad,
+                                             window_array)
 
-LOG2E = math.log2(math.e)
 HEAD_DIM = 128
 BLOCK_K = 128  # key rows per CTA (two warpgroups of 64)
 TILE = 64      # key rows per consumer and query rows per step
@@ -175,23 +173,8 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.wgmma_wait(0)
                 return acc[...]
             s_t = pl.run_scoped(qk, plgpu.ACC((t, t), jnp.float32))
-        tanh = None
-        if softcap:
-            s_t, tanh = soft_cap(s_t, scale, softcap)
-        s_t = s_t * ((1.0 if softcap else scale) * LOG2E)
-        if masked:  # key k0 + r sees query q0 + c iff k0 + r <= q0 + c
-            s_t = jnp.where(val.compare_positions((t, t), k0, q0, operator.le), s_t, -jnp.inf)
-        if w_size is not None:  # ... and q0 + c - (k0 + r) < W
-            s_t = jnp.where(val.compare_positions((t, t), k0 + w_size, q0, operator.gt), s_t, -jnp.inf)
-        if seg_t is not None:
-            key_ids, q_ids = seg_t
-            same = (lax.broadcast_in_dim(key_ids, (t, t), [0])
-                    == lax.broadcast_in_dim(col_vec(q_ids), (t, t), [1]))
-            s_t = jnp.where(same, s_t, -jnp.inf)
-        return jnp.exp2(s_t - lax.broadcast_in_dim(lse_of(), (t, t), [1])), tanh
-
-    def cap_grad(ds_t, tanh):  # the softcap's factor on dS^T
-        return ds_t if tanh is None else ds_t * (1.0 - tanh * tanh)
+        return probs_keys_first(s_t, lse_of, val, k0, q0, scale=scale, masked=masked, softcap=softcap,
+                                window=w_size, seg=seg_t)
 
     def tile_math(accs, my_k, my_v, my_p, q_parts, do_t, lse_t, delta_t, k0, q0, masked, seg_t=None, w_size=None):
         """One 64x64 (keys x queries) tile: dV += P^T dO, dK_rot (halves) += dS^T Q_rot, with P^T
@@ -212,7 +195,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 return acc[...]
             dp_t = pl.run_scoped(vdo, plgpu.ACC((t, t), jnp.float32))
         plgpu.wgmma_wait(0)
-        ds_t = cap_grad(p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1])), tanh)
+        ds_t = soft_cap_grad(p_t * (dp_t - lax.broadcast_in_dim(col_vec(delta_t), (t, t), [1])), tanh)
         my_p[...] = ds_t.astype(my_p.dtype)
         plgpu.commit_smem()
         for p in range(2):
@@ -246,7 +229,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
                 plgpu.wgmma(dp_ref, my_v, plgpu.transpose_ref(do_t, (1, 0)))
                 plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
                 dp_t = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dP^T done, dV may run on
-                ds_t = cap_grad(p_t * (dp_t - lax.broadcast_in_dim(delta_of(), (t, t), [1])), tanh).astype(q.dtype)
+                ds_t = soft_cap_grad(p_t * (dp_t - lax.broadcast_in_dim(delta_of(), (t, t), [1])), tanh).astype(q.dtype)
                 for p in range(2):
                     plgpu.wgmma(dk_refs[p], ds_t, q_parts.at[p])
                 store_ds(ds_t)
@@ -259,7 +242,7 @@ def mosaic_dkv(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=
             plgpu.wgmma(dv_ref, p_t.astype(q.dtype), do_t)
             plgpu.wgmma(dp_ref, my_v, plgpu.transpose_ref(do_t, (1, 0)))
         dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-        ds_t = cap_grad(p_t * (dp_t - lax.broadcast_in_dim(delta_of(), (t, t), [1])), tanh).astype(q.dtype)
+        ds_t = soft_cap_grad(p_t * (dp_t - lax.broadcast_in_dim(delta_of(), (t, t), [1])), tanh).astype(q.dtype)
 
         def dk(refs):
             for p in range(2):

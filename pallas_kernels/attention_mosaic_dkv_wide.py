@@ -20,8 +20,6 @@ No RoPE tables (flash_attention rotates q / k by XLA at D = 256; dk is then w.r.
 Under JAX's Mosaic GPU interpreter (no transposed wgmma operand, no register A operand) every product
 is a jnp dot of the shared-memory tiles (tests/test_attention_mosaic_wide.py)."""
 import functools
-import math
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +28,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention_mosaic import (WIDE_HEAD_DIM, Values, block_index, check_regs, cta_grid, launch_kernel,
-                                             run_consumers, segment_ranges, smem_tiles, soft_cap, window_array)
+                                             probs_keys_first, run_consumers, segment_ranges, smem_tiles, soft_cap_grad,
+                                             window_array)
 
-LOG2E = math.log2(math.e)
 TILE = 64  # keys per CTA, queries per step
 
 
@@ -103,19 +101,9 @@ def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, st
                         return s_ref[...], dp_ref[...]
                     acc = plgpu.ACC((t, t), jnp.float32)
                     s_t, dp_t = pl.run_scoped(both, acc, acc)
-                tanh = None
-                if softcap:
-                    s_t, tanh = soft_cap(s_t, scale, softcap)
-                s_t = s_t * ((1.0 if softcap else scale) * LOG2E)
-                if masked:  # the diagonal tile: key k0 + r sees query k0 + c iff r <= c
-                    s_t = jnp.where(val.compare_positions((t, t), k0, k0, operator.le), s_t, -jnp.inf)
-                if windowed:  # query i0 + c sees key k0 + r iff i0 + c - (k0 + r) < W
-                    s_t = jnp.where(val.compare_positions((t, t), k0 + w_size, i * t, operator.gt), s_t, -jnp.inf)
-                if segs:
-                    same = (lax.broadcast_in_dim(key_ids, (t, t), [0])
-                            == lax.broadcast_in_dim(col_vec(segq.at[slot]), (t, t), [1]))
-                    s_t = jnp.where(same, s_t, -jnp.inf)
-                p_t = jnp.exp2(s_t - lax.broadcast_in_dim(col_vec(lses.at[slot]), (t, t), [1]))
+                p_t, tanh = probs_keys_first(s_t, lambda: col_vec(lses.at[slot]), val, k0, i * t, scale=scale,
+                                             masked=masked, softcap=softcap, window=w_size,
+                                             seg=(key_ids, segq.at[slot]) if segs else None)
                 return p_t, dp_t, tanh
 
             def step(j, accs, masked):
@@ -123,9 +111,7 @@ def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, st
                 slot = slot_of(j)
                 plgpu.barrier_wait(qbar.at[slot])
                 p_t, dp_t, tanh = scores_t(slot, tile_of(j)[1], masked)
-                ds_t = p_t * (dp_t - lax.broadcast_in_dim(col_vec(deltas.at[slot]), (t, t), [1]))
-                if softcap:  # the cap's factor
-                    ds_t = ds_t * (1.0 - tanh * tanh)
+                ds_t = soft_cap_grad(p_t * (dp_t - lax.broadcast_in_dim(col_vec(deltas.at[slot]), (t, t), [1])), tanh)
                 p_t, ds_t = p_t.astype(q.dtype), ds_t.astype(q.dtype)
                 my_do, my_q = dos.at[slot, w], qs.at[slot, w]
                 if interp:
@@ -139,7 +125,7 @@ def mosaic_dkv_wide(q, k, v, do, lse, delta, seg=None, *, ranges=None, scale, st
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dv, dk
 
-            def head(g, accs):  # the diagonal tile masked (causal), the rest only by segment
+            def head(g, accs):  # the diagonal tile masked (causal), the rest only by window / segment
                 j0 = g * per_head
                 accs = step(j0, accs, True)
                 return lax.fori_loop(j0 + 1, j0 + per_head, lambda j, c: step(j, c, False), accs)

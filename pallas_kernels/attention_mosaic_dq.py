@@ -34,7 +34,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.attention_mosaic import (WIDE_HEAD_DIM, QTiles, Values, causal_kv_range, check_regs, for_each_tile,
                                              kv_producer, refuse_wide_tables, rotate_halves, run_consumers, scores_log2,
                                              segment_ranges, skip_kv_steps, sm_count, smem_tiles, soft_cap,
-                                             step_slot, window_array)
+                                             soft_cap_grad, step_slot, window_array)
 
 LOG2E = math.log2(math.e)
 HEAD_DIM = 128
@@ -174,13 +174,13 @@ def mosaic_dq(q, k, v, do, lse, delta, cos=None, sin=None, seg=None, *, ranges=N
                             plgpu.wgmma_wait(0)
                             return s_ref[...], dp_ref[...]
                         s, dp = pl.run_scoped(qk_dov, plgpu.ACC((bq, bk), jnp.float32), plgpu.ACC((bq, bk), jnp.float32))
+                    tanh = None
                     if softcap:
                         s, tanh = soft_cap(s, scale, softcap)
                     s = scores_log2(s, 1.0 if softcap else scale, val, q0, j * bk, masked, seg_rows,
                                     vec(segk.at[slot], 1) if segs else None, window=w_size)
                     p_ = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
-                    ds = p_ * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0]))
-                    ds = (ds * (1.0 - tanh * tanh) if softcap else ds).astype(k.dtype)
+                    ds = soft_cap_grad(p_ * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0])), tanh).astype(k.dtype)
                     if interp:  # no register A operand: dS through shared memory
                         dss.at[wg][...] = ds
                         plgpu.commit_smem()  # generic-proxy writes of dS -> visible to wgmma
